@@ -1,0 +1,235 @@
+"""The front door: enable a method on a loaded pipeline or transformer, read its stats, disable it.
+
+    import stepcache
+    stepcache.enable(pipe, "magcache")                 # profile detected from the model's config
+    stepcache.enable(pipe, "teacache", profile="wan2.1-t2v-1.3b", thresh=0.08)
+    video = pipe(...).frames[0]
+    print(stepcache.stats(pipe).summary())
+    stepcache.disable(pipe)                            # the original forward, exactly
+
+The cache state belongs to the model instance it is enabled on (``model._stepcache``), never to its class.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Any
+
+from torch import nn
+
+from .methods import MethodConfig, resolve_method
+from .patching import InstalledPatch, install_forward
+from .policies import ParameterError
+from .profiles import (Profile, ProfileError, check_profile_family, known_profiles, load_profile,
+                       nearest_by_resolution)
+from .runner import CacheRunner, RunStats
+
+# Model class name -> "module:AdapterClass". Adapters are imported only for the model that needs them.
+ADAPTERS = {
+    "WanTransformer3DModel": "stepcache.wan21.diffusers_adapter:WanDiffusersAdapter",
+    "HunyuanVideoTransformer3DModel": "stepcache.hunyuan.diffusers_adapter:HunyuanVideoDiffusersAdapter",
+}
+# Pipelines whose denoising loop we know: one call per CFG branch, wrapped in cache_context(name).
+PIPELINES = {"WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline"}
+
+
+class UnsupportedModelError(TypeError):
+    pass
+
+
+def adapter_for(model: nn.Module):
+    name = type(model).__name__
+    if name not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"stepcache has no adapter for {name}; supported transformers: {', '.join(ADAPTERS)}")
+    module_name, cls_name = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)()
+
+
+class StepClock:
+    """Where the denoising loop is, for each pass: (branch name, step index, number of steps).
+
+    The branch is the name the pipeline gives with ``cache_context``; the step and step count come from that
+    context when the pipeline passes them, else from the pipeline's scheduler, else from a per-branch pass
+    counter over ``num_steps`` given by the caller.
+    """
+
+    def __init__(self, pipeline: Any = None, num_steps: int | None = None):
+        self.pipeline = pipeline
+        self.num_steps = num_steps
+        self.context: dict[str, Any] | None = None
+        self.counters: dict[str, int] = {}
+
+    def install(self, patch: InstalledPatch, model: nn.Module) -> None:
+        original = getattr(model, "cache_context", None)
+        if original is None:
+            return
+
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs):
+            outer, self.context = self.context, {"name": name, **kwargs}
+            try:
+                with original(name, **kwargs):
+                    yield
+            finally:
+                self.context = outer
+
+        patch.set(model, "cache_context", cache_context)
+
+    def now(self) -> tuple[str, int, int]:
+        context = self.context or {}
+        branch = context.get("name") or "default"
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        num_steps = context.get("num_inference_steps")
+        if num_steps is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
+            num_steps = len(scheduler.timesteps)
+        num_steps = num_steps or self.num_steps
+        if num_steps is None:
+            raise ParameterError("stepcache cannot tell the number of denoising steps: enable it on the pipeline, "
+                                 "or pass num_steps= when enabling it on a bare transformer")
+        step = context.get("step_index")
+        if step is None and scheduler is not None and hasattr(scheduler, "step_index"):
+            step = scheduler.step_index
+            if step is None:
+                step = getattr(scheduler, "begin_index", None) or 0
+        if step is None:
+            step = self.counters.get(branch, 0) % num_steps
+        return branch, int(step), int(num_steps)
+
+    def tick(self, branch: str) -> None:
+        self.counters[branch] = self.counters.get(branch, 0) + 1
+
+
+class CachedModel:
+    """One model instance with a cache method installed."""
+
+    def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile], preset: str | None,
+                 params: dict[str, Any], clock: StepClock):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.preset = preset
+        self.params = params
+        self.clock = clock
+        self.candidates = profile if isinstance(profile, list) else None
+        self.runner: CacheRunner | None = None
+        self.config: MethodConfig | None = None
+        # Stats outlive runner rebuilds, so that stats() reports every generation since enable().
+        self.stats = RunStats(method)
+        if self.candidates is None:
+            self._build(profile)
+        else:  # validate the parameters now against the first candidate; pick by resolution at the first pass
+            resolve_method(method, self.candidates[0], preset, **params)
+        self.patch = InstalledPatch()
+        clock.install(self.patch, model)
+        install_forward(self.patch, model, self._forward)
+        adapter.install(self.patch, model, lambda: self.runner, self.method, self._signal_name)
+
+    def _signal_name(self) -> str | None:
+        return self.config.teacache_signal if self.config else None
+
+    def _build(self, profile: Profile) -> None:
+        self.config = resolve_method(self.method, profile, self.preset, **self.params)
+        self.runner = CacheRunner(self.config)
+        self.runner.stats = self.stats
+
+    def _forward(self, original, args, kwargs):
+        latent = self.adapter.latent_of(self.model, args, kwargs)
+        if self.runner is None:
+            height, width = self.adapter.pixel_size(self.model, args, kwargs)
+            self._build(nearest_by_resolution(self.candidates, height, width))
+        branch, step, num_steps = self.clock.now()
+        runner = self.runner
+        ctx = runner.begin_pass(branch, step, num_steps, latent)
+        try:
+            if ctx.reused_output is not None:
+                output = self.adapter.build_output(self.model, ctx.reused_output, args, kwargs)
+                runner.end_pass(None)
+            else:
+                output = original(*args, **kwargs)
+                runner.end_pass(self.adapter.output_latent(output))
+        except BaseException:
+            runner.abort_pass()
+            raise
+        self.clock.tick(branch)
+        return output
+
+    def remove(self) -> None:
+        if self.runner is not None:
+            self.runner.reset()
+        self.patch.restore()
+
+
+def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
+    """(transformer, pipeline or None) for a pipeline or a bare transformer."""
+    if isinstance(target, nn.Module):
+        return target, None
+    transformer = getattr(target, "transformer", None)
+    if transformer is None or not isinstance(transformer, nn.Module):
+        raise UnsupportedModelError(
+            f"{type(target).__name__} is neither a transformer nor a pipeline with a .transformer; supported "
+            f"pipelines: {', '.join(sorted(PIPELINES))}")
+    if type(target).__name__ not in PIPELINES:
+        raise UnsupportedModelError(
+            f"unsupported pipeline class {type(target).__name__}; supported: {', '.join(sorted(PIPELINES))} "
+            f"(or enable the method on the bare transformer with num_steps=)")
+    if getattr(target, "transformer_2", None) is not None:
+        raise UnsupportedModelError("two-expert pipelines (Wan2.2 transformer_2) are not supported yet")
+    return transformer, target
+
+
+def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Profile | list[Profile]:
+    if profile is not None:
+        loaded = load_profile(profile)
+        check_profile_family(loaded, adapter.family)
+        return loaded
+    found = adapter.detect_profiles(model)
+    if not found:
+        raise ProfileError(
+            f"no shipped profile matches this {type(model).__name__} (config "
+            f"{adapter.describe_config(model)}); pass profile=NAME for a known model, or calibrate one with "
+            f"`stepcache calibrate` and pass the file. Known profiles: "
+            f"{', '.join(known_profiles())}")
+    return found[0] if len(found) == 1 else found
+
+
+def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
+           num_steps: int | None = None, **params) -> CachedModel:
+    """Install ``method`` ("teacache", "magcache" or "easycache") on a pipeline or transformer.
+
+    ``profile`` is a shipped profile name or a profile file; without it the profile is matched on the model's
+    config. ``preset`` picks one of the profile's published settings; keyword ``params`` override single values
+    (``thresh``, ``K``, ``retention_ratio``, ``variant``, ``warmup_steps``, ...). Enabling again replaces the
+    previous method. Raises before touching the model when any value is out of range.
+    """
+    model, pipeline = _resolve_target(target)
+    adapter = adapter_for(model)
+    if num_steps is not None and (int(num_steps) != num_steps or num_steps < 2):
+        raise ParameterError(f"num_steps={num_steps!r} must be an integer >= 2")
+    resolved = _profile_for(adapter, model, profile)
+    if getattr(model, "_stepcache", None) is not None:
+        disable(model)
+    cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps))
+    model._stepcache = cached
+    return cached
+
+
+def _cached(target: Any) -> CachedModel | None:
+    model = target if isinstance(target, nn.Module) else getattr(target, "transformer", None)
+    return getattr(model, "_stepcache", None)
+
+
+def disable(target: Any) -> None:
+    """Remove the cache and restore the model's original forward exactly. A no-op when none is installed."""
+    cached = _cached(target)
+    if cached is None:
+        return
+    cached.remove()
+    del cached.model._stepcache
+
+
+def stats(target: Any) -> RunStats:
+    cached = _cached(target)
+    if cached is None:
+        raise ValueError("no stepcache method is enabled on this model")
+    return cached.stats

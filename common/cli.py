@@ -1,0 +1,46 @@
+"""The `stepcache` command. Each subcommand lives in the module that owns its feature; this file only wires them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module, one-line help). The module provides `add_arguments(parser)` and `run(args) -> int`.
+# Imported lazily so that `stepcache schedule` never imports torch-heavy modules it does not need.
+SUBCOMMANDS = [
+    ("schedule", "stepcache.schedule", "print a method's pass pattern for a profile, without running a model"),
+    ("generate", "stepcache.generate", "run a diffusers Wan/HunyuanVideo pipeline with a cache method"),
+    ("compare", "stepcache.eval.compare", "compare cached videos with uncached ones (PSNR, SSIM, LPIPS)"),
+    ("profiles", "stepcache.profiles", "list the known profiles and what each one holds"),
+]
+
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepcache",
+        description="Training-free step caching (TeaCache, MagCache, EasyCache) for video diffusion transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if only == name:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    known = {name for name, _, _ in SUBCOMMANDS}
+    parser = build_parser(command if command in known else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

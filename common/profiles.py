@@ -1,0 +1,187 @@
+"""Per-model profiles: the published (or calibrated) tables each method needs, loaded from data files.
+
+A profile is a JSON file (format ``stepcache-profile/1``) named after the model it was measured on. The ones
+that ship live in ``stepcache/profiles/``; a user's calibrated profile is any file with the same format. Every
+table names its source. Nothing here guesses a profile from a checkpoint path: a profile is named, given as a
+file, or matched on the model's config by the adapter (see :func:`match_profiles`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .policies import ParameterError, nearest_resample
+
+FORMAT = "stepcache-profile/1"
+PROFILE_DIR = Path(__file__).with_name("profiles")
+METHODS = ("teacache", "magcache", "easycache")
+RESAMPLE_MODES = ("nearest", "none")
+
+
+class ProfileError(ValueError):
+    """An unknown, malformed or unsuitable profile. The message says what is known and how to calibrate."""
+
+
+@dataclass
+class Profile:
+    name: str
+    data: dict[str, Any]
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.data.get("model", {}).get("family", "")
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        res = self.data.get("model", {}).get("resolution")
+        return tuple(res) if res else None
+
+    def method(self, method: str) -> dict[str, Any]:
+        if method not in METHODS:
+            raise ParameterError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        section = self.data.get(method)
+        if not section:
+            have = [m for m in METHODS if self.data.get(m)]
+            raise ProfileError(
+                f"profile {self.name!r} has no {method} table (it has: {', '.join(have) or 'none'}); "
+                f"calibrate one with `stepcache calibrate` or choose another method")
+        return section
+
+    def has(self, method: str) -> bool:
+        return bool(self.data.get(method))
+
+    # --- MagCache ---------------------------------------------------------------------------------------------
+    def magcache_branches(self) -> list[str]:
+        return list(self.method("magcache").get("branches") or ["cond"])
+
+    def magcache_ratios(self, num_steps: int, branch_index: int, resample: str = "nearest") -> list[float]:
+        """The ratio sequence of one branch, one value per step (index 0 is the padding 1.0), at ``num_steps``."""
+        if resample not in RESAMPLE_MODES:
+            raise ParameterError(f"resample={resample!r} is not one of {', '.join(RESAMPLE_MODES)}")
+        section = self.method("magcache")
+        ratios = [float(r) for r in section["ratios"]]
+        branches = len(self.magcache_branches())
+        return split_branch_ratios(ratios, branches, num_steps, branch_index, resample, self.name)
+
+
+def split_branch_ratios(ratios: list[float], num_branches: int, num_steps: int, branch_index: int,
+                        resample: str, label: str) -> list[float]:
+    """De-interleave one branch's ratios (cond, uncond, cond, ... in the reference's layout) and fit them to
+    ``num_steps`` the way the reference does: resample each branch separately, keep the padding at index 0."""
+    if num_steps < 2:
+        raise ParameterError(f"steps={num_steps} is too few; caching needs at least 2 steps")
+    if not ratios or len(ratios) % num_branches:
+        raise ProfileError(
+            f"magcache table of {label!r} has {len(ratios)} entries, which does not split into {num_branches} "
+            f"interleaved branch(es); it fits neither a step count nor resampling")
+    branch = ratios[branch_index::num_branches]
+    if len(branch) == num_steps:
+        return branch
+    if resample == "none":
+        raise ProfileError(
+            f"magcache table of {label!r} has {len(branch)} steps per branch but the run has {num_steps}; "
+            f"allowed: exactly {len(branch)} steps, or resample='nearest'")
+    return nearest_resample(branch, num_steps)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"cannot read profile file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "name" not in data:
+        raise ProfileError(f"{str(path)!r} is not a stepcache profile (expected a JSON object with "
+                           f"\"format\": \"{FORMAT}\" and a \"name\")")
+    return data
+
+
+@lru_cache(maxsize=None)
+def _builtin_index() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.json"))}
+
+
+def known_profiles() -> list[str]:
+    return list(_builtin_index())
+
+
+def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
+    """Load a shipped profile by name, or any profile file by path."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    text = str(name_or_path)
+    index = _builtin_index()
+    if text in index:
+        return Profile(text, _load_json(index[text]), index[text])
+    path = Path(text).expanduser()
+    if path.suffix == ".json" or os.sep in text or path.exists():
+        if not path.exists():
+            raise ProfileError(f"profile file {text!r} does not exist")
+        data = _load_json(path)
+        return Profile(data["name"], data, path)
+    raise ProfileError(unknown_profile_message(text))
+
+
+def unknown_profile_message(text: str) -> str:
+    return (f"unknown profile {text!r}. Known profiles: {', '.join(known_profiles())}. "
+            f"For another model, resolution or step count, calibrate one with `stepcache calibrate` "
+            f"(or --magcache_calibration in the official-repo scripts) and pass the file it writes.")
+
+
+def match_profiles(family: str, config: dict[str, Any], class_name: str | None = None) -> list[Profile]:
+    """Shipped profiles whose model family and listed config entries all match ``config``."""
+    found = []
+    for name in known_profiles():
+        profile = load_profile(name)
+        model = profile.data.get("model", {})
+        if model.get("family") != family or name.endswith("-paper-eval"):
+            continue
+        if class_name and model.get("classes") and class_name not in model["classes"]:
+            continue
+        wanted = model.get("config", {})
+        if all(config.get(k) == v for k, v in wanted.items()):
+            found.append(profile)
+    return found
+
+
+def nearest_by_resolution(profiles: list[Profile], height: int, width: int) -> Profile:
+    """Among profiles that differ only in resolution, the one whose pixel area is closest to ``height x width``."""
+    def distance(p: Profile) -> float:
+        h, w = p.resolution or (height, width)
+        return abs(h * w - height * width)
+    return min(profiles, key=distance)
+
+
+def check_profile_family(profile: Profile, family: str) -> None:
+    if profile.family and profile.family != family:
+        raise ProfileError(f"profile {profile.name!r} is for {profile.family!r} models, not {family!r}")
+
+
+def profile_summary(profile: Profile) -> str:
+    lines = [f"{profile.name}: {profile.data.get('description', '')}"]
+    for method in METHODS:
+        if not profile.has(method):
+            continue
+        section = profile.method(method)
+        defaults = section.get("defaults") or {k: section[k] for k in ("thresh", "warmup_steps") if k in section}
+        presets = ", ".join(section.get("presets", {}))
+        lines.append(f"  {method}: defaults {defaults}" + (f"; presets: {presets}" if presets else ""))
+        if method == "magcache":
+            lines.append(f"    {len(section['ratios'])} ratios for {section['steps']} steps x "
+                         f"{len(section.get('branches') or ['cond'])} branch(es); source: {section.get('source')}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("names", nargs="*", help="profiles to describe (default: all shipped profiles)")
+
+
+def run(args) -> int:
+    for name in args.names or known_profiles():
+        print(profile_summary(load_profile(name)))
+    return 0

@@ -1,0 +1,295 @@
+"""The one place that holds tensors between transformer passes.
+
+An adapter splits its model's forward into "before the blocks", "the block stack" and "after the blocks" and
+calls the runner at three points of every pass:
+
+1. :meth:`CacheRunner.begin_pass` with the branch, step and latent input. For EasyCache the decision is made
+   here; a reused pass returns ``latent + (v - x)`` and the model does not run at all.
+2. :meth:`CacheRunner.enter_stack` with the block-stack input ``h0`` (and the TeaCache signal). For TeaCache
+   and MagCache the decision is made here; a reused pass gets ``h0 + residual`` and no block runs.
+   :meth:`CacheRunner.leave_stack` stores ``h_L - h0`` after a computed stack.
+3. :meth:`CacheRunner.end_pass` with the model output (EasyCache stores ``v - x`` and its rate).
+
+State is per CFG branch (keyed by the branch's name, never by call parity) and per runner, and a runner
+belongs to one model instance. A generation starts when a branch's step index goes back (or repeats), when
+the step count changes, or when the latent's shape, dtype or device changes; everything is reset then, and
+when a generation completes its cached tensors are released.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .methods import MethodConfig
+from .policies import Decision
+
+
+class NothingCachedWarning(UserWarning):
+    """A whole generation ran with caching enabled but reused no pass."""
+
+
+# Every generation that caches nothing must say so, not just the first one in a process.
+warnings.simplefilter("always", NothingCachedWarning)
+
+
+@dataclass
+class PassRecord:
+    generation: int
+    branch: str
+    step: int
+    computed: bool
+    reason: str
+    signal: float | None
+    accumulator: float | None
+
+
+@dataclass
+class BranchState:
+    policy: Any
+    last_step: int | None = None
+    residual: torch.Tensor | None = None  # h_L - h0 (TeaCache, MagCache) or v - x (EasyCache)
+    previous_signal: torch.Tensor | None = None  # TeaCache
+    previous_input: torch.Tensor | None = None  # EasyCache: x of the previous pass
+    computed_input: torch.Tensor | None = None  # EasyCache: x of the last computed pass
+    computed_output: torch.Tensor | None = None  # EasyCache: v of the last computed pass
+    decisions: dict[int, Decision] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    branch: str
+    step: int
+    num_steps: int
+    latent: torch.Tensor | None = None
+    decision: Decision | None = None
+    signal: float | None = None
+    h0: torch.Tensor | None = None
+    reused_output: torch.Tensor | None = None
+    signal_tensor: torch.Tensor | None = None
+
+
+def mean_abs(t: torch.Tensor) -> torch.Tensor:
+    return t.float().abs().mean()
+
+
+class RunStats:
+    """What every pass did: computed or reused, per branch, with the policy's signal and accumulator."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.records: list[PassRecord] = []
+
+    def generation_ids(self) -> list[int]:
+        return sorted({r.generation for r in self.records})
+
+    def of(self, generation: int | None = None) -> list[PassRecord]:
+        """Records of one generation (default: the latest)."""
+        if not self.records:
+            return []
+        gen = self.records[-1].generation if generation is None else generation
+        return [r for r in self.records if r.generation == gen]
+
+    def pattern(self, generation: int | None = None, branch: str | None = None) -> str:
+        """One character per transformer pass in call order: ``C`` computed, ``.`` reused."""
+        return "".join("C" if r.computed else "." for r in self.of(generation) if branch in (None, r.branch))
+
+    def counts(self, generation: int | None = None, branch: str | None = None) -> tuple[int, int]:
+        records = [r for r in self.of(generation) if branch in (None, r.branch)]
+        return sum(r.computed for r in records), len(records)
+
+    def branches(self, generation: int | None = None) -> list[str]:
+        seen: list[str] = []
+        for r in self.of(generation):
+            if r.branch not in seen:
+                seen.append(r.branch)
+        return seen
+
+    def summary(self, generation: int | None = None) -> str:
+        computed, total = self.counts(generation)
+        if total == 0:
+            return f"{self.method}: no transformer pass ran"
+        lines = [f"{self.method}: computed {computed}/{total} passes (ideal speedup {total / max(computed, 1):.2f}x)",
+                 f"  pattern {self.pattern(generation)}"]
+        for branch in self.branches(generation):
+            c, t = self.counts(generation, branch)
+            lines.append(f"  branch {branch}: computed {c}/{t}")
+        return "\n".join(lines)
+
+    def to_dict(self, generation: int | None = None) -> dict[str, Any]:
+        computed, total = self.counts(generation)
+        return {
+            "method": self.method,
+            "computed_passes": computed,
+            "total_passes": total,
+            "ideal_speedup": total / computed if computed else None,
+            "pattern": self.pattern(generation),
+            "branches": {b: dict(zip(("computed", "total"), self.counts(generation, b)))
+                         for b in self.branches(generation)},
+            "passes": [r.__dict__ for r in self.of(generation)],
+        }
+
+
+class CacheRunner:
+    def __init__(self, config: MethodConfig, *, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.config = config
+        self.method = config.method
+        # A sequence-parallel group installs a reducer so that input-dependent signals are the mean over the
+        # full sequence, identical on every rank, before any policy sees them.
+        self.reduce_mean = reduce_mean or (lambda t: t)
+        self.stats = RunStats(config.method)
+        self.generation = 0
+        self.current: PassContext | None = None
+        self._reset_state()
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def _reset_state(self) -> None:
+        self.branches: dict[str, BranchState] = {}
+        self.num_steps: int | None = None
+        self.signature: tuple | None = None
+        self.branches_at_start: set[str] = set()
+        self.finished_branches: set[str] = set()
+        self.generation_open = False
+
+    def reset(self) -> None:
+        """End the current generation (if any) and drop every cached tensor."""
+        self._finish_generation()
+        self._reset_state()
+
+    def _finish_generation(self) -> None:
+        if not self.generation_open:
+            return
+        self.generation_open = False
+        computed, total = self.stats.counts(self.generation)
+        if total and computed == total:
+            why = ("a threshold of 0 disables reuse" if self.config.thresh == 0 else
+                   "the threshold may be too low for this model, the warm-up may cover the whole run, or the "
+                   "profile may not fit the model")
+            warnings.warn(f"stepcache: {self.config.describe()} reused no pass in this generation ({total} passes "
+                          f"computed): {why}.", NothingCachedWarning, stacklevel=3)
+
+    def _start_generation(self, num_steps: int, signature: tuple) -> None:
+        self.reset()
+        self.generation += 1
+        self.generation_open = True
+        self.num_steps = num_steps
+        self.signature = signature
+
+    def _branch(self, name: str) -> BranchState:
+        state = self.branches.get(name)
+        if state is None:
+            state = self.branches[name] = BranchState(self.config.make_policy(name, self.num_steps))
+        return state
+
+    # ------------------------------------------------------------------------------------------------- passes
+    def begin_pass(self, branch: str, step: int, num_steps: int, latent: torch.Tensor) -> PassContext:
+        signature = (tuple(latent.shape), latent.dtype, latent.device)
+        previous = self.branches.get(branch)
+        if (not self.generation_open or num_steps != self.num_steps or signature != self.signature
+                or (previous is not None and previous.last_step is not None and step <= previous.last_step)):
+            self._start_generation(num_steps, signature)
+        if not 0 <= step < num_steps:
+            raise ValueError(f"step index {step} is outside [0, {num_steps}) for branch {branch!r}")
+        if step == 0:
+            self.branches_at_start.add(branch)
+        state = self._branch(branch)
+        state.last_step = step
+        ctx = self.current = PassContext(branch, step, num_steps, latent=latent)
+        if self.method == "easycache":
+            self._easycache_decide(ctx, state)
+        return ctx
+
+    def enter_stack(self, h0: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Decide for the block stack. Returns ``h0 + residual`` when the stack is to be skipped, else None."""
+        ctx = self._require_pass()
+        if self.method == "easycache":
+            return None  # EasyCache decided at begin_pass; a stack reached here is computed
+        state = self.branches[ctx.branch]
+        have_cache = state.residual is not None and state.residual.shape == h0.shape
+        if self.method == "teacache":
+            if signal is None:
+                raise RuntimeError("TeaCache needs the adapter's signal tensor at the block stack")
+            distance = None
+            if state.previous_signal is not None and state.previous_signal.shape == signal.shape:
+                change = self.reduce_mean(mean_abs(signal - state.previous_signal))
+                scale = self.reduce_mean(mean_abs(state.previous_signal))
+                distance = float(change / scale)
+            state.previous_signal = signal.detach()
+            ctx.signal = distance
+            decision = state.policy.decide(ctx.step, ctx.num_steps, distance, have_cache)
+        else:
+            decision = state.policy.decide(ctx.step, ctx.num_steps, have_cache)
+        ctx.decision = decision
+        ctx.h0 = h0
+        if decision.compute:
+            return None
+        return h0 + state.residual
+
+    def leave_stack(self, h_out: torch.Tensor) -> None:
+        ctx = self._require_pass()
+        if self.method == "easycache" or ctx.h0 is None:
+            return
+        self.branches[ctx.branch].residual = (h_out - ctx.h0).detach()
+        ctx.h0 = None
+
+    def end_pass(self, output: torch.Tensor | None) -> None:
+        """Close the pass; ``output`` is the model's latent-space prediction (needed by EasyCache only)."""
+        ctx = self._require_pass()
+        state = self.branches[ctx.branch]
+        if self.method == "easycache" and ctx.decision.compute:
+            self._easycache_store(ctx, state, output)
+        self.current = None
+        decision = ctx.decision
+        if decision is None:
+            raise RuntimeError("the adapter never reached the block stack in this pass")
+        state.decisions[ctx.step] = decision
+        self.stats.records.append(PassRecord(self.generation, ctx.branch, ctx.step, decision.compute,
+                                             decision.reason, ctx.signal, decision.accumulator))
+        if ctx.step == ctx.num_steps - 1:
+            self.finished_branches.add(ctx.branch)
+            if self.branches_at_start and self.branches_at_start <= self.finished_branches:
+                self.reset()
+
+    def abort_pass(self) -> None:
+        """Forget a pass that raised, so that the next call starts cleanly."""
+        self.current = None
+
+    def _require_pass(self) -> PassContext:
+        if self.current is None:
+            raise RuntimeError("stepcache runner used outside a transformer pass")
+        return self.current
+
+    # -------------------------------------------------------------------------------------------- EasyCache
+    def _easycache_decide(self, ctx: PassContext, state: BranchState) -> None:
+        x = ctx.latent
+        leader = self.config.decide_on
+        leader_state = self.branches.get(leader) if leader and leader != ctx.branch else None
+        have_cache = state.residual is not None and state.residual.shape == x.shape
+        if leader_state is not None and ctx.step in leader_state.decisions:
+            followed = leader_state.decisions[ctx.step]
+            compute = followed.compute or not have_cache
+            ctx.decision = Decision(compute, "follow" if compute == followed.compute else "no-cache",
+                                    followed.accumulator)
+        else:
+            change = None
+            if state.previous_input is not None and state.computed_output is not None:
+                num = self.reduce_mean(mean_abs(x - state.previous_input))
+                den = self.reduce_mean(mean_abs(state.computed_output))
+                change = float(num / den)
+            ctx.signal = change
+            ctx.decision = state.policy.decide(ctx.step, ctx.num_steps, change, have_cache)
+        state.previous_input = x.detach()
+        if not ctx.decision.compute:
+            ctx.reused_output = x + state.residual
+
+    def _easycache_store(self, ctx: PassContext, state: BranchState, v: torch.Tensor) -> None:
+        x = ctx.latent
+        if state.computed_input is not None and state.computed_input.shape == x.shape:
+            num = self.reduce_mean(mean_abs(v - state.computed_output))
+            den = self.reduce_mean(mean_abs(x - state.computed_input))
+            state.policy.observe_rate(float(num / den) if float(den) > 0 else None)
+        state.computed_input = x.detach()
+        state.computed_output = v.detach()
+        state.residual = (v - x).detach()

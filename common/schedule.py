@@ -1,0 +1,78 @@
+"""`stepcache schedule`: the pass pattern of an input-independent method, without a model.
+
+MagCache decides from the step index and the profile's ratio table only, so its whole schedule is known before
+a model runs. The simulation drives the same runner and policies a real run uses, with one-element stand-in
+tensors, so the printed pattern is what a generation will do.
+"""
+from __future__ import annotations
+
+import sys
+
+from .methods import PARAMETERS, resolve_method
+from .policies import ParameterError
+from .profiles import ProfileError
+
+INPUT_DEPENDENT = {
+    "teacache": "TeaCache decides from the change of a model activation (the timestep embedding on Wan, the "
+                "modulated block input on HunyuanVideo and Open-Sora), so its schedule needs the model",
+    "easycache": "EasyCache decides from the change of the latent and of the model output, so its schedule "
+                 "depends on the input",
+}
+
+
+def simulate(config, num_steps: int, branches: list[str] | None = None):
+    """Run the real runner over ``num_steps`` steps with stand-in tensors; returns its stats."""
+    import torch
+
+    from .runner import CacheRunner
+
+    branches = branches or config.profile.magcache_branches()
+    runner = CacheRunner(config)
+    one = torch.zeros(1)
+    for step in range(num_steps):
+        for branch in branches:
+            runner.begin_pass(branch, step, num_steps, one)
+            if runner.enter_stack(one) is None:
+                runner.leave_stack(one)
+            runner.end_pass(one)
+    return runner.stats
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--profile", required=True, help="a shipped profile name (see `stepcache profiles`) or a "
+                                                         "profile file")
+    parser.add_argument("--method", default="magcache", help="teacache, magcache or easycache (only magcache's "
+                                                             "schedule is input-independent)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the steps the profile's table was measured at)")
+    parser.add_argument("--preset", default=None, help="one of the profile's named settings, e.g. E024K6R02")
+    parser.add_argument("--thresh", type=float, default=None, help=PARAMETERS["magcache"]["thresh"])
+    parser.add_argument("--K", type=int, default=None, help=PARAMETERS["magcache"]["K"])
+    parser.add_argument("--retention", "--retention-ratio", dest="retention", type=float, default=None,
+                        help=PARAMETERS["magcache"]["retention_ratio"])
+    parser.add_argument("--resample", default=None, help=PARAMETERS["magcache"]["resample"])
+    parser.add_argument("--no-cfg", action="store_true",
+                        help="simulate one branch only (a run with guidance off) for a profile calibrated with CFG")
+
+
+def run(args) -> int:
+    if args.method in INPUT_DEPENDENT:
+        print(f"error: {INPUT_DEPENDENT[args.method]}; run it (e.g. `stepcache generate`) and read its stats "
+              f"instead.", file=sys.stderr)
+        return 2
+    try:
+        config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
+                                retention_ratio=args.retention, resample=args.resample)
+        steps = args.steps or int(config.profile.method("magcache")["steps"])
+        branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
+        stats = simulate(config, steps, branches)
+    except (ParameterError, ProfileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    computed, total = stats.counts()
+    branches = stats.branches()
+    print(config.describe())
+    print(f"{steps} steps x {len(branches)} branch(es) ({', '.join(branches)}), passes in call order:")
+    print(stats.pattern())
+    print(f"computed {computed}/{total} passes (ideal speedup {total / computed:.2f}x)")
+    return 0

@@ -1,0 +1,9 @@
+"""The one exception type for bad input to `stepcache compare`."""
+
+
+class CompareError(ValueError):
+    """Bad input (missing or unreadable files, mismatched videos, bad weight files).
+
+    The CLI prints the message as `error: ...` and exits with code 2, without a traceback; the message alone must
+    therefore say which file is wrong and how.
+    """

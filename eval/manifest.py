@@ -1,0 +1,131 @@
+"""The timing manifest: how the generation runners tell `stepcache compare` what each video cost.
+
+A runner writes `manifest.json` into the folder of videos it generated (the uncached baseline run writes one too):
+
+    {
+      "schema": 1,
+      "method": "teacache",                 # cache method; "none" for the uncached baseline
+      "label": "TeaCache l1=0.08",          # optional; shown in tables and plots (default: method and params)
+      "params": {"l1_threshold": 0.08},     # optional; the method's settings, copied into the report
+      "baseline_seconds": 118.4,            # optional; mean seconds per video of the uncached run, used only when
+                                            #   the reference folder has no manifest of its own
+      "videos": {
+        "<video file name>": {
+          "seconds": 41.2,                  # required; wall-clock seconds to generate this video
+          "dit_seconds": 37.9,              # optional; seconds spent in the denoising loop only
+          "computed_passes": 22,            # optional; transformer passes actually run
+          "total_passes": 50                # optional; passes an uncached run makes
+        }
+      }
+    }
+
+Speedup of a run = (sum of the reference manifest's `seconds` over the compared videos that both manifests time)
+/ (sum of the generated manifest's `seconds` over the same videos), i.e. the ratio of mean generation times; or
+`baseline_seconds` * n / (sum of the generated `seconds`) when the reference folder has no manifest.
+Pass speedup = sum of `total_passes` / sum of `computed_passes`: the ideal speedup if the transformer were the only
+cost.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CompareError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class VideoTiming:
+    seconds: float
+    dit_seconds: float | None = None
+    computed_passes: int | None = None
+    total_passes: int | None = None
+
+
+@dataclass
+class Manifest:
+    method: str
+    label: str | None = None
+    params: dict = field(default_factory=dict)
+    baseline_seconds: float | None = None
+    videos: dict[str, VideoTiming] = field(default_factory=dict)
+
+    @property
+    def display_label(self) -> str:
+        if self.label:
+            return self.label
+        settings = " ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method} {settings}".strip()
+
+    def add_video(self, name: str, seconds: float, dit_seconds: float | None = None,
+                  computed_passes: int | None = None, total_passes: int | None = None) -> None:
+        self.videos[name] = VideoTiming(seconds, dit_seconds, computed_passes, total_passes)
+
+    def to_json(self) -> dict:
+        out = {"schema": SCHEMA_VERSION, "method": self.method, "label": self.label, "params": self.params,
+               "baseline_seconds": self.baseline_seconds,
+               "videos": {name: {k: v for k, v in vars(t).items() if v is not None} for name, t in self.videos.items()}}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write `manifest.json` atomically, so a reader never sees half a file while a runner is still going."""
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+def load_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The manifest of a folder, None if it has none; CompareError if it exists but breaks the schema."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        videos = {}
+        for name, entry in data.get("videos", {}).items():
+            seconds = float(entry["seconds"])
+            if not math.isfinite(seconds) or seconds <= 0:
+                raise ValueError(f"videos[{name!r}].seconds must be a positive number, got {entry['seconds']!r}")
+            videos[name] = VideoTiming(seconds, _optional(entry, "dit_seconds", float),
+                                       _optional(entry, "computed_passes", int), _optional(entry, "total_passes", int))
+        baseline = _optional(data, "baseline_seconds", float)
+        return Manifest(method=str(data.get("method", "unknown")), label=data.get("label"),
+                        params=dict(data.get("params") or {}), baseline_seconds=baseline, videos=videos)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CompareError(f"{path}: not a valid timing manifest ({exc}); the schema is in "
+                           f"stepcache/eval/manifest.py") from None
+
+
+def _optional(entry: dict, key: str, kind):
+    value = entry.get(key)
+    return None if value is None else kind(value)
+
+
+def timing(reference: Manifest | None, generated: Manifest | None, names: list[str]) -> dict:
+    """Speedup figures of a generated run over the reference run, for the compared videos (empty if unknown)."""
+    if generated is None:
+        return {}
+    out: dict = {}
+    timed = [n for n in names if n in generated.videos]
+    if reference is not None:
+        timed = [n for n in timed if n in reference.videos]
+        baseline_total = sum(reference.videos[n].seconds for n in timed)
+    elif generated.baseline_seconds is not None:
+        baseline_total = generated.baseline_seconds * len(timed)
+    else:
+        baseline_total = None
+    if timed and baseline_total:
+        seconds_total = sum(generated.videos[n].seconds for n in timed)
+        out.update(speedup=baseline_total / seconds_total, seconds_mean=seconds_total / len(timed),
+                   baseline_seconds_mean=baseline_total / len(timed), timed_videos=len(timed))
+    passes = [generated.videos[n] for n in names if n in generated.videos]
+    if passes and all(t.computed_passes and t.total_passes for t in passes):
+        out["pass_speedup"] = sum(t.total_passes for t in passes) / sum(t.computed_passes for t in passes)
+    return out

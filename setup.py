@@ -1,0 +1,44 @@
+"""stepcache: training-free step caching (TeaCache, MagCache, EasyCache) for video diffusion transformers.
+
+Every folder of the repository installs under the one import name ``stepcache``: ``common/`` is the core
+package itself and the model families are its subpackages, so nothing generic such as ``common`` or ``eval``
+lands in site-packages.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "stepcache": "common",
+    "stepcache.wan21": "wan21",
+    "stepcache.hunyuan": "hunyuan",
+    "stepcache.opensora": "opensora",
+    "stepcache.eval": "eval",
+}
+
+# torch is deliberately unpinned here; install it first with `pip install torch==2.13.0` (a CPU wheel) or the
+# build that matches your GPU. A plain `torch` requirement resolved from scratch pulls a multi-GB CUDA build.
+DIFFUSERS = ["diffusers==0.42.1", "transformers>=4.50", "accelerate>=1.0", "sentencepiece", "ftfy"]
+VIDEO = ["imageio>=2.30", "imageio-ffmpeg>=0.5"]
+EVAL = VIDEO + ["scipy>=1.10", "matplotlib>=3.7"]
+TEST = ["pytest>=7", "pytest-timeout"]
+
+setup(
+    name="stepcache",
+    version="0.1.0",
+    description="Training-free step caching (TeaCache, MagCache, EasyCache) for HunyuanVideo, Wan2.1 and Open-Sora",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"stepcache": ["profiles/*.json"], "stepcache.eval": ["data/*"]},
+    include_package_data=True,
+    install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60"],
+    extras_require={
+        "diffusers": DIFFUSERS,
+        "video": VIDEO,
+        "eval": EVAL,
+        "test": TEST + DIFFUSERS + EVAL,
+        "all": DIFFUSERS + EVAL,
+    },
+    entry_points={"console_scripts": ["stepcache=stepcache.cli:main"]},
+)

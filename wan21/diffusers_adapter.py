@@ -1,0 +1,64 @@
+"""diffusers ``WanTransformer3DModel`` (Wan2.1 T2V and I2V): where its blocks are and where each signal lives.
+
+The TeaCache signal is taken from the same tensors as the reference (seed-methods.md §2.2): the timestep
+embedding ``temb`` (upstream ``e``), or with ``use_ret_steps`` its projection ``timestep_proj`` (upstream
+``e0``); both are outputs of ``condition_embedder``. EasyCache works in the 16-channel latent space: for I2V
+the image-condition channels the pipeline concatenates after the latent are not part of ``x``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..patching import first_arg_io, install_stack
+from ..profiles import match_profiles
+
+VAE_SPATIAL_SCALE = 8  # Wan's VAE downsamples height and width by 8
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class WanDiffusersAdapter:
+    family = "wan2.1"
+    block_io = first_arg_io("hidden_states")
+
+    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+        install_stack(patch, runner_of, model.blocks, self.block_io)
+        if method != "teacache":
+            return
+
+        def capture(module, inputs, outputs):
+            runner = runner_of()
+            if runner is not None and runner.current is not None:
+                temb, timestep_proj = outputs[0], outputs[1]
+                runner.current.signal_tensor = temb if signal_name() == "temb" else timestep_proj
+
+        patch.hook(model.condition_embedder.register_forward_hook(capture))
+
+    def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
+        return _hidden_states(args, kwargs)[:, : model.config.out_channels]
+
+    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
+        latent = _hidden_states(args, kwargs)
+        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
+
+    def output_latent(self, output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, tuple) else output.sample
+
+    def build_output(self, model, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        return_dict = kwargs.get("return_dict", args[4] if len(args) > 4 else True)
+        if not return_dict:
+            return (latent,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=latent)
+
+    def describe_config(self, model) -> dict[str, Any]:
+        c = model.config
+        return {k: c.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                                      "image_dim")}
+
+    def detect_profiles(self, model):
+        return match_profiles(self.family, dict(model.config), type(model).__name__)
