@@ -76,9 +76,15 @@ class StepClock:
 
         patch.set(model, "cache_context", cache_context)
 
-    def now(self) -> tuple[str, int, int]:
+    def start_generation(self, num_steps: int | None = None) -> None:
+        """Called by entry points that wrap a whole generation (the official-repo scripts)."""
+        self.counters.clear()
+        if num_steps is not None:
+            self.num_steps = int(num_steps)
+
+    def now(self, branch_hint: str | None = None) -> tuple[str, int, int]:
         context = self.context or {}
-        branch = context.get("name") or "default"
+        branch = context.get("name") or branch_hint or "default"
         scheduler = getattr(self.pipeline, "scheduler", None)
         num_steps = context.get("num_inference_steps")
         if num_steps is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
@@ -138,7 +144,8 @@ class CachedModel:
         if self.runner is None:
             height, width = self.adapter.pixel_size(self.model, args, kwargs)
             self._build(nearest_by_resolution(self.candidates, height, width))
-        branch, step, num_steps = self.clock.now()
+        branch_of = getattr(self.adapter, "branch_of", None)
+        branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None)
         runner = self.runner
         ctx = runner.begin_pass(branch, step, num_steps, latent)
         try:
@@ -153,6 +160,12 @@ class CachedModel:
             raise
         self.clock.tick(branch)
         return output
+
+    def start_generation(self, num_steps: int | None = None) -> None:
+        """Mark the start of a generation explicitly (entry points that wrap upstream's sampling call)."""
+        if self.runner is not None:
+            self.runner.reset()
+        self.clock.start_generation(num_steps)
 
     def remove(self) -> None:
         if self.runner is not None:
