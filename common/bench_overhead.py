@@ -1,0 +1,119 @@
+"""Overhead benchmark: wall-clock speedup against ideal speedup, per method, on a small random Wan2.1.
+
+    python -m stepcache.bench_overhead [--steps 50] [--repeats 3]
+
+Ideal speedup is passes / computed passes: what skipping would give if a reused pass cost nothing. Reused passes
+still run the embeddings and the output head (TeaCache, MagCache), and every pass pays the policy's bookkeeping,
+so wall-clock speedup is below ideal; the target is at least 0.97 x ideal. Beside each method stands the honest
+floor: the same pipeline run with fewer steps at the same number of transformer passes, and how far each lands
+from the full-step output (relative L2 of the final latents). Random weights say nothing about visual quality;
+that comparison is the demo model's job.
+
+All runs are interleaved and repeated in one process so that machine drift hits every method alike; the
+median of the repeats is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
+                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=512, num_layers=8, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+# Settings that reuse about half the passes on this random model (its activations change far more per step
+# than a trained model's, so the published thresholds mean nothing here).
+METHODS = [("magcache", dict(profile="wan2.1-t2v-1.3b", thresh=0.12, K=2)),
+           ("magcache", dict(profile="wan2.1-t2v-1.3b", thresh=0.12, K=4)),
+           ("teacache", dict(profile="wan2.1-t2v-1.3b", thresh=15.0, clamp_polynomial=True)),
+           ("easycache", dict(profile="wan2.1-t2v-1.3b", thresh=0.3))]
+
+
+def build_pipeline(seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**SMALL_WAN)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import stepcache
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (default 3)")
+    parser.add_argument("--frames", type=int, default=33, help="frames (default 33: 9 latent frames)")
+    parser.add_argument("--size", type=int, default=128, help="height and width in pixels (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    pipe = build_pipeline()
+    g = torch.Generator().manual_seed(1)
+    embeds = dict(prompt_embeds=torch.randn(1, 16, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 16, 32, generator=g))
+
+    def generate(steps):
+        return pipe(height=args.size, width=args.size, num_frames=args.frames, num_inference_steps=steps,
+                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+                    **embeds).frames
+
+    def rel_l2(a, b):
+        return float((a - b).norm() / b.norm())
+
+    runs = [("baseline", None, args.steps)]
+    for method, params in METHODS:
+        runs.append((method, params, args.steps))
+    generate(args.steps)  # warm-up: the first call in a process pays one-off kernel set-up
+    times: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    outputs, counts = {}, {}
+    for _ in range(args.repeats):
+        for i, (method, params, steps) in enumerate(runs):
+            if params is not None:
+                stepcache.enable(pipe, method, **params)
+            start = time.perf_counter()
+            outputs[i] = generate(steps)
+            times[i].append(time.perf_counter() - start)
+            if params is not None:
+                counts[i] = stepcache.stats(pipe).counts()
+                stepcache.disable(pipe)
+    base_time = statistics.median(times[0])
+    base = outputs[0]
+    total = 2 * args.steps
+    print(f"small random Wan2.1 ({sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.1f}M parameters), "
+          f"{args.frames}x{args.size}x{args.size}, {args.steps} steps with CFG ({total} passes), "
+          f"{args.threads} threads, median of {args.repeats}; baseline {base_time:.2f} s")
+    header = (f"{'run':<44} {'passes':>8} {'ideal':>6} {'wall':>6} {'wall/ideal':>10} {'relL2':>7} | "
+              f"{'fewer steps, same passes':<24} {'wall':>6} {'relL2':>7}")
+    print(header)
+    print("-" * len(header))
+    for i, (method, params, steps) in enumerate(runs[1:], start=1):
+        computed, passes = counts[i]
+        ideal = passes / computed
+        wall = base_time / statistics.median(times[i])
+        shown = {k: v for k, v in params.items() if k != "profile"}
+        label = f"{method} {shown}"
+        fewer = max(2, round(args.steps * computed / passes))
+        start = time.perf_counter()
+        floor = generate(fewer)
+        floor_wall = base_time / (time.perf_counter() - start)
+        print(f"{label:<44} {computed:>3}/{passes:<4} {ideal:>5.2f}x {wall:>5.2f}x {wall / ideal:>10.3f} "
+              f"{rel_l2(outputs[i], base):>7.4f} | {f'{fewer} steps':<24} {floor_wall:>5.2f}x "
+              f"{rel_l2(floor, base):>7.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""`stepcache generate`: run a diffusers Wan2.1 or HunyuanVideo pipeline from a local folder with a cache method.
+
+Everything the user typed is checked before the model loads: the pipeline class and the transformer config are
+read from the folder's JSON files, the profile is resolved against them, and the method's parameters are
+validated. Then the pipeline runs (with its own progress bar), the video is written, and the stats are printed
+and written next to it, with a ``manifest.json`` entry that ``stepcache compare`` reads for speedups.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .methods import PARAMETERS, resolve_method
+from .policies import ParameterError
+from .profiles import ProfileError, load_profile, match_profiles, nearest_by_resolution
+
+# Pipeline class -> (model family, transformer class, what the guidance flag means for it)
+PIPELINES = {
+    "WanPipeline": ("wan2.1", "WanTransformer3DModel"),
+    "WanImageToVideoPipeline": ("wan2.1", "WanTransformer3DModel"),
+    "HunyuanVideoPipeline": ("hunyuanvideo", "HunyuanVideoTransformer3DModel"),
+}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class GenerateError(ValueError):
+    pass
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    parser.add_argument("--method", default="magcache", choices=["none", "teacache", "magcache", "easycache"],
+                        help="cache method; 'none' runs the uncached baseline (default: magcache)")
+    parser.add_argument("--profile", default=None,
+                        help="shipped profile name or profile file (default: matched on the model's config)")
+    parser.add_argument("--preset", default=None, help="a named setting of the profile, e.g. E012K4R02")
+    parser.add_argument("--thresh", type=float, default=None, help="the method's threshold; 0 disables reuse")
+    parser.add_argument("--K", type=int, default=None, help="MagCache: " + PARAMETERS["magcache"]["K"])
+    parser.add_argument("--retention-ratio", type=float, default=None,
+                        help="MagCache: " + PARAMETERS["magcache"]["retention_ratio"])
+    parser.add_argument("--variant", default=None, help="TeaCache: " + PARAMETERS["teacache"]["variant"])
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="TeaCache/EasyCache: steps always computed at the start")
+    parser.add_argument("--clamp-polynomial", action="store_true", default=None,
+                        help="TeaCache: " + PARAMETERS["teacache"]["clamp_polynomial"])
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
+    parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
+    parser.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
+    parser.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
+    parser.add_argument("--frames", type=int, default=81, help="number of frames (default 81)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="CFG scale for Wan (default 5.0); embedded guidance for HunyuanVideo (default 6.0)")
+    parser.add_argument("--true-cfg", type=float, default=1.0,
+                        help="HunyuanVideo only: true CFG scale (> 1 runs a second, negative branch)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="transformer dtype (default bf16)")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
+    parser.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
+    parser.add_argument("--out", default="out/video.mp4", help="output video path (default out/video.mp4)")
+
+
+def _method_params(args) -> dict[str, Any]:
+    given = {"thresh": args.thresh, "K": args.K, "retention_ratio": args.retention_ratio, "variant": args.variant,
+             "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial}
+    allowed = PARAMETERS[args.method]
+    wrong = [k for k, v in given.items() if v is not None and k not in allowed]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise ParameterError(f"{flags} do(es) not apply to {args.method}; its parameters: {', '.join(allowed)}")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GenerateError(f"cannot read {path}: {exc}") from exc
+
+
+def plan(args) -> dict[str, Any]:
+    """Everything that can be checked without loading weights."""
+    folder = Path(args.model)
+    if not (folder / "model_index.json").exists():
+        raise GenerateError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
+    if pipeline_class not in PIPELINES:
+        raise GenerateError(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: "
+                            f"{', '.join(PIPELINES)}")
+    family, transformer_class = PIPELINES[pipeline_class]
+    for name, value, low in (("--steps", args.steps, 2), ("--frames", args.frames, 1), ("--height", args.height, 16),
+                             ("--width", args.width, 16)):
+        if value < low:
+            raise GenerateError(f"{name}={value} must be at least {low}")
+    if args.height % 16 or args.width % 16:
+        raise GenerateError(f"--height {args.height} and --width {args.width} must be multiples of 16")
+    if pipeline_class == "WanImageToVideoPipeline" and not args.image:
+        raise GenerateError("this is an image-to-video pipeline: pass --image FIRST_FRAME")
+    if args.image and not Path(args.image).exists():
+        raise GenerateError(f"--image {args.image} does not exist")
+    result = {"pipeline_class": pipeline_class, "family": family, "config": None}
+    if args.method == "none":
+        return result
+    params = _method_params(args)
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+    else:
+        config = _read_json(folder / "transformer" / "config.json")
+        found = match_profiles(family, config, transformer_class)
+        if not found:
+            raise ProfileError(f"no shipped profile matches the transformer in {folder}; pass --profile NAME or a "
+                               f"calibrated profile file (`stepcache calibrate`)")
+        profile = nearest_by_resolution(found, args.height, args.width)
+    result["config"] = resolve_method(args.method, profile, args.preset, **params)
+    return result
+
+
+def _load_pipeline(folder: Path, pipeline_class: str, dtype_name: str, device: str):
+    import torch
+    import diffusers
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    pipeline_type = getattr(diffusers, pipeline_class)
+    if pipeline_class.startswith("Wan"):
+        # Wan's VAE is meant to run in float32 whatever the transformer's dtype (diffusers' Wan docs).
+        vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32,
+                                                         local_files_only=True)
+        pipe = pipeline_type.from_pretrained(folder, vae=vae, torch_dtype=dtype, local_files_only=True)
+    else:
+        pipe = pipeline_type.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+class TransformerTimer:
+    """Seconds spent inside the transformer's forward (the 'DiT-only' time the published tables report)."""
+
+    def __init__(self, module, device: str):
+        import torch
+        self.seconds = 0.0
+        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, *args):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *args):
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def generate(args) -> dict[str, Any]:
+    import torch
+
+    import stepcache
+    from diffusers.utils import export_to_video, load_image
+
+    checked = plan(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = _load_pipeline(Path(args.model), checked["pipeline_class"], args.dtype, device)
+    config = checked["config"]
+    if config is not None:
+        stepcache.enable(pipe, config.method, config.profile, preset=config.preset,
+                         **{k: v for k, v in _method_params(args).items()})
+        print(f"stepcache: {config.describe()}")
+    call: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                                width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                                generator=torch.Generator(device="cpu").manual_seed(args.seed), output_type="np")
+    if checked["family"] == "hunyuanvideo":
+        call.update(guidance_scale=6.0 if args.guidance is None else args.guidance, true_cfg_scale=args.true_cfg)
+    else:
+        call.update(guidance_scale=5.0 if args.guidance is None else args.guidance)
+    if args.image:
+        call["image"] = load_image(args.image)
+    timer = TransformerTimer(pipe.transformer, device)
+    start = time.perf_counter()
+    frames = pipe(**call).frames[0]
+    seconds = time.perf_counter() - start
+    timer.remove()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(list(frames), str(out), fps=args.fps)
+    record = {"video": out.name, "method": args.method, "seconds": seconds, "dit_seconds": timer.seconds,
+              "params": {k: v for k, v in (config.params.items() if config else []) if k != "coefficients"},
+              "profile": config.profile.name if config else None}
+    if config is not None:
+        run_stats = stepcache.stats(pipe)
+        record.update(run_stats.to_dict())
+        print(run_stats.summary())
+    from .eval.manifest import record_video
+    record_video(out.parent, out.name, method=args.method, params=record["params"], seconds=seconds,
+                 dit_seconds=timer.seconds, computed_passes=record.get("computed_passes"),
+                 total_passes=record.get("total_passes"))
+    stats_path = out.with_suffix(".stats.json")
+    stats_path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out} ({seconds:.1f} s, transformer {timer.seconds:.1f} s) and {stats_path}")
+    return record
+
+
+def run(args) -> int:
+    try:
+        generate(args)
+    except (GenerateError, ParameterError, ProfileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
