@@ -18,7 +18,7 @@ PACKAGES = {
 # build that matches your GPU. A plain `torch` requirement resolved from scratch pulls a multi-GB CUDA build.
 DIFFUSERS = ["diffusers==0.42.1", "transformers>=4.50", "accelerate>=1.0", "sentencepiece", "ftfy"]
 VIDEO = ["imageio>=2.30", "imageio-ffmpeg>=0.5"]
-EVAL = VIDEO + ["scipy>=1.10", "matplotlib>=3.7"]
+EVAL = VIDEO + ["scipy>=1.10", "matplotlib>=3.7", "torchmetrics>=1.3"]  # torchmetrics: only for its 6 KB LPIPS heads files
 TEST = ["pytest>=7", "pytest-timeout"]
 
 setup(

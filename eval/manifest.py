@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,29 +104,52 @@ def load_manifest(folder: str | os.PathLike) -> Manifest | None:
                            f"stepcache/eval/manifest.py") from None
 
 
+def record_video(folder: str | os.PathLike, name: str, *, method: str, seconds: float, params: dict | None = None,
+                 label: str | None = None, dit_seconds: float | None = None, computed_passes: int | None = None,
+                 total_passes: int | None = None) -> Path:
+    """Add (or replace) one video's timing in `folder`'s manifest, creating the manifest on first use.
+
+    Called by the generation runners after each video. One folder holds one method and setting: a video made with
+    another one is still recorded (its generation is not thrown away), with a warning that the folder's label and
+    speedup now mix two settings.
+    """
+    params = dict(params or {})
+    manifest = load_manifest(folder) or Manifest(method=method, label=label, params=params)
+    if (manifest.method, manifest.params) != (method, params):
+        warnings.warn(f"{Path(folder) / MANIFEST_NAME} describes {manifest.display_label!r}, but {name} was made "
+                      f"with {Manifest(method, params=params).display_label!r}; write each setting to its own "
+                      f"folder, or its speedup and quality are reported under the first one", stacklevel=2)
+    manifest.add_video(name, seconds, dit_seconds, computed_passes, total_passes)
+    return manifest.save(folder)
+
+
 def _optional(entry: dict, key: str, kind):
     value = entry.get(key)
     return None if value is None else kind(value)
 
 
-def timing(reference: Manifest | None, generated: Manifest | None, names: list[str]) -> dict:
-    """Speedup figures of a generated run over the reference run, for the compared videos (empty if unknown)."""
+def timing(reference: Manifest | None, generated: Manifest | None, names: list[tuple[str, str]]) -> dict:
+    """Speedup figures of a generated run over the reference run (empty if unknown).
+
+    `names` holds (reference file name, generated file name) per compared pair: equal in folder mode, free in
+    pair mode.
+    """
     if generated is None:
         return {}
     out: dict = {}
-    timed = [n for n in names if n in generated.videos]
+    timed = [(r, g) for r, g in names if g in generated.videos]
     if reference is not None:
-        timed = [n for n in timed if n in reference.videos]
-        baseline_total = sum(reference.videos[n].seconds for n in timed)
+        timed = [(r, g) for r, g in timed if r in reference.videos]
+        baseline_total = sum(reference.videos[r].seconds for r, _ in timed)
     elif generated.baseline_seconds is not None:
         baseline_total = generated.baseline_seconds * len(timed)
     else:
         baseline_total = None
     if timed and baseline_total:
-        seconds_total = sum(generated.videos[n].seconds for n in timed)
+        seconds_total = sum(generated.videos[g].seconds for _, g in timed)
         out.update(speedup=baseline_total / seconds_total, seconds_mean=seconds_total / len(timed),
                    baseline_seconds_mean=baseline_total / len(timed), timed_videos=len(timed))
-    passes = [generated.videos[n] for n in names if n in generated.videos]
+    passes = [generated.videos[g] for _, g in names if g in generated.videos]
     if passes and all(t.computed_passes and t.total_passes for t in passes):
         out["pass_speedup"] = sum(t.total_passes for t in passes) / sum(t.computed_passes for t in passes)
     return out

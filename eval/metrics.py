@@ -56,8 +56,11 @@ def ssim_per_frame(reference: torch.Tensor, generated: torch.Tensor) -> torch.Te
     n, c, h, w = reference.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {w}x{h}")
-    # One grouped, separable convolution filters all five moments of all channels at once.
+    # One grouped, separable convolution filters all five moments of all channels at once. Channels-last layout
+    # makes that grouped convolution about 3x faster on CPU (oneDNN); frames decoded as (N, H, W, C) and permuted
+    # are already in it, so this usually copies nothing.
     moments = torch.cat([reference, generated, reference * reference, generated * generated, reference * generated], 1)
+    moments = moments.contiguous(memory_format=torch.channels_last)
     kernel = gaussian_kernel_1d(dtype=reference.dtype).to(reference.device)
     groups = moments.shape[1]
     filtered = F.conv2d(moments, kernel.view(1, 1, -1, 1).expand(groups, 1, -1, 1), groups=groups)

@@ -69,6 +69,11 @@ def format_table(report: dict, per_video: bool | None = None) -> str:
                 for run in report["runs"]]
         blocks.append(f"Mean over videos ({how}):\n" +
                       _render(["run", "videos"] + [LABELS[k] for k in columns] + ["speedup", "pass speedup"], rows))
+    else:
+        timing = report["runs"][0]["timing"]
+        if timing:
+            blocks.append(f"speedup {_fmt('speedup', timing.get('speedup'))}, "
+                          f"pass speedup {_fmt('pass_speedup', timing.get('pass_speedup'))}")
     if report["lpips"]["status"] != "ok":
         blocks.append(report["lpips"]["reason"])
     return "\n\n".join(blocks)
@@ -124,6 +129,7 @@ def plot_speedup(report: dict, path: Path) -> Path:
         ax.set_xlabel("speedup over the reference run (x)")
         ax.set_ylabel(LABELS[key] + (" (lower is better)" if key == "lpips" else " (higher is better)"))
         ax.grid(True, alpha=0.3)
+        ax.margins(0.2)  # room for the point labels
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Quality vs speedup against {Path(report['reference']).name}", fontsize=10)
     fig.tight_layout()

@@ -19,6 +19,8 @@ from .errors import CompareError
 # Containers that the generation runners and the published tools write; anything else in a folder (manifest.json,
 # logs, prompt lists) is not a video and is ignored when pairing.
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
+# SSIM's window is 11 px, and AlexNet (LPIPS) needs 31 px to reach its last tap through two stride-2 poolings.
+MIN_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ def check_pair(reference: VideoInfo, generated: VideoInfo) -> None:
         problems.append(f"frame sizes differ: {reference.size} vs {generated.size}")
     if reference.frames != generated.frames:
         problems.append(f"frame counts differ: {reference.frames} vs {generated.frames}")
+    if min(reference.width, reference.height, generated.width, generated.height) < MIN_SIDE:
+        problems.append(f"frames smaller than {MIN_SIDE} px are not supported ({reference.size}, {generated.size})")
     if problems:
         raise CompareError(f"{reference.path} vs {generated.path}: " + "; ".join(problems))
 
