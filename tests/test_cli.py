@@ -70,3 +70,52 @@ def test_help_lists_subcommands():
     assert result.returncode == 0
     for name in ("schedule", "generate", "compare", "profiles"):
         assert name in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from wan_tiny import save_t2v_folder
+    return save_t2v_folder(tmp_path_factory.mktemp("model") / "tiny-wan")
+
+
+GEN = ["--prompt", "a red ball moves left", "--height", "32", "--width", "32", "--frames", "5", "--steps", "12",
+       "--dtype", "fp32", "--device", "cpu", "--fps", "4"]
+
+
+def test_generate_end_to_end_then_compare(tiny_folder, tmp_path):
+    base = stepcache("generate", "--model", str(tiny_folder), "--method", "none", *GEN,
+                     "--out", str(tmp_path / "base" / "ball.mp4"))
+    assert base.returncode == 0, base.stderr
+    cached = stepcache("generate", "--model", str(tiny_folder), "--method", "magcache", "--profile", "wan2.1-t2v-1.3b",
+                       "--thresh", "0.24", "--K", "4", *GEN, "--out", str(tmp_path / "mag" / "ball.mp4"))
+    assert cached.returncode == 0, cached.stderr
+    assert "magcache: computed" in cached.stdout
+    stats = json.loads((tmp_path / "mag" / "ball.stats.json").read_text())
+    assert stats["total_passes"] == 24 and 0 < stats["computed_passes"] < 24
+    assert len(stats["pattern"]) == 24 and stats["profile"] == "wan2.1-t2v-1.3b"
+    manifest = json.loads((tmp_path / "mag" / "manifest.json").read_text())
+    assert manifest["method"] == "magcache" and manifest["videos"]["ball.mp4"]["computed_passes"] == \
+        stats["computed_passes"]
+    report = tmp_path / "report"
+    compared = stepcache("compare", "--gt_video_dir", str(tmp_path / "base"), "--generated_video_dir",
+                         str(tmp_path / "mag"), "--no-lpips", "--out", str(report))
+    assert compared.returncode == 0, compared.stderr
+    assert (report / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "teacache", "--K", "3"], "--K do(es) not apply to teacache"),
+    (["--method", "magcache", "--profile", "wan2.1-t2v-1.3b", "--K", "0"], "K=0 is outside the allowed range"),
+    (["--method", "magcache"], "no shipped profile matches the transformer"),
+    (["--method", "magcache", "--profile", "nope"], "unknown profile 'nope'"),
+    (["--method", "none", "--height", "40"], "must be multiples of 16"),
+])
+def test_generate_rejects_bad_input_before_loading(tiny_folder, tmp_path, args, message):
+    result = stepcache("generate", "--model", str(tiny_folder), *GEN, *args, "--out", str(tmp_path / "x.mp4"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_generate_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+    result = stepcache("generate", "--model", str(tmp_path), *GEN)
+    assert result.returncode == 2 and "is not a diffusers pipeline folder" in result.stderr
