@@ -27,7 +27,10 @@ from .runner import CacheRunner, RunStats
 # Model class name -> "module:AdapterClass". Adapters are imported only for the model that needs them.
 ADAPTERS = {
     "WanTransformer3DModel": "stepcache.wan21.diffusers_adapter:WanDiffusersAdapter",
+    "WanModel": "stepcache.wan21.official:WanOfficialAdapter",
     "HunyuanVideoTransformer3DModel": "stepcache.hunyuan.diffusers_adapter:HunyuanVideoDiffusersAdapter",
+    "HYVideoDiffusionTransformer": "stepcache.hunyuan.official_adapter:HYVideoAdapter",
+    "STDiT3": "stepcache.opensora.adapter:STDiT3Adapter",
 }
 # Pipelines whose denoising loop we know: one call per CFG branch, wrapped in cache_context(name).
 PIPELINES = {"WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline"}

@@ -1,1 +1,9 @@
-"""stepcache.hunyuan."""
+"""stepcache.hunyuan: HunyuanVideo T2V.
+
+* ``diffusers_adapter``: diffusers' ``HunyuanVideoTransformer3DModel`` (``stepcache.enable(pipe, ...)``) and
+  ``load_pipeline`` for a local diffusers-format folder;
+* ``official_adapter``: upstream Tencent/HunyuanVideo's ``HYVideoDiffusionTransformer``;
+* ``official``: the one implementation behind the drop-in scripts ``magcache_sample_video.py``,
+  ``teacache_sample_video.py`` and ``easycache_sample_video.py`` for an upstream checkout;
+* ``resolution``: which published MagCache table a video size uses; ``calibration``: measuring a new one.
+"""

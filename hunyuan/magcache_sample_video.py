@@ -1,0 +1,10 @@
+"""MagCache for HunyuanVideo: a drop-in for the official repo (Tencent/HunyuanVideo).
+
+Copy this file into the root of a HunyuanVideo checkout (with `pip install stepcache` done) and run it with the
+flags of upstream's sample_video.py; --magcache-thresh, --magcache-K, --retention-ratio and the other --cache-*
+flags are listed by --help.
+"""
+from stepcache.hunyuan.official import entry
+
+if __name__ == "__main__":
+    entry("magcache")

@@ -1,0 +1,393 @@
+"""The one implementation behind the drop-in scripts for the official HunyuanVideo repo (Tencent/HunyuanVideo).
+
+``magcache_sample_video.py``, ``teacache_sample_video.py`` and ``easycache_sample_video.py`` are copied into the
+root of an upstream checkout and run with exactly the flags of upstream's ``sample_video.py``. Everything
+upstream does stays upstream's: its argument groups (``hyvideo.config``), its ``sanity_check_args``, its
+``HunyuanVideoSampler.from_pretrained`` and ``predict``, its ``save_videos_grid``. What is added:
+
+* dash-style flags for the method's parameters, a profile override and a stats file, validated before any
+  model is loaded (the published scripts hard-code them: "edit lines 294-296");
+* the cache, installed on the transformer *instance* after upstream has built it, so that it also wraps the
+  instance-level ``forward`` that upstream's xDiT ``parallelize_transformer`` binds (the published scripts
+  patch the class and are silently uncached there, seed-methods.md §6.1);
+* MagCache at any ``--video-size``: 720 and 544 use their published tables, any other height the nearest one
+  with a warning, or a calibrated profile given with ``--cache-profile`` (``--magcache-calibration PATH``
+  measures one in an uncached run, with the authors' rule);
+* per-pass stats, printed and written next to each video.
+
+Classifier-free guidance with ``--cfg-scale > 1`` is batched by upstream's pipeline into one call holding both
+halves, so it is one branch with one decision, as in the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from ..methods import PARAMETERS, MethodConfig, resolve_method
+from ..policies import ParameterError
+from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
+from .resolution import choose_by_resolution, warn_unpublished
+
+FAMILY = "hunyuanvideo"
+MODEL_CLASS = "HYVideoDiffusionTransformer"
+METHODS = ("magcache", "teacache", "easycache")
+REFERENCE_PROFILE = "hunyuanvideo-t2v-720p"  # where --help reads the published defaults from
+
+# Our dash-style flags for method parameters: flag -> (method, parameter name in stepcache.methods.PARAMETERS).
+METHOD_FLAGS = {
+    "--teacache-thresh": ("teacache", "thresh"),
+    "--magcache-thresh": ("magcache", "thresh"),
+    "--magcache-K": ("magcache", "K"),
+    "--retention-ratio": ("magcache", "retention_ratio"),
+    "--easycache-thresh": ("easycache", "thresh"),
+}
+
+
+class SequenceParallelWarning(UserWarning):
+    """A method whose decision is not yet agreed between sequence-parallel ranks."""
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse %-formats help texts
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _import_upstream_config():
+    try:
+        from hyvideo import config as upstream_config
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: cannot import upstream HunyuanVideo ({exc}). Copy this script into the root of a "
+            f"Tencent/HunyuanVideo checkout and run it from there, with that repo's requirements installed.")
+    return upstream_config
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def add_cache_args(parser: argparse.ArgumentParser, method: str) -> argparse.ArgumentParser:
+    """Our flags, in upstream's dash style, as one more argument group."""
+    reference = load_profile(REFERENCE_PROFILE)
+    tea, mag, easy = (reference.method(m) for m in ("teacache", "magcache", "easycache"))
+    group = parser.add_argument_group(
+        title="stepcache args (training-free step caching; defaults are the published settings)")
+    group.add_argument("--cache-method", choices=[*METHODS, "none"], default=method,
+                       help=f"Caching method (default: {method}); 'none' runs upstream's sampler uncached, for a "
+                            f"baseline with the same flags.")
+    group.add_argument("--cache-profile", default=None, metavar="NAME_OR_FILE",
+                       help="Profile with the method's tables: a shipped name (hunyuanvideo-t2v-720p, "
+                            "hunyuanvideo-t2v-544p) or a calibrated profile file. Default: chosen from "
+                            "--video-size by height (720 or 544 as published; any other height uses the nearest "
+                            "published table and warns).")
+    group.add_argument("--cache-preset", default=None, metavar="NAME",
+                       help=f"A named published setting of the profile: MagCache "
+                            f"{', '.join(mag.get('presets', {}))}; TeaCache {', '.join(tea.get('presets', {}))}.")
+    group.add_argument("--teacache-thresh", type=float, default=None, metavar="FLOAT",
+                       help=f"TeaCache: {PARAMETERS['teacache']['thresh']} (published: 0.1 for ~1.6x, 0.15 for "
+                            f"~2.1x; default {tea['defaults']['thresh']}).")
+    group.add_argument("--magcache-thresh", type=float, default=None, metavar="FLOAT",
+                       help=f"MagCache: {PARAMETERS['magcache']['thresh']} (published: 0.12 or 0.24; default "
+                            f"{mag['defaults']['thresh']}).")
+    group.add_argument("--magcache-K", type=int, default=None, metavar="INT",
+                       help=f"MagCache: {PARAMETERS['magcache']['K']} (published: 4 or 6; default "
+                            f"{mag['defaults']['K']}).")
+    group.add_argument("--retention-ratio", type=float, default=None, metavar="FLOAT",
+                       help=f"MagCache: {PARAMETERS['magcache']['retention_ratio']} (default "
+                            f"{mag['defaults']['retention_ratio']}).")
+    group.add_argument("--easycache-thresh", type=float, default=None, metavar="FLOAT",
+                       help=f"EasyCache: {_help(PARAMETERS['easycache']['thresh'])} (default {easy['thresh']}; first "
+                            f"{easy['warmup_steps']} steps always computed).")
+    group.add_argument("--magcache-calibration", default=None, metavar="PATH",
+                       help="Calibrate MagCache instead of caching: run uncached, measure this model's magnitude "
+                            "ratios at this --video-size and --infer-steps (one prompt, as the authors did) and "
+                            "write them as a profile to PATH, for --cache-profile PATH.")
+    group.add_argument("--cache-stats", default=None, metavar="PATH",
+                       help="Write the per-pass stats (computed/reused, signal, accumulator) as JSON to PATH. "
+                            "Default: next to each video, as <video>.stats.json.")
+    return parser
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """Upstream's parser, built from upstream's own argument groups (what ``hyvideo.config.parse_args`` does),
+    plus ours."""
+    cfg = _import_upstream_config()
+    parser = argparse.ArgumentParser(
+        description=f"HunyuanVideo inference script with {method} step caching (stepcache). All flags of "
+                    f"upstream's sample_video.py work unchanged.")
+    for add in (cfg.add_network_args, cfg.add_extra_models_args, cfg.add_denoise_schedule_args,
+                cfg.add_inference_args, cfg.add_parallel_args):
+        parser = add(parser)
+    return add_cache_args(parser, method)
+
+
+@dataclass
+class CachePlan:
+    """What to install, decided and validated from the flags alone, before any model exists."""
+
+    method: str | None
+    profile: Profile | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    config: MethodConfig | None = None
+    warning: str | None = None  # the MagCache table is not calibrated at this resolution
+    notes: list[str] = field(default_factory=list)
+    calibrate: str | None = None  # write a MagCache profile measured in this (uncached) run here
+
+    def enable(self, transformer, num_steps: int):
+        if self.method is None:
+            return None
+        from ..api import enable
+        return enable(transformer, self.method, profile=self.profile, preset=self.preset, num_steps=num_steps,
+                      **self.overrides)
+
+
+def video_size(args) -> tuple[int, int]:
+    """(height, width) from ``--video-size`` (one value means square), as upstream's ``Inference.parse_size``."""
+    size = list(args.video_size) if isinstance(args.video_size, (list, tuple)) else [args.video_size]
+    if len(size) == 1:
+        size = size * 2
+    return int(size[0]), int(size[1])
+
+
+def _model_config(model_name: str) -> dict[str, Any]:
+    from hyvideo.modules.models import HUNYUAN_VIDEO_CONFIG
+    c = HUNYUAN_VIDEO_CONFIG.get(model_name, {})
+    return {"num_layers": c.get("mm_double_blocks_depth"), "num_single_layers": c.get("mm_single_blocks_depth"),
+            "num_attention_heads": c.get("heads_num")}
+
+
+def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
+    """Check our flags against each other, the method and the profile; ``error`` exits (argparse style)."""
+    method = None if args.cache_method == "none" else args.cache_method
+    given = {flag: getattr(args, _dest(flag)) for flag in METHOD_FLAGS if getattr(args, _dest(flag)) is not None}
+    if args.magcache_calibration:
+        return _plan_calibration(args, given, error)
+    if method is None:
+        extra = [*given] + [f for f in ("--cache-profile", "--cache-preset") if getattr(args, _dest(f))]
+        if extra:
+            error(f"argument {extra[0]}: not used with --cache-method none")
+        return CachePlan(None)
+    for flag in given:
+        owner = METHOD_FLAGS[flag][0]
+        if owner != method:
+            error(f"argument {flag}: sets a {owner} parameter, but this run uses {method} "
+                  f"(pass --cache-method {owner} to use {owner})")
+    if len(args.video_size) not in (1, 2):
+        error(f"argument --video-size: expected HEIGHT [WIDTH], got {args.video_size}")
+    height, width = video_size(args)
+    if args.infer_steps < 2:
+        error(f"argument --infer-steps: caching needs at least 2 denoising steps, got {args.infer_steps}")
+    notes = []
+    if method == "teacache" and (args.ulysses_degree > 1 or args.ring_degree > 1):
+        notes.append("teacache under sequence parallelism: each rank measures its signal on its own sequence "
+                     "shard, so ranks may decide differently (and then wait on each other). Agreement between "
+                     "ranks is not handled yet; magcache and easycache decide identically on every rank.")
+
+    warning = None
+    if args.cache_profile:
+        try:
+            profile = load_profile(args.cache_profile)
+            check_profile_family(profile, FAMILY)
+            profile.method(method)
+        except (ProfileError, ParameterError) as exc:
+            error(f"argument --cache-profile: {exc}")
+    else:
+        profile, warning = _default_profile(args, height, width, error)
+        if method != "magcache":
+            warning = None  # TeaCache's and EasyCache's settings do not depend on the resolution
+
+    try:
+        resolve_method(method, profile, args.cache_preset)
+    except (ProfileError, ParameterError) as exc:
+        error(f"argument --cache-preset: {exc}")
+    overrides = {}
+    for flag, value in given.items():
+        parameter = METHOD_FLAGS[flag][1]
+        try:
+            resolve_method(method, profile, args.cache_preset, **{parameter: value})
+        except (ProfileError, ParameterError) as exc:
+            error(f"argument {flag}: {exc}")
+        overrides[parameter] = value
+    try:
+        config = resolve_method(method, profile, args.cache_preset, **overrides)
+        for branch in (config.profile.magcache_branches() if method == "magcache" else ["cond"]):
+            config.make_policy(branch, args.infer_steps)  # e.g. a table that cannot be fitted to --infer-steps
+    except (ProfileError, ParameterError) as exc:
+        error(f"argument --infer-steps: {exc}")
+    return CachePlan(method, profile, args.cache_preset, overrides, config, warning, notes)
+
+
+def _default_profile(args, height: int, width: int, error) -> tuple[Profile, str | None]:
+    candidates = match_profiles(FAMILY, _model_config(args.model), MODEL_CLASS)
+    if not candidates:
+        error(f"argument --cache-profile: no shipped profile matches --model {args.model}; pass a calibrated "
+              f"profile file")
+    return choose_by_resolution(candidates, height, width)
+
+
+def _plan_calibration(args, given: dict, error) -> CachePlan:
+    extra = [*given] + [f for f in ("--cache-preset",) if getattr(args, _dest(f))]
+    if extra:
+        error(f"argument {extra[0]}: not used with --magcache-calibration (a calibration run is uncached)")
+    if args.ulysses_degree > 1 or args.ring_degree > 1:
+        error("argument --magcache-calibration: calibrate on one GPU (under sequence parallelism each rank "
+              "sees only its shard of the residual)")
+    if args.infer_steps < 2:
+        error(f"argument --infer-steps: calibration needs at least 2 denoising steps, got {args.infer_steps}")
+    if args.cache_profile:
+        try:
+            base = load_profile(args.cache_profile)
+            check_profile_family(base, FAMILY)
+        except ProfileError as exc:
+            error(f"argument --cache-profile: {exc}")
+    else:
+        base = _default_profile(args, *video_size(args), error)[0]
+    return CachePlan(None, profile=base, calibrate=args.magcache_calibration)
+
+
+def parse_args(method: str, argv: list[str] | None = None):
+    """(upstream args namespace, CachePlan). Exits with status 2 and a message on any bad value of ours."""
+    cfg = _import_upstream_config()
+    parser = build_parser(method)
+    args = parser.parse_args(argv)
+    args = cfg.sanity_check_args(args)
+    return args, plan_cache(args, parser.error)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def load_sampler(args):
+    """Upstream's loading, exactly as its sample_video.py does it."""
+    from hyvideo.inference import HunyuanVideoSampler
+
+    models_root_path = Path(args.model_base)
+    if not models_root_path.exists():
+        raise ValueError(f"`models_root` not exists: {models_root_path}")
+    return HunyuanVideoSampler.from_pretrained(models_root_path, args=args)
+
+
+def save_video(sample, path: str) -> None:
+    from hyvideo.utils.file_utils import save_videos_grid
+    save_videos_grid(sample, path, fps=24)
+
+
+def _log(message: str) -> None:
+    try:
+        from loguru import logger
+        logger.info(message)
+    except ImportError:
+        print(message)
+
+
+def _is_main_rank() -> bool:
+    return "LOCAL_RANK" not in os.environ or int(os.environ["LOCAL_RANK"]) == 0
+
+
+def stats_record(cached, plan: CachePlan, args, seconds: float, video: str | None) -> dict[str, Any]:
+    record = cached.stats.to_dict()
+    record.update({
+        "settings": plan.config.describe() if plan.config else None,
+        "profile": plan.profile.name if plan.profile else None,
+        "profile_warning": plan.warning,
+        "video": video,
+        "seconds": seconds,
+        "upstream": {k: getattr(args, k, None) for k in ("model", "video_size", "video_length", "infer_steps",
+                                                         "cfg_scale", "embedded_cfg_scale", "flow_shift",
+                                                         "flow_reverse", "seed", "prompt", "use_fp8")},
+    })
+    return record
+
+
+def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], Any] | None = None,
+         save: Callable[[Any, str], None] | None = None) -> int:
+    """Run one seed script: ``method`` is its default method. ``load``/``save`` replace upstream's model loading
+    and video writing (tests drive a tiny model through upstream's own sampler this way)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    args, plan = parse_args(method, argv)
+    print(args)
+    warn_unpublished(plan.warning)
+    for note in plan.notes:
+        warnings.warn(note, SequenceParallelWarning, stacklevel=2)
+
+    save_path = args.save_path if args.save_path_suffix == "" else f"{args.save_path}_{args.save_path_suffix}"
+    os.makedirs(save_path, exist_ok=True)
+
+    sampler = (load or load_sampler)(args)
+    args = sampler.args
+    cached = plan.enable(sampler.pipeline.transformer, args.infer_steps)
+    if cached is not None:
+        _log(f"stepcache: {plan.config.describe()}")
+        cached.start_generation(args.infer_steps)
+    calibration = None
+    if plan.calibrate:
+        from .calibration import MagCacheCalibration
+        from .official_adapter import stack_io
+        transformer = sampler.pipeline.transformer
+        calibration = MagCacheCalibration([*transformer.double_blocks, *transformer.single_blocks], stack_io())
+
+    height, width = video_size(args)
+    start = time.time()
+    outputs = sampler.predict(
+        prompt=args.prompt,
+        height=height,
+        width=width,
+        video_length=args.video_length,
+        seed=args.seed,
+        negative_prompt=args.neg_prompt,
+        infer_steps=args.infer_steps,
+        guidance_scale=args.cfg_scale,
+        num_videos_per_prompt=args.num_videos,
+        flow_shift=args.flow_shift,
+        batch_size=args.batch_size,
+        embedded_guidance_scale=args.embedded_cfg_scale,
+    )
+    seconds = time.time() - start
+    samples = outputs["samples"]
+    if calibration is not None:
+        calibration.remove()
+
+    if not _is_main_rank():
+        return 0
+    videos = []
+    for i in range(len(samples)):
+        sample = samples[i].unsqueeze(0)
+        time_flag = datetime.fromtimestamp(time.time()).strftime("%Y-%m-%d-%H:%M:%S")
+        prompt = outputs["prompts"][i % len(outputs["prompts"])]
+        cur_save_path = f"{save_path}/{time_flag}_seed{outputs['seeds'][i]}_{prompt[:100].replace('/', '')}.mp4"
+        (save or save_video)(sample, cur_save_path)
+        _log(f"Sample save to: {cur_save_path}")
+        videos.append(cur_save_path)
+
+    if calibration is not None:
+        source = (f"calibrated by stepcache (MagCache's rule, MC-HY:160-282) on {args.model} with "
+                  f"{Path(args.dit_weight).name}, prompt {args.prompt!r}, seed {args.seed}, {args.infer_steps} "
+                  f"steps, flow shift {args.flow_shift}, embedded guidance {args.embedded_cfg_scale}")
+        profile = calibration.write_profile(plan.calibrate, plan.profile, height, width, source)
+        _log(f"stepcache: MagCache profile {profile.name!r} written to {plan.calibrate}; use it with "
+             f"--cache-profile {plan.calibrate}")
+    if cached is not None:
+        print(cached.stats.summary())
+        targets = [args.cache_stats] if args.cache_stats else [str(Path(v).with_suffix(".stats.json"))
+                                                               for v in videos]
+        for i, target in enumerate(targets):
+            record = stats_record(cached, plan, args, seconds, videos[i] if not args.cache_stats else None)
+            if args.cache_stats:
+                record["videos"] = videos
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(json.dumps(record, indent=1), encoding="utf-8")
+            _log(f"stepcache stats saved to: {target}")
+    return 0
+
+
+def entry(method: str) -> None:
+    """What the seed-named scripts call."""
+    sys.exit(main(method))

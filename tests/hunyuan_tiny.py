@@ -1,0 +1,264 @@
+"""Tiny random-weight HunyuanVideo models for the tests: a diffusers pipeline (offline, no text encoders) and an
+upstream Tencent/HunyuanVideo model driven through upstream's own sampler (needs HUNYUANVIDEO_REPO).
+
+Block work is counted with forward pre-hooks on the ``nn.Linear`` modules inside the block stacks, which the
+cache never touches, so a count of zero on a reused pass is a real observation and not our own bookkeeping.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------- diffusers
+HY_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+               num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+               text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKLHunyuanVideo
+    torch.manual_seed(0)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True)
+
+
+def build_pipeline(seed: int = 0, **overrides):
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(**{**HY_TINY, **overrides})
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                transformer=transformer, vae=tiny_vae(),
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embeds(pipe, seed: int = 1, seq: int = 6, negative: bool = False):
+    """Prompt embeddings (the pipeline has no text encoders). Negative ones only for true CFG."""
+    g = torch.Generator().manual_seed(seed)
+    c = pipe.transformer.config
+    mask = torch.ones(1, seq)
+    mask[:, seq - 2:] = 0  # padded text tokens, as real prompts have
+    out = dict(prompt_embeds=torch.randn(1, seq, c.text_embed_dim, generator=g),
+               pooled_prompt_embeds=torch.randn(1, c.pooled_projection_dim, generator=g),
+               prompt_attention_mask=mask)
+    if negative:
+        out.update(negative_prompt_embeds=torch.randn(1, seq, c.text_embed_dim, generator=g),
+                   negative_pooled_prompt_embeds=torch.randn(1, c.pooled_projection_dim, generator=g),
+                   negative_prompt_attention_mask=torch.ones(1, seq))
+    return out
+
+
+def run(pipe, steps: int = 10, height: int = 32, width: int = 32, frames: int = 9, true_cfg: float = 1.0,
+        guidance: float = 6.0, seed: int = 0, prompt_seed: int = 1) -> torch.Tensor:
+    """Final latents of one generation: distilled (embedded guidance only) or, with ``true_cfg > 1``, two
+    branches per step."""
+    out = pipe(height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+               true_cfg_scale=true_cfg, generator=torch.Generator().manual_seed(seed), output_type="latent",
+               **embeds(pipe, seed=prompt_seed, negative=true_cfg > 1))
+    return out.frames
+
+
+# ------------------------------------------------------------------------------------------ counting work
+class BlockWork:
+    """Per transformer call: how many ``nn.Linear`` calls ran inside the block stacks (and in the whole model).
+
+    ``exclude`` names Linear modules (by qualified name) not to count as block work: TeaCache's signal is block
+    0's modulation, which the method evaluates on every pass by design (the reference does the same).
+    """
+
+    def __init__(self, model: nn.Module, stacks: tuple[str, ...], exclude: tuple[str, ...] = ()):
+        self.block: list[int] = []
+        self.total: list[int] = []
+        self.handles = [model.register_forward_pre_hook(self._start)]
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                in_stack = name.split(".")[0] in stacks and name not in exclude
+                self.handles.append(module.register_forward_pre_hook(self._count(in_stack)))
+
+    def _start(self, *_):
+        self.block.append(0)
+        self.total.append(0)
+
+    def _count(self, in_stack: bool):
+        def hook(*_):
+            if self.block:
+                self.total[-1] += 1
+                if in_stack:
+                    self.block[-1] += 1
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+DIFFUSERS_STACKS = ("transformer_blocks", "single_transformer_blocks")
+OFFICIAL_STACKS = ("double_blocks", "single_blocks")
+
+
+# ------------------------------------------------------------------------------------------------ upstream
+UPSTREAM_ENV = "HUNYUANVIDEO_REPO"
+SKIP_REASON = (f"set {UPSTREAM_ENV} to the root of a Tencent/HunyuanVideo checkout to run the official-repo "
+               f"tests (checked against fa14b001c18f37191c938a9ef6baad3b9b472759)")
+
+
+def upstream_repo() -> Path | None:
+    root = os.environ.get(UPSTREAM_ENV)
+    if not root or not (Path(root) / "hyvideo" / "modules" / "models.py").is_file():
+        return None
+    return Path(root)
+
+
+def require_upstream() -> Path:
+    root = upstream_repo()
+    if root is None:
+        pytest.skip(SKIP_REASON)
+    missing = [m for m in ("einops", "loguru") if _missing(m)]
+    if missing:
+        pytest.skip(f"upstream HunyuanVideo needs {', '.join(missing)} (pip install {' '.join(missing)})")
+    return root
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is None
+
+
+def flash_varlen_sdpa(q, k, v, cu_q, cu_k, max_q=None, max_k=None, dropout_p=0.0, softmax_scale=None,
+                      causal=False, **_):
+    """CPU stand-in for flash_attn_varlen_func: q/k/v [total, heads, dim], attention per cu_seqlens segment."""
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if b > a:
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), dropout_p=dropout_p,
+                scale=softmax_scale, is_causal=causal).transpose(0, 1)
+    return out
+
+
+def get_cu_seqlens_cpu(text_mask, img_len):
+    """Upstream's get_cu_seqlens arithmetic, on the mask's device instead of a hard-coded "cuda"."""
+    batch_size = text_mask.shape[0]
+    text_len = text_mask.sum(dim=1)
+    max_len = text_mask.shape[1] + img_len
+    cu_seqlens = torch.zeros([2 * batch_size + 1], dtype=torch.int32, device=text_mask.device)
+    for i in range(batch_size):
+        cu_seqlens[2 * i + 1] = i * max_len + text_len[i] + img_len
+        cu_seqlens[2 * i + 2] = (i + 1) * max_len
+    return cu_seqlens
+
+
+@contextlib.contextmanager
+def upstream_on_cpu(root: Path):
+    """Import upstream with its two CUDA-only attention pieces replaced by CPU equivalents (upstream-cpu.md §1),
+    and undo both afterwards."""
+    sys.path.insert(0, str(root))
+    try:
+        import hyvideo.modules.attenion as hy_attn  # (sic) upstream's file name
+        saved = hy_attn.flash_attn_varlen_func, hy_attn.get_cu_seqlens.__code__
+        hy_attn.flash_attn_varlen_func = flash_varlen_sdpa
+        # In place, because models.py imported the function object itself.
+        hy_attn.get_cu_seqlens.__code__ = get_cu_seqlens_cpu.__code__
+        try:
+            yield
+        finally:
+            hy_attn.flash_attn_varlen_func, hy_attn.get_cu_seqlens.__code__ = saved
+    finally:
+        sys.path.remove(str(root))
+
+
+TEXT_DIM, TEXT_DIM_2, TEXT_LEN = 32, 24, 7
+TINY_UPSTREAM = dict(patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=64, heads_num=4,
+                     mlp_width_ratio=2.0, mm_double_blocks_depth=2, mm_single_blocks_depth=2, rope_dim_list=[4, 6, 6],
+                     guidance_embed=True)
+
+
+def build_upstream_model(seed: int = 0):
+    """A tiny HYVideoDiffusionTransformer with every parameter perturbed: upstream zero-initialises the
+    modulation and final layers, and a model that outputs exact zeros makes every comparison pass."""
+    from hyvideo.modules.models import HYVideoDiffusionTransformer
+    torch.manual_seed(seed)
+    model = HYVideoDiffusionTransformer(types.SimpleNamespace(text_states_dim=TEXT_DIM, text_states_dim_2=TEXT_DIM_2),
+                                        dtype=torch.float32, device="cpu", **TINY_UPSTREAM).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+class StubTextEncoder(nn.Module):
+    """Stands in for upstream's TextEncoder (LLM, or CLIP-L when ``seq`` is None): deterministic per prompt."""
+
+    def __init__(self, dim: int, seq: int | None):
+        super().__init__()
+        self.dim, self.seq = dim, seq
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def text2tokens(self, text, data_type="video"):
+        return text
+
+    def encode(self, tokens, data_type="video", device=None, **kwargs):
+        from hyvideo.text_encoder import TextEncoderModelOutput
+        g = torch.Generator().manual_seed(sum(map(len, tokens)))
+        if self.seq is None:
+            return TextEncoderModelOutput(hidden_state=torch.randn(len(tokens), self.dim, generator=g))
+        mask = torch.ones(len(tokens), self.seq, dtype=torch.long)
+        mask[:, 5:] = 0
+        return TextEncoderModelOutput(hidden_state=torch.randn(len(tokens), self.seq, self.dim, generator=g),
+                                      attention_mask=mask)
+
+
+class StubVAE(nn.Module):
+    config = types.SimpleNamespace(block_out_channels=[1, 1, 1, 1], scaling_factor=0.476986, shift_factor=None)
+    dtype, device = torch.float32, torch.device("cpu")
+
+    def enable_tiling(self):
+        pass
+
+    def decode(self, z, return_dict=False, generator=None):
+        return (z[:, :3],)
+
+
+def build_sampler(args, model):
+    """Upstream's HunyuanVideoSampler around ``model``, with stub encoders and VAE (its __init__ loads nothing)."""
+    from hyvideo.inference import HunyuanVideoSampler
+    return HunyuanVideoSampler(args, vae=StubVAE(), vae_kwargs={"s_ratio": 8, "t_ratio": 4},
+                               text_encoder=StubTextEncoder(TEXT_DIM, TEXT_LEN),
+                               text_encoder_2=StubTextEncoder(TEXT_DIM_2, None), model=model,
+                               use_cpu_offload=False, device="cpu",
+                               parallel_args={"ulysses_degree": args.ulysses_degree,
+                                              "ring_degree": args.ring_degree})
+
+
+def tiny_argv(*extra: str, steps: int = 8, size: int = 64, frames: int = 9) -> list[str]:
+    """Flags of a tiny run: the published command's shape, at a size a CPU runs in milliseconds."""
+    return ["--video-size", str(size), str(size), "--video-length", str(frames), "--infer-steps", str(steps),
+            "--prompt", "A cat walks on the grass, realistic style.", "--flow-reverse", "--precision", "fp32",
+            "--seed", "0", "--text-states-dim", str(TEXT_DIM), "--text-states-dim-2", str(TEXT_DIM_2), *extra]
+
+
+class Calls:
+    """Every output of a model's forward, in call order (a forward hook, outside any cache wrapper)."""
+
+    def __init__(self, model: nn.Module, key=None):
+        self.outputs: list[torch.Tensor] = []
+        self.key = key or (lambda out: out["x"] if isinstance(out, dict) else (out[0] if isinstance(out, tuple)
+                                                                                 else out.sample))
+        self.handle = model.register_forward_hook(lambda m, a, out: self.outputs.append(self.key(out).clone()))
+
+    def remove(self):
+        self.handle.remove()

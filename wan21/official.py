@@ -1,0 +1,285 @@
+"""Upstream Wan2.1 (``wan.modules.model.WanModel``, the official Wan-Video/Wan2.1 repo): where its blocks are,
+where each signal lives, how its sampler calls it.
+
+Upstream's forward takes ``x`` as a *list* of ``[C, F, H, W]`` latents (the batch is the list) and returns a list.
+For I2V it concatenates the image condition ``y`` onto ``x`` inside the forward, so the ``x`` the sampler passes
+is already the 16-channel latent EasyCache's ``v - x`` needs. The TeaCache signal is the timestep embedding
+``e = time_embedding(...)``, or with ``use_ret_steps`` its projection ``e0 = time_projection(e)`` (TC-WAN:520),
+taken from those modules' outputs with forward hooks.
+
+The sampler (``WanT2V`` / ``WanI2V`` / ``WanFLF2V``) calls the model once with ``**arg_c`` and once with
+``**arg_null`` per step; each dict holds one ``context`` list for the whole generation. The branch of a call is
+therefore named by *which* context list it got, never by call parity.
+
+:func:`attach` installs a method on a sampler instance: on the ``WanModel`` itself (inside an FSDP wrapper when
+``--dit_fsdp`` wrapped it, after any instance-level USP forward), and an instance-level ``generate`` wrapper that
+tells the cache where each generation starts and how many steps it has. Nothing is set on a class.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..patching import first_arg_io, install_stack
+from ..profiles import match_profiles
+
+FAMILY = "wan2.1"
+VAE_SPATIAL_SCALE = 8  # Wan's VAE downsamples height and width by 8
+BRANCH_NAMES = ("cond", "uncond")
+# Upstream WanModel config names -> the names profiles use (diffusers' WanTransformer3DModel config).
+PROFILE_CONFIG_KEYS = {"num_layers": "num_layers", "num_heads": "num_attention_heads", "in_dim": "in_channels"}
+
+
+def _x_of(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return args[0] if args else kwargs["x"]
+
+
+def _context_of(args: tuple, kwargs: dict):
+    return args[2] if len(args) > 2 else kwargs.get("context")
+
+
+def stack_latents(latents) -> torch.Tensor:
+    """One tensor for a list of latents: stacked when they share a shape (upstream's batch of one always does),
+    else their flattened concatenation."""
+    latents = list(latents)
+    if all(u.shape == latents[0].shape for u in latents):
+        return torch.stack(latents)
+    return torch.cat([u.reshape(-1) for u in latents])
+
+
+def unstack_latents(tensor: torch.Tensor, like) -> list[torch.Tensor]:
+    like = list(like)
+    if tensor.dim() == like[0].dim() + 1 and tensor.shape[0] == len(like):
+        return list(tensor.unbind(0))
+    out, offset = [], 0
+    for u in like:
+        out.append(tensor[offset:offset + u.numel()].view(u.shape))
+        offset += u.numel()
+    return out
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The loaded model's identifying config, under the names profiles use."""
+    config = getattr(model, "config", None) or {}
+    get = config.get if hasattr(config, "get") else (lambda k: getattr(config, k, None))
+    return {ours: get(theirs) if get(theirs) is not None else getattr(model, theirs, None)
+            for theirs, ours in PROFILE_CONFIG_KEYS.items()}
+
+
+class ContextBranches:
+    """Names CFG branches by the identity of the ``context`` list a call got: the first list seen in a generation
+    is "cond", the second "uncond" (upstream always calls cond first within a step).
+
+    A third distinct list can only come from a new generation that nobody announced (the model driven without
+    :func:`attach`'s ``generate`` wrapper), so it starts the naming again.
+    """
+
+    def __init__(self):
+        self._seen: list[Any] = []  # the list objects themselves, not ids: an id can be reused once freed
+
+    def reset(self) -> None:
+        self._seen = []
+
+    def name(self, context) -> str:
+        for index, seen in enumerate(self._seen):
+            if seen is context:
+                return BRANCH_NAMES[index]
+        if len(self._seen) == len(BRANCH_NAMES):
+            self._seen = []
+        self._seen.append(context)
+        return BRANCH_NAMES[len(self._seen) - 1]
+
+
+class WanOfficialAdapter:
+    family = FAMILY
+    block_io = first_arg_io("x")
+
+    def __init__(self):
+        self.branches = ContextBranches()
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        missing = [n for n in ("blocks", "time_embedding", "time_projection", "patch_embedding", "head")
+                   if not hasattr(model, n)]
+        if missing:
+            raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not Wan2.1's WanModel (no "
+                            f"{', '.join(missing)}); the upstream-Wan2.1 adapter cannot patch it")
+
+    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+        self.check(model)
+        install_stack(patch, runner_of, model.blocks, self.block_io)
+        if method != "teacache":
+            return
+
+        def capture(wanted: str):
+            def hook(module, inputs, output):
+                runner = runner_of()
+                if runner is not None and runner.current is not None and signal_name() == wanted:
+                    runner.current.signal_tensor = output
+            return hook
+
+        # e0 is `time_projection(e).unflatten(...)`: the module's output holds the same values before the reshape.
+        patch.hook(model.time_embedding.register_forward_hook(capture("temb")))
+        patch.hook(model.time_projection.register_forward_hook(capture("timestep_proj")))
+
+    def start_generation(self) -> None:
+        self.branches.reset()
+
+    def branch_of(self, model, args: tuple, kwargs: dict) -> str:
+        return self.branches.name(_context_of(args, kwargs))
+
+    def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
+        return stack_latents(_x_of(args, kwargs))
+
+    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
+        latent = _x_of(args, kwargs)[0]
+        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
+
+    def output_latent(self, output: Any) -> torch.Tensor:
+        return stack_latents(output)
+
+    def build_output(self, model, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        return [u.float() for u in unstack_latents(latent, _x_of(args, kwargs))]
+
+    def describe_config(self, model) -> dict[str, Any]:
+        return {**model_config(model), "model_type": getattr(model, "model_type", None)}
+
+    def detect_profiles(self, model):
+        return match_profiles(self.family, model_config(model), type(model).__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The WanModel inside an FSDP wrapper (FSDP.forward calls ``self._fsdp_wrapped_module(...)``, so an
+    instance-level forward on the inner model is what runs)."""
+    inner = model
+    while type(inner).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel") and \
+            hasattr(inner, "module"):
+        inner = inner.module
+    return inner
+
+
+def _sync(tensors) -> None:
+    first = tensors[0] if isinstance(tensors, (list, tuple)) and tensors else tensors
+    if isinstance(first, torch.Tensor) and first.is_cuda:
+        torch.cuda.synchronize(first.device)
+
+
+@dataclass
+class GenerationRecord:
+    steps: int
+    dit_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    dit_calls: int = 0
+    pixel_size: tuple[int, int] | None = None
+
+
+@dataclass
+class Attachment:
+    """What :func:`attach` installed on one sampler; :meth:`remove` takes it all off again."""
+
+    sampler: Any
+    model: nn.Module  # the WanModel (inside any FSDP wrapper)
+    cached: Any = None  # stepcache.api.CachedModel, or None for an uncached or calibration run
+    recorder: Any = None  # calibration_io.ResidualRatioRecorder during --magcache_calibration
+    adapter: WanOfficialAdapter = field(default_factory=WanOfficialAdapter)
+    generations: list[GenerationRecord] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list)
+    _original_generate: Any = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._original_generate is not None and self.sampler.__dict__.get("generate") is not None:
+            del self.sampler.generate
+            self._original_generate = None
+        if self.recorder is not None:
+            self.recorder.remove()
+        if self.cached is not None:
+            import stepcache
+            stepcache.disable(self.model)
+            self.cached = None
+
+
+def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
+           calibrate: bool = False, reduce_mean=None) -> Attachment:
+    """Install ``method`` (or nothing, or the calibration recorder) on an upstream sampler instance.
+
+    ``sampler`` is a ``WanT2V`` / ``WanI2V`` / ``WanFLF2V`` whose ``model`` is a ``WanModel`` or an FSDP wrapper
+    of one. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
+    ``reduce_mean`` makes the runner's input-dependent signals the mean over all ranks, so that every rank
+    takes the same decision (a rank that skipped a block while another ran it would hang FSDP's collectives).
+    """
+    if method is not None and calibrate:
+        raise ValueError("calibration runs uncached; do not combine it with a method")
+    outer = sampler.model
+    model = unwrap(outer)
+    WanOfficialAdapter.check(model)
+    attachment = Attachment(sampler, model)
+    if method is not None:
+        import stepcache
+        attachment.cached = stepcache.enable(model, method, profile=profile, **(params or {}))
+        attachment.adapter = attachment.cached.adapter
+        if reduce_mean is not None and attachment.cached.runner is not None:
+            attachment.cached.runner.reduce_mean = reduce_mean
+    if calibrate:
+        from ..calibration_io import ResidualRatioRecorder
+        adapter = attachment.adapter
+        attachment.recorder = ResidualRatioRecorder(
+            model, model.blocks, adapter.block_io, lambda a, k: adapter.branch_of(model, a, k)).install()
+
+    clock = {"start": None}
+
+    def before(module, args, kwargs):
+        if not attachment.generations:
+            return
+        x = _x_of(args, kwargs)
+        record = attachment.generations[-1]
+        if record.pixel_size is None:
+            record.pixel_size = attachment.adapter.pixel_size(model, args, kwargs)
+        _sync(x)
+        clock["start"] = time.perf_counter()
+
+    def after(module, args, kwargs, output):
+        if clock["start"] is None:
+            return
+        _sync(output)
+        record = attachment.generations[-1]
+        record.dit_seconds += time.perf_counter() - clock["start"]
+        record.dit_calls += 1
+        clock["start"] = None
+
+    attachment._handles.append(outer.register_forward_pre_hook(before, with_kwargs=True))
+    attachment._handles.append(outer.register_forward_hook(after, with_kwargs=True))
+
+    original = sampler.generate
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        steps = int(bound.arguments["sampling_steps"])
+        record = GenerationRecord(steps)
+        attachment.generations.append(record)
+        attachment.adapter.start_generation()
+        if attachment.cached is not None:
+            attachment.cached.start_generation(steps)
+        if attachment.recorder is not None:
+            attachment.recorder.start_generation()
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            record.generate_seconds = time.perf_counter() - start
+            attachment.adapter.start_generation()  # drop the context lists it holds
+
+    sampler.generate = generate
+    attachment._original_generate = original
+    return attachment

@@ -1,0 +1,542 @@
+"""The one implementation behind ``magcache_generate.py``, ``teacache_generate.py`` and ``easycache_generate.py``.
+
+Each of those scripts is copied into the root of an upstream Wan-Video/Wan2.1 checkout and run with the command
+lines the method's authors published. Everything that is not a cache flag goes to upstream's own ``generate.py``:
+its argument parser and checks (``_parse_args``), its ``generate(args)`` (pipelines, prompts, saving the video)
+and its samplers' ``generate()`` run unchanged. The cache goes on the sampler *instance* the moment upstream builds
+it: on its ``WanModel`` (inside FSDP's wrapper, after any USP forward), plus an instance-level ``generate`` that
+announces each generation and its step count.
+
+The cache flags keep the published scripts' names and defaults, so that their commands behave as published:
+
+* MagCache: ``--use_magcache --magcache_thresh 0.12 --magcache_K 2 --retention_ratio 0.2 --magcache_calibration``
+* TeaCache: ``--teacache_thresh 0.2 --use_ret_steps`` (always on, as in the published script)
+* EasyCache: ``--thresh 0.05 --ret_steps 10`` (always on; the published script parses ``--ret_steps`` but
+  hard-codes 10 steps, this one honours it)
+
+plus ``--cache_profile NAME_OR_FILE``, ``--cache_stats PATH`` and (MagCache) ``--calibration_file PATH``. Every
+value is checked before a model loads; a wrong one stops the script with a message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..methods import resolve_method
+from ..policies import ParameterError
+from ..profiles import Profile, ProfileError, load_profile
+from .official import FAMILY, model_config
+
+METHODS = ("magcache", "teacache", "easycache")
+SAMPLERS = ("WanT2V", "WanI2V", "WanFLF2V")
+# Shipped tables per (task kind, model size); I2V has one per resolution, chosen by the requested size.
+DEFAULT_PROFILES = {
+    ("t2v", "1.3b"): ["wan2.1-t2v-1.3b"],
+    ("t2v", "14b"): ["wan2.1-t2v-14b"],
+    ("i2v", "14b"): ["wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"],
+}
+# The published scripts' CLI defaults when --use_magcache is given without values (MC-WAN _parse_args).
+MAGCACHE_CLI_DEFAULTS = {"thresh": 0.12, "K": 2, "retention_ratio": 0.2}
+EASYCACHE_UNUSED = {"alpha": 0.0, "beta": 1.0}
+
+
+class PlanError(ValueError):
+    """A flag combination that cannot run. The message says which flags and what to do instead."""
+
+
+# ------------------------------------------------------------------------------------------------------- flags
+def build_parser(method: str) -> argparse.ArgumentParser:
+    """The cache flags of one script. Upstream's parser gets everything else."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    parser = argparse.ArgumentParser(prog=f"{method}_generate.py", add_help=False, allow_abbrev=False,
+                                     description=f"{method} options (stepcache)")
+    group = parser.add_argument_group(f"{method} (stepcache; names and defaults as in the published script)")
+    if method == "magcache":
+        group.add_argument("--magcache_thresh", type=float, default=0.12,
+                           help="the upper bound of the accumulated magnitude error (default 0.12)")
+        group.add_argument("--retention_ratio", type=float, default=0.2,
+                           help="fraction of the passes always computed at the start (default 0.2)")
+        group.add_argument("--magcache_K", type=int, default=2,
+                           help="at most this many passes in a row reuse the cache (default 2)")
+        group.add_argument("--use_magcache", action="store_true", default=False,
+                           help="use MagCache (without it and without --magcache_calibration the run is uncached)")
+        group.add_argument("--magcache_calibration", action="store_true", default=False,
+                           help="run uncached, measure the magnitude ratios and write them as a profile file "
+                                "(see --calibration_file) for --cache_profile")
+        group.add_argument("--calibration_file", default=None, metavar="PATH",
+                           help="where --magcache_calibration writes the profile (.json; default: next to the "
+                                "video, <video>.magcache-profile.json)")
+    elif method == "teacache":
+        group.add_argument("--teacache_thresh", type=float, default=0.2,
+                           help="accumulated rescaled relative-L1 budget (default 0.2; the published tables list "
+                                "values per model)")
+        group.add_argument("--use_ret_steps", action="store_true", default=False,
+                           help="the published retention-steps variant: e0 as signal, 5 warm-up steps, no forced "
+                                "last step")
+    else:
+        group.add_argument("--thresh", type=float, default=0.05,
+                           help="accumulated transformation-rate budget, a fraction: 0.05 is 5%% (default 0.05)")
+        group.add_argument("--ret_steps", type=int, default=10,
+                           help="steps always computed at the start (default 10; honoured here, unlike in the "
+                                "published script, which hard-codes 10)")
+        group.add_argument("--alpha", type=float, default=EASYCACHE_UNUSED["alpha"],
+                           help="parsed by the published script but never used; only the default is accepted")
+        group.add_argument("--beta", type=float, default=EASYCACHE_UNUSED["beta"],
+                           help="parsed by the published script but never used; only the default is accepted")
+        group.add_argument("--start_idx", type=int, default=0, help="accepted for compatibility; unused")
+        group.add_argument("--end_idx", type=int, default=946, help="accepted for compatibility; unused")
+        group.add_argument("--out_dir", type=str, default="./output", help="accepted for compatibility; unused "
+                                                                          "(stats go next to the video)")
+    group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
+                       help="a shipped profile name (`stepcache profiles`) or a profile file, e.g. one written by "
+                            "--magcache_calibration (default: chosen from --task and --size)")
+    group.add_argument("--cache_stats", default=None, metavar="PATH",
+                       help="where to write the run's stats as JSON (default: next to the video, "
+                            "<video>.stats.json)")
+    return parser
+
+
+def split_argv(method: str, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(cache flags, the rest for upstream's parser). Only exact flag names are taken (no abbreviations), so
+    upstream's flags and their abbreviations reach upstream's parser untouched."""
+    parser = build_parser(method)
+    try:
+        ours, rest = parser.parse_known_args(argv)
+    except SystemExit as exc:  # a cache flag with a malformed value; argparse printed why
+        raise PlanError("invalid cache flag value (see above)") from exc
+    return ours, rest
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    method: str | None
+    profile: Profile | None
+    params: dict[str, Any]
+    calibrate: bool = False
+    base_profile: Profile | None = None  # the shipped profile a calibrated file copies its other tables from
+    notes: list[str] = field(default_factory=list)
+    stats_path: str | None = None
+    calibration_file: str | None = None
+
+
+def task_kind(task: str) -> str:
+    kind = task.split("-")[0]
+    return "t2v" if kind == "t2i" else kind  # t2i-14B is the T2V-14B model run for one frame
+
+
+def model_tag(task: str) -> str:
+    return task.split("-", 1)[1].lower() if "-" in task else task.lower()
+
+
+def expected_config(task: str, wan_configs) -> dict[str, Any]:
+    """What a profile for ``task`` must have been measured on, from upstream's config for the task."""
+    cfg = wan_configs[task]
+    kind = task_kind(task)
+    return {"num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "in_channels": 36 if kind in ("i2v", "flf2v") else 16}
+
+
+def pixel_size(size: str, size_configs) -> tuple[int, int]:
+    width, height = size_configs[size]
+    return height, width
+
+
+def _nearest(names: list[str], height: int, width: int) -> Profile:
+    profiles = [load_profile(n) for n in names]
+    return min(profiles, key=lambda p: abs(p.resolution[0] * p.resolution[1] - height * width))
+
+
+def default_profile(task: str, size: str, size_configs) -> Profile | None:
+    names = DEFAULT_PROFILES.get((task_kind(task), model_tag(task)))
+    if not names:
+        return None
+    return _nearest(names, *pixel_size(size, size_configs))
+
+
+def check_profile_fits(profile: Profile, task: str, wan_configs) -> None:
+    model = profile.data.get("model", {})
+    if profile.family and profile.family != FAMILY:
+        raise PlanError(f"--cache_profile {profile.name!r} is for {profile.family!r} models, not Wan2.1")
+    kind, theirs = task_kind(task), model.get("task")
+    if theirs and theirs != kind:
+        raise PlanError(f"--cache_profile {profile.name!r} was measured on a Wan2.1 {theirs.upper()} model, but "
+                        f"--task {task} runs {kind.upper()}; use a {kind.upper()} profile (default for this task: "
+                        f"leave --cache_profile out) or calibrate one with magcache_generate.py "
+                        f"--magcache_calibration")
+    wanted = expected_config(task, wan_configs)
+    wrong = {k: (v, wanted[k]) for k, v in model.get("config", {}).items() if k in wanted and wanted[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k}={a} (--task {task} has {b})" for k, (a, b) in wrong.items())
+        raise PlanError(f"--cache_profile {profile.name!r} was measured on another model: {detail}")
+
+
+def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, upstream) -> Plan:
+    """Check every cache flag against upstream's parsed ``args``; nothing is loaded. Raises :class:`PlanError`."""
+    task, size = args.task, args.size
+    kind = task_kind(task)
+    notes: list[str] = []
+    calibrate = method == "magcache" and ours.magcache_calibration
+    active: str | None = method
+    if method == "magcache":
+        if ours.use_magcache and calibrate:
+            raise PlanError("--use_magcache and --magcache_calibration exclude each other: calibrate first (an "
+                            "uncached run that writes a profile), then run --use_magcache --cache_profile FILE")
+        if ours.calibration_file and not calibrate:
+            raise PlanError("--calibration_file is where --magcache_calibration writes its profile; add "
+                            "--magcache_calibration, or use a calibrated file with --cache_profile")
+        if calibrate and ours.cache_profile:
+            raise PlanError("--magcache_calibration measures a new table and does not read --cache_profile; name "
+                            "the file it writes with --calibration_file")
+        if not ours.use_magcache:
+            active = None
+            if ours.cache_profile and not calibrate:
+                raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
+            if not calibrate:
+                notes.append("neither --use_magcache nor --magcache_calibration: this run is uncached (as with the "
+                             "published script); its DiT time is still reported")
+    if kind == "vace" and (active or calibrate):
+        raise PlanError(f"--task {task} runs VaceWanModel, whose VACE blocks these scripts do not patch; caching "
+                        f"and calibration cover t2v, t2i, i2v and flf2v")
+
+    # Inputs upstream would otherwise replace by its example files or fail on after loading the models.
+    if kind == "i2v":
+        if not args.image:
+            raise PlanError(f"--task {task} needs --image PATH (the first frame of the video)")
+        if not os.path.isfile(args.image):
+            raise PlanError(f"--image {args.image!r} does not exist")
+    if kind == "flf2v":
+        for flag in ("first_frame", "last_frame"):
+            value = getattr(args, flag, None)
+            if not value:
+                raise PlanError(f"--task {task} needs --{flag} PATH")
+            if not os.path.isfile(value):
+                raise PlanError(f"--{flag} {value!r} does not exist")
+    if (active or calibrate) and (args.sample_steps is None or args.sample_steps < 2):
+        raise PlanError(f"--sample_steps {args.sample_steps} is too few; caching needs at least 2 steps")
+    for flag in ("cache_stats", "calibration_file"):
+        value = getattr(ours, flag, None)
+        if value and not value.endswith(".json"):
+            raise PlanError(f"--{flag} {value!r} must be a .json file")
+
+    height, width = pixel_size(size, upstream.SIZE_CONFIGS)
+    base = None
+    if kind != "vace":
+        base = default_profile(task, size, upstream.SIZE_CONFIGS)
+    profile = None
+    if active:
+        if ours.cache_profile:
+            try:
+                profile = load_profile(ours.cache_profile)
+            except ProfileError as exc:
+                raise PlanError(f"--cache_profile: {exc}") from exc
+            check_profile_fits(profile, task, upstream.WAN_CONFIGS)
+            if not profile.has(active):
+                have = [m for m in METHODS if profile.has(m)]
+                raise PlanError(f"--cache_profile {profile.name!r} has no {active} table (it has: "
+                                f"{', '.join(have) or 'none'})")
+        elif base is None:
+            raise PlanError(f"no published {active} table for --task {task}; calibrate one with "
+                            f"magcache_generate.py --magcache_calibration and pass the file with --cache_profile")
+        else:
+            profile = base
+            if task.startswith("t2i"):
+                notes.append(f"--task {task} runs the T2V-14B model for one frame; profile {profile.name} was "
+                             f"measured on videos")
+        if profile.resolution:
+            ph, pw = profile.resolution
+            if ph * pw != height * width:
+                notes.append(f"profile {profile.name} was measured at {pw}*{ph}; this run is {width}*{height}")
+    params = _method_params(method, active, ours, profile, args.sample_steps, notes) if active else {}
+    if method == "easycache" and active:
+        for flag, default in EASYCACHE_UNUSED.items():
+            if getattr(ours, flag) != default:
+                raise PlanError(f"--{flag} is parsed but never used by the published EasyCache code, and stepcache "
+                                f"does not implement it; leave it out")
+        if (ours.start_idx, ours.end_idx, ours.out_dir) != (0, 946, "./output"):
+            notes.append("--start_idx, --end_idx and --out_dir are accepted for compatibility and unused")
+    if calibrate:
+        notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
+                     "block-stack residuals per CFG branch and step")
+    return Plan(active, profile, params, calibrate, base, notes, ours.cache_stats,
+                getattr(ours, "calibration_file", None))
+
+
+def _method_params(method: str, active: str, ours, profile: Profile, steps: int, notes: list[str]) -> dict:
+    if method == "magcache":
+        params = {"thresh": ours.magcache_thresh, "K": ours.magcache_K, "retention_ratio": ours.retention_ratio}
+    elif method == "teacache":
+        params = {"thresh": ours.teacache_thresh, "variant": "use_ret_steps" if ours.use_ret_steps else "default"}
+    else:
+        params = {"thresh": ours.thresh, "warmup_steps": ours.ret_steps}
+        if ours.ret_steps >= steps:
+            raise PlanError(f"--ret_steps {ours.ret_steps} covers all {steps} sampling steps, so nothing could be "
+                            f"reused; use fewer than --sample_steps")
+    try:
+        config = resolve_method(active, profile, None, **params)
+        if active == "magcache":
+            for branch in profile.magcache_branches():
+                config.make_policy(branch, steps)
+    except (ParameterError, ProfileError) as exc:
+        raise PlanError(f"{_flag_names(method)}: {exc}") from exc
+    if active == "magcache":
+        table_steps = int(profile.method("magcache")["steps"])
+        if table_steps != steps:
+            notes.append(f"profile {profile.name}'s MagCache table has {table_steps} steps; this run has {steps}: "
+                         f"resampled per branch by nearest index, as the reference does (it resamples the ratios "
+                         f"rather than compounding them, so it under-estimates the drift for fewer steps). For an "
+                         f"exact table run magcache_generate.py --magcache_calibration --sample_steps {steps}")
+    return params
+
+
+def _flag_names(method: str) -> str:
+    return {"magcache": "--magcache_thresh/--magcache_K/--retention_ratio", "teacache": "--teacache_thresh",
+            "easycache": "--thresh/--ret_steps"}[method]
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def import_upstream(name: str = "generate"):
+    """Upstream's ``generate.py``: this script must sit next to it, in the root of a Wan2.1 checkout."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) != name:
+            raise
+        raise PlanError("upstream Wan2.1's generate.py is not importable: copy this script into the root of a "
+                        "Wan-Video/Wan2.1 checkout and run it from there") from exc
+    if not all(hasattr(module, n) for n in ("_parse_args", "generate", "wan", "WAN_CONFIGS", "SIZE_CONFIGS")):
+        raise PlanError(f"{getattr(module, '__file__', name)} is not upstream Wan2.1's generate.py: copy this script "
+                        f"into the root of a Wan-Video/Wan2.1 checkout")
+    return module
+
+
+def upstream_args(upstream, prog: str, rest: list[str]) -> argparse.Namespace:
+    """Upstream's parser and checks, on everything that is not a cache flag (upstream reads sys.argv)."""
+    saved = sys.argv
+    sys.argv = [prog] + list(rest)
+    try:
+        return upstream._parse_args()
+    except AssertionError as exc:
+        raise PlanError(str(exc) or "upstream rejected the arguments") from exc
+    finally:
+        sys.argv = saved
+
+
+class Session:
+    """One run of upstream's generate(): installs the plan on each sampler upstream builds, then reports."""
+
+    def __init__(self, method: str, plan: Plan, args: argparse.Namespace, upstream):
+        self.script = method
+        self.plan = plan
+        self.args = args
+        self.upstream = upstream
+        self.attachments: list[Any] = []
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Upstream's generate() builds its sampler with ``wan.WanT2V(...)`` etc.; for the run those names return
+        the very same sampler, with the cache attached to that instance."""
+        wan = self.upstream.wan
+        saved = {name: wan.__dict__[name] for name in SAMPLERS if name in wan.__dict__}
+        for name, cls in saved.items():
+            setattr(wan, name, self._builder(cls))
+        try:
+            yield self
+        finally:
+            for name, cls in saved.items():
+                setattr(wan, name, cls)
+            for attachment in self.attachments:
+                attachment.remove()
+
+    def _builder(self, cls):
+        @functools.wraps(cls, updated=())
+        def build(*args, **kwargs):
+            sampler = cls(*args, **kwargs)
+            self.attach(sampler)
+            return sampler
+        return build
+
+    def attach(self, sampler):
+        from .official import attach
+        attachment = attach(sampler, self.plan.method, self.plan.profile, self.plan.params,
+                            calibrate=self.plan.calibrate, reduce_mean=_world_mean())
+        self.attachments.append(attachment)
+        profile = self.plan.profile
+        if profile is not None:
+            have = model_config(attachment.model)
+            wanted = profile.data.get("model", {}).get("config", {})
+            wrong = {k: (v, have.get(k)) for k, v in wanted.items() if have.get(k) is not None and have[k] != v}
+            if wrong:
+                warnings.warn("stepcache: the checkpoint in --ckpt_dir is not the model profile "
+                              f"{profile.name} was measured on: " +
+                              ", ".join(f"{k}={b} (profile: {a})" for k, (a, b) in wrong.items()), stacklevel=2)
+        return attachment
+
+    # --------------------------------------------------------------------------------------------- reporting
+    def report(self) -> dict[str, Any] | None:
+        if int(os.getenv("RANK", "0")) != 0 or not self.attachments or not self.attachments[-1].generations:
+            return None
+        attachment = self.attachments[-1]
+        record = attachment.generations[-1]
+        args, plan = self.args, self.plan
+        video = getattr(args, "save_file", None)
+        stats: dict[str, Any] = {
+            "tool": f"stepcache {_version()}",
+            "script": f"{self.script}_generate.py",
+            "method": plan.method or ("magcache-calibration" if plan.calibrate else None),
+            "profile": plan.profile.name if plan.profile else None,
+            "profile_file": str(plan.profile.path) if plan.profile and plan.profile.path else None,
+            "params": plan.params,
+            "notes": plan.notes,
+            "video": video,
+            **{k: getattr(args, k, None) for k in ("task", "size", "frame_num", "sample_steps", "sample_solver",
+                                                   "sample_shift", "sample_guide_scale", "base_seed")},
+            "dit_seconds": record.dit_seconds,
+            "dit_calls": record.dit_calls,
+            "generate_seconds": record.generate_seconds,
+        }
+        if attachment.cached is not None:
+            stats.update(attachment.cached.stats.to_dict())
+            stats["method"] = plan.method
+            summary = attachment.cached.stats.summary()
+        else:
+            stats.update({"computed_passes": record.dit_calls, "total_passes": record.dit_calls,
+                          "ideal_speedup": 1.0, "pattern": "C" * record.dit_calls})
+            summary = f"uncached: computed {record.dit_calls}/{record.dit_calls} passes"
+        print(f"[stepcache] {summary}")
+        print(f"[stepcache] DiT forward time {record.dit_seconds:.2f} s over {record.dit_calls} transformer calls "
+              f"(generate() {record.generate_seconds:.2f} s)")
+        if plan.calibrate:
+            stats["calibration_file"] = self._write_calibration(attachment, record, video)
+        path = plan.stats_path or (os.path.splitext(video)[0] + ".stats.json" if video else None)
+        if path:
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(stats, handle, indent=1, default=str)
+                handle.write("\n")
+            stats["stats_file"] = path
+            print(f"[stepcache] stats written to {path}")
+        return stats
+
+    def _write_calibration(self, attachment, record, video: str | None) -> str:
+        from ..calibration_io import calibrated_source, magcache_profile_data, write_profile
+        args, plan = self.args, self.plan
+        recorder = attachment.recorder
+        steps = recorder.steps()
+        branches = list(recorder.order)
+        height, width = record.pixel_size
+        kind = task_kind(args.task)
+        base = plan.base_profile
+        base_mag = base.data.get("magcache") if base is not None and base.has("magcache") else None
+        defaults = dict(base_mag.get("defaults", MAGCACHE_CLI_DEFAULTS)) if base_mag else dict(MAGCACHE_CLI_DEFAULTS)
+        device = _device_name(attachment.model)
+        data = magcache_profile_data(
+            name=f"{FAMILY}-{kind}-{model_tag(args.task)}-{height}x{width}-{steps}steps-calibrated",
+            description=f"Wan2.1 {args.task}: MagCache table calibrated at {width}*{height}, {args.frame_num} frames, "
+                        f"{steps} steps ({args.sample_solver}, shift {args.sample_shift})",
+            model={"family": FAMILY, "task": kind, "resolution": [height, width],
+                   "config": model_config(attachment.model), "classes": ["WanTransformer3DModel", "WanModel"]},
+            recorder_or_ratios=recorder, branches=branches, steps=steps,
+            source=calibrated_source(where=device), defaults=defaults,
+            presets=base_mag.get("presets") if base_mag else None, base=base,
+            measured_on={**{k: getattr(args, k, None) for k in (
+                "task", "size", "frame_num", "sample_steps", "sample_solver", "sample_shift", "sample_guide_scale",
+                "base_seed", "prompt", "image", "ulysses_size", "ring_size", "dit_fsdp")},
+                "ckpt_dir": os.path.basename(os.path.normpath(args.ckpt_dir)) if args.ckpt_dir else None,
+                "pixel_size": [height, width], "device": device,
+                "world_size": int(os.getenv("WORLD_SIZE", "1")),
+                "upstream": _upstream_commit(self.upstream)})
+        path = plan.calibration_file or (os.path.splitext(video)[0] + ".magcache-profile.json" if video else
+                                         f"{data['name']}.json")
+        profile = write_profile(path, data)
+        print(f"[stepcache] wrote MagCache profile {profile.name} ({steps} steps x {len(branches)} branches) to "
+              f"{path}\n[stepcache] use it with: python magcache_generate.py ... --use_magcache --cache_profile "
+              f"{path}")
+        return path
+
+
+def _world_mean():
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    world = dist.get_world_size()
+
+    def mean(value):
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / world
+    return mean
+
+
+def _device_name(model) -> str:
+    import torch
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return "unknown"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _upstream_commit(upstream) -> str | None:
+    root = os.path.dirname(os.path.abspath(getattr(upstream, "__file__", "") or "."))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def main(method: str, argv: list[str] | None = None, upstream=None) -> int:
+    """Run one script: ``method`` is the script's method; ``argv`` defaults to ``sys.argv[1:]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"{method}_generate.py"
+    try:
+        upstream = upstream or import_upstream()
+        if "-h" in argv or "--help" in argv:
+            try:
+                upstream_args(upstream, prog, ["-h"])
+            except SystemExit:
+                pass
+            print()
+            print(build_parser(method).format_help())
+            return 0
+        ours, rest = split_argv(method, argv)
+        args = upstream_args(upstream, prog, rest)
+        plan = make_plan(method, ours, args, upstream)
+    except PlanError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    for note in plan.notes:
+        print(f"[stepcache] note: {note}")
+    if plan.method:
+        print(f"[stepcache] {plan.method} on profile {plan.profile.name}: "
+              + ", ".join(f"{k}={v}" for k, v in plan.params.items()))
+    session = Session(method, plan, args, upstream)
+    with session.installed():
+        upstream.generate(args)
+        session.report()
+    return 0
+
+
+def run_script(method: str) -> None:
+    """Entry point of the drop-in scripts."""
+    sys.exit(main(method))
+
