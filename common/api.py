@@ -20,8 +20,8 @@ from torch import nn
 from .methods import MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
-from .profiles import (Profile, ProfileError, check_profile_family, known_profiles, load_profile,
-                       nearest_by_resolution)
+from .profiles import (Profile, ProfileError, check_profile_family, choose_by_resolution, known_profiles,
+                       load_profile, warn_resolution)
 from .runner import CacheRunner, RunStats
 
 # Model class name -> "module:AdapterClass". Adapters are imported only for the model that needs them.
@@ -113,14 +113,16 @@ class CachedModel:
     """One model instance with a cache method installed."""
 
     def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile], preset: str | None,
-                 params: dict[str, Any], clock: StepClock):
+                 params: dict[str, Any], clock: StepClock, reduce_mean=None):
         self.model = model
         self.adapter = adapter
         self.method = method
         self.preset = preset
         self.params = params
         self.clock = clock
+        self.reduce_mean = reduce_mean
         self.candidates = profile if isinstance(profile, list) else None
+        self._picked_for: tuple[int, int] | None = None
         self.runner: CacheRunner | None = None
         self.config: MethodConfig | None = None
         # Stats outlive runner rebuilds, so that stats() reports every generation since enable().
@@ -131,22 +133,31 @@ class CachedModel:
             resolve_method(method, self.candidates[0], preset, **params)
         self.patch = InstalledPatch()
         clock.install(self.patch, model)
-        install_forward(self.patch, model, self._forward)
-        adapter.install(self.patch, model, lambda: self.runner, self.method, self._signal_name)
+        try:
+            install_forward(self.patch, model, self._forward)
+            adapter.install(self.patch, model, lambda: self.runner, self.method, self._signal_name)
+        except BaseException:
+            self.patch.restore()  # a half-installed cache must not stay on the model
+            raise
 
     def _signal_name(self) -> str | None:
         return self.config.teacache_signal if self.config else None
 
     def _build(self, profile: Profile) -> None:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
-        self.runner = CacheRunner(self.config)
+        self.runner = CacheRunner(self.config, reduce_mean=self.reduce_mean)
         self.runner.stats = self.stats
 
     def _forward(self, original, args, kwargs):
         latent = self.adapter.latent_of(self.model, args, kwargs)
-        if self.runner is None:
-            height, width = self.adapter.pixel_size(self.model, args, kwargs)
-            self._build(nearest_by_resolution(self.candidates, height, width))
+        if self.candidates is not None:
+            size = self.adapter.pixel_size(self.model, args, kwargs)
+            if size != self._picked_for:  # first pass, or a generation at another size: its own table
+                profile, warning = choose_by_resolution(self.candidates, *size, self.method)
+                warn_resolution(warning, stacklevel=4)
+                self._picked_for = size
+                if self.config is None or profile.name != self.config.profile.name:
+                    self._build(profile)
         branch_of = getattr(self.adapter, "branch_of", None)
         branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None)
         runner = self.runner
@@ -210,13 +221,16 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
 
 
 def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
-           num_steps: int | None = None, **params) -> CachedModel:
+           num_steps: int | None = None, reduce_mean=None, **params) -> CachedModel:
     """Install ``method`` ("teacache", "magcache" or "easycache") on a pipeline or transformer.
 
     ``profile`` is a shipped profile name or a profile file; without it the profile is matched on the model's
     config. ``preset`` picks one of the profile's published settings; keyword ``params`` override single values
     (``thresh``, ``K``, ``retention_ratio``, ``variant``, ``warmup_steps``, ...). Enabling again replaces the
     previous method. Raises before touching the model when any value is out of range.
+
+    ``reduce_mean(scalar_tensor) -> scalar_tensor`` averages a rank's input-dependent measurement over its
+    parallel group before any decision, so that every rank decides alike (see the multi-GPU section).
     """
     model, pipeline = _resolve_target(target)
     adapter = adapter_for(model)
@@ -225,7 +239,8 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     resolved = _profile_for(adapter, model, profile)
     if getattr(model, "_stepcache", None) is not None:
         disable(model)
-    cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps))
+    cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps),
+                         reduce_mean)
     model._stepcache = cached
     return cached
 

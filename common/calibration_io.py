@@ -175,6 +175,10 @@ def calibrated_source(when: _dt.datetime | None = None, where: str | None = None
     return f"{text} ({where})" if where else text
 
 
+# The MagCache decision rule a table is used with, and the released Wan code's choice of each.
+MAGCACHE_RULE = {"inclusive": False, "ratio_power": 1.0, "absolute_error": True}
+
+
 def magcache_profile_data(*, name: str, description: str, model: dict[str, Any], recorder_or_ratios,
                           branches: Sequence[str], steps: int, source: str, measured_on: dict[str, Any],
                           defaults: dict[str, Any], presets: dict[str, Any] | None = None,
@@ -182,9 +186,9 @@ def magcache_profile_data(*, name: str, description: str, model: dict[str, Any],
     """A profile dict holding a calibrated MagCache table.
 
     ``recorder_or_ratios`` is a :class:`ResidualRatioRecorder` after a run, or ``{branch: [RatioRecord, ...]}``.
-    The table uses the released reference's rule (``<`` threshold, ``|1 - prod(ratio)|``, no square root), as
-    every shipped Wan/HunyuanVideo table does. ``base``'s other method sections (TeaCache, EasyCache) are
-    copied, named as copied, so that the file serves every method for this model.
+    The table keeps the decision rule of ``base``'s MagCache table (HunyuanVideo's ``<=``, Wan's ``<``), or
+    without a base the released Wan rule (``<``, ``|1 - prod(ratio)|``, no square root). ``base``'s other method
+    sections (TeaCache, EasyCache) are copied, named as copied, so that the file serves every method.
     """
     if isinstance(recorder_or_ratios, ResidualRatioRecorder):
         records = {b: recorder_or_ratios.ratios(b) for b in branches}
@@ -195,6 +199,7 @@ def magcache_profile_data(*, name: str, description: str, model: dict[str, Any],
             raise ValueError(f"branch {b!r} has {len(records[b])} measured ratios; a {steps}-step run has "
                              f"{steps - 1} (every step after the first)")
     ratios = interleave_with_padding({b: [round(r.ratio, 5) for r in records[b]] for b in branches}, branches)
+    rule = base.data.get("magcache", {}) if base is not None else {}
     data: dict[str, Any] = {
         "format": FORMAT,
         "name": name,
@@ -204,9 +209,7 @@ def magcache_profile_data(*, name: str, description: str, model: dict[str, Any],
             "ratios": ratios,
             "steps": int(steps),
             "branches": list(branches),
-            "inclusive": False,
-            "ratio_power": 1.0,
-            "absolute_error": True,
+            **{key: rule.get(key, default) for key, default in MAGCACHE_RULE.items()},
             "source": source,
             "measured_on": measured_on,
             "std": interleave_with_padding({b: [round(r.std, 5) for r in records[b]] for b in branches},

@@ -15,7 +15,7 @@ from typing import Any
 
 from .methods import PARAMETERS, resolve_method
 from .policies import ParameterError
-from .profiles import ProfileError, load_profile, match_profiles, nearest_by_resolution
+from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
 
 # Pipeline class -> (model family, transformer class, what the guidance flag means for it)
 PIPELINES = {
@@ -114,7 +114,8 @@ def plan(args) -> dict[str, Any]:
         if not found:
             raise ProfileError(f"no shipped profile matches the transformer in {folder}; pass --profile NAME or a "
                                f"calibrated profile file (`stepcache calibrate`)")
-        profile = nearest_by_resolution(found, args.height, args.width)
+        profile, warning = choose_by_resolution(found, args.height, args.width, args.method)
+        warn_resolution(warning)
     result["config"] = resolve_method(args.method, profile, args.preset, **params)
     return result
 
@@ -125,6 +126,9 @@ def _load_pipeline(folder: Path, pipeline_class: str, dtype_name: str, device: s
 
     dtype = getattr(torch, DTYPES[dtype_name])
     pipeline_type = getattr(diffusers, pipeline_class)
+    if pipeline_class == "HunyuanVideoPipeline":
+        from .hunyuan.diffusers_adapter import load_pipeline
+        return load_pipeline(folder, dtype, device)
     if pipeline_class.startswith("Wan"):
         # Wan's VAE is meant to run in float32 whatever the transformer's dtype (diffusers' Wan docs).
         vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -139,7 +140,7 @@ def match_profiles(family: str, config: dict[str, Any], class_name: str | None =
     for name in known_profiles():
         profile = load_profile(name)
         model = profile.data.get("model", {})
-        if model.get("family") != family or name.endswith("-paper-eval"):
+        if model.get("family") != family or model.get("detect") is False:
             continue
         if class_name and model.get("classes") and class_name not in model["classes"]:
             continue
@@ -149,12 +150,48 @@ def match_profiles(family: str, config: dict[str, Any], class_name: str | None =
     return found
 
 
-def nearest_by_resolution(profiles: list[Profile], height: int, width: int) -> Profile:
-    """Among profiles that differ only in resolution, the one whose pixel area is closest to ``height x width``."""
-    def distance(p: Profile) -> float:
+class ResolutionWarning(UserWarning):
+    """A table is used at a resolution it was not calibrated at."""
+
+
+# Each run at an unpublished size should say so, not only the first one in a process.
+warnings.simplefilter("always", ResolutionWarning)
+
+
+def choose_by_resolution(profiles: list[Profile], height: int, width: int,
+                         method: str | None = None) -> tuple[Profile, str | None]:
+    """Among profiles that differ only in resolution, the one for a ``height x width`` video, and a warning text
+    when none was calibrated at that size (else None). With ``method``, no warning when every candidate holds the
+    same table for it (HunyuanVideo's TeaCache coefficients, say, are one set for all sizes).
+
+    "720p" and "480P" name the short side, in either orientation, so a profile fits exactly when its short side
+    is the video's; otherwise the one nearest by pixel area (the token count, which the residual norms depend on)
+    is used, and the caller says so: its ratios were not measured there.
+    """
+    if not profiles:
+        raise ProfileError("no candidate profiles to choose from")
+
+    def by_area(p: Profile) -> float:
         h, w = p.resolution or (height, width)
         return abs(h * w - height * width)
-    return min(profiles, key=distance)
+
+    exact = [p for p in profiles if p.resolution and min(p.resolution) == min(height, width)]
+    if exact:
+        return min(exact, key=by_area), None
+    chosen = min(profiles, key=by_area)
+    if method is not None and len({json.dumps(p.data.get(method), sort_keys=True) for p in profiles}) == 1:
+        return chosen, None
+    sizes = ", ".join(f"{p.resolution[0]}x{p.resolution[1]}" for p in profiles if p.resolution)
+    h, w = chosen.resolution or (height, width)
+    return chosen, (f"no shipped profile was calibrated at {height}x{width} (calibrated sizes: {sizes}); using "
+                    f"{chosen.name} ({h}x{w}, the nearest by pixel area). Its ratios were not measured at this "
+                    f"size, so the skip schedule may be too aggressive or too timid; a profile calibrated at this "
+                    f"size can be passed instead.")
+
+
+def warn_resolution(message: str | None, stacklevel: int = 3) -> None:
+    if message:
+        warnings.warn(message, ResolutionWarning, stacklevel=stacklevel)
 
 
 def check_profile_family(profile: Profile, family: str) -> None:

@@ -20,7 +20,6 @@ import torch
 
 from ..patching import BlockIO, install_stack
 from ..profiles import match_profiles
-from .resolution import choose_by_resolution, warn_unpublished
 
 VAE_SPATIAL_SCALE = 8  # HunyuanVideo's causal 3D VAE downsamples height and width by 8
 
@@ -88,12 +87,7 @@ class HunyuanVideoDiffusersAdapter:
 
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         latent = _hidden_states(args, kwargs)
-        height, width = latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
-        if self.method == "magcache":
-            candidates = self.detect_profiles(model)
-            if candidates:
-                warn_unpublished(choose_by_resolution(candidates, height, width)[1], stacklevel=4)
-        return height, width
+        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
 
     def output_latent(self, output: Any) -> torch.Tensor:
         return output[0] if isinstance(output, tuple) else output.sample

@@ -329,10 +329,12 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
         cached.start_generation(args.infer_steps)
     calibration = None
     if plan.calibrate:
-        from .calibration import MagCacheCalibration
+        from ..calibration_io import ResidualRatioRecorder
         from .official_adapter import stack_io
         transformer = sampler.pipeline.transformer
-        calibration = MagCacheCalibration([*transformer.double_blocks, *transformer.single_blocks], stack_io())
+        # CFG is batched into one pass here: a single branch.
+        calibration = ResidualRatioRecorder(transformer, [*transformer.double_blocks, *transformer.single_blocks],
+                                            stack_io(), lambda args, kwargs: "cond").install()
 
     height, width = video_size(args)
     start = time.time()
@@ -353,7 +355,7 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
     seconds = time.time() - start
     samples = outputs["samples"]
     if calibration is not None:
-        calibration.remove()
+        calibration.remove()  # keeps its measurements
 
     if not _is_main_rank():
         return 0
@@ -368,10 +370,21 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
         videos.append(cur_save_path)
 
     if calibration is not None:
-        source = (f"calibrated by stepcache (MagCache's rule, MC-HY:160-282) on {args.model} with "
-                  f"{Path(args.dit_weight).name}, prompt {args.prompt!r}, seed {args.seed}, {args.infer_steps} "
-                  f"steps, flow shift {args.flow_shift}, embedded guidance {args.embedded_cfg_scale}")
-        profile = calibration.write_profile(plan.calibrate, plan.profile, height, width, source)
+        from ..calibration_io import calibrated_source, magcache_profile_data, write_profile
+        base, steps = plan.profile, calibration.steps()
+        name = Path(plan.calibrate).stem
+        data = magcache_profile_data(
+            name=name, description=f"{base.data.get('description', base.name)}; MagCache table calibrated at "
+                                   f"{height}x{width}, {steps} steps",
+            model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=calibration,
+            branches=["cond"], steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
+            measured_on={"model": args.model, "dit_weight": Path(args.dit_weight).name, "prompt": args.prompt,
+                         "seed": args.seed, "infer_steps": args.infer_steps, "flow_shift": args.flow_shift,
+                         "embedded_cfg_scale": args.embedded_cfg_scale, "video_size": [height, width],
+                         "video_length": args.video_length},
+            defaults=base.method("magcache").get("defaults", {}), presets=base.method("magcache").get("presets"),
+            base=base)
+        profile = write_profile(plan.calibrate, data)
         _log(f"stepcache: MagCache profile {profile.name!r} written to {plan.calibrate}; use it with "
              f"--cache-profile {plan.calibrate}")
     if cached is not None:

@@ -1,1 +1,10 @@
-"""stepcache.opensora."""
+"""stepcache.opensora: TeaCache, MagCache and EasyCache for Open-Sora 1.2's STDiT3 as packaged by VideoSys (the fork
+at the root of Zehong-Ma/MagCache and ali-vilab/TeaCache, the code the published Open-Sora numbers were made with).
+
+* :mod:`.adapter` - where STDiT3's blocks and signals are, and how the step index is known (``stepcache.enable``
+  uses it for any ``STDiT3``);
+* :mod:`.rules` - MagCache's two Open-Sora rules by name (``reference``: the published numbers'; ``released``);
+* :mod:`.session` - a method on a VideoSys pipeline, with DiT-only timing; multi-GPU refused;
+* :mod:`.generate_set` - the VBench-style generation runner behind ``teacache_opensora.py``,
+  ``magcache_opensora.py`` and ``easycache_opensora.py``.
+"""

@@ -8,7 +8,7 @@ import stepcache
 from stepcache.api import UnsupportedModelError
 from stepcache.methods import resolve_method
 from stepcache.policies import ParameterError
-from stepcache.profiles import ProfileError, load_profile, match_profiles, nearest_by_resolution
+from stepcache.profiles import ProfileError, choose_by_resolution, load_profile, match_profiles
 from stepcache.runner import NothingCachedWarning
 from stepcache.schedule import simulate
 from wan_tiny import BlockWorkCounter, build_i2v, build_t2v, run_i2v, run_t2v
@@ -199,5 +199,7 @@ def test_profile_detection_from_config():
     i2v = match_profiles("wan2.1", {"num_layers": 40, "num_attention_heads": 40, "in_channels": 36},
                          "WanTransformer3DModel")
     assert sorted(p.name for p in i2v) == ["wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"]
-    assert nearest_by_resolution(i2v, 720, 1280).name == "wan2.1-i2v-14b-720p"
-    assert nearest_by_resolution(i2v, 480, 832).name == "wan2.1-i2v-14b-480p"
+    assert choose_by_resolution(i2v, 720, 1280) == (load_profile("wan2.1-i2v-14b-720p"), None)
+    assert choose_by_resolution(i2v, 832, 480)[0].name == "wan2.1-i2v-14b-480p"  # portrait 480P
+    profile, warning = choose_by_resolution(i2v, 576, 1024)
+    assert profile.name == "wan2.1-i2v-14b-480p" and "no shipped profile was calibrated at 576x1024" in warning

@@ -224,10 +224,9 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
     attachment = Attachment(sampler, model)
     if method is not None:
         import stepcache
-        attachment.cached = stepcache.enable(model, method, profile=profile, **(params or {}))
+        attachment.cached = stepcache.enable(model, method, profile=profile, reduce_mean=reduce_mean,
+                                             **(params or {}))
         attachment.adapter = attachment.cached.adapter
-        if reduce_mean is not None and attachment.cached.runner is not None:
-            attachment.cached.runner.reduce_mean = reduce_mean
     if calibrate:
         from ..calibration_io import ResidualRatioRecorder
         adapter = attachment.adapter

@@ -1,0 +1,250 @@
+"""Open-Sora 1.2's ``STDiT3`` as VideoSys packages it: where its blocks are, where each signal lives, how the step
+index is known.
+
+The target is the VideoSys fork at the root of Zehong-Ma/MagCache and ali-vilab/TeaCache
+(``videosys/models/transformers/open_sora_transformer_3d.py``; its Open-Sora files equal NUS-HPC-AI-Lab/VideoSys
+6fb859f), the code the published Open-Sora numbers were made with. Its forward is
+``forward(x, timestep, all_timesteps, y, mask=None, x_mask=None, fps=None, height=None, width=None)``, and its
+RFlow sampler calls it once per step as ``model(cat([z, z]), cat([t, t]), all_timesteps, **model_args)``.
+
+* **Blocks in call order**: the forward zips ``spatial_blocks`` and ``temporal_blocks``, so the stack is
+  ``spatial_blocks[0], temporal_blocks[0], spatial_blocks[1], ...``; the first called is ``spatial_blocks[0]``,
+  the last ``temporal_blocks[-1]``. Every block takes the ``[B, T*S, C]`` tokens first and returns them, so the
+  cached residual is ``h_L - h0`` over all spatial and temporal blocks, as in the reference (TC-OS:104-133).
+* **CFG is one branch**: the sampler batches ``[cond; uncond]`` into one call, so there is one decision and one
+  cached tensor for the whole batch, as published (branch name ``"cond+uncond"``).
+* **TeaCache signal** (TC-OS:65-72): ``t2i_modulate(norm1(x), shift_msa, scale_msa)`` of ``spatial_blocks[0]``
+  with ``(scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).chunk(6, 1)[:2]``, computed from that block's own
+  call arguments (``x`` and ``t_mlp``) without touching its result.
+* **EasyCache space**: with ``pred_sigma`` (the released checkpoint) the model returns ``2 * in_channels``
+  channels, ``[velocity; sigma]``, and the sampler keeps only the velocity half
+  (``output.chunk(2, dim=1)[0]``). EasyCache's ``x`` is the model input (``in_channels``, latent space) and its
+  ``v`` is the velocity half, so ``Δ = v - x``, the transformation rate ``k`` and the change estimate are all
+  measured in the space the sampler integrates, in float32 (the sampler's first latent is bf16, every later one
+  float32, because the forward returns float32). A reused pass returns ``[x + Δ; sigma]`` where ``sigma`` is the
+  last computed pass's sigma half (never read by RFlow): the reused output has the output's shape and dtype
+  (float32).
+* **Step index, never by bf16 equality**: the reference TeaCache forces the first and last steps by comparing
+  ``timestep[0]`` (cast to the model dtype) with ``int()`` of the bf16-cast schedule, which only works when the
+  bf16 value happens to be an integer (seed-methods.md §10 item 8: it fires at 480p, not at 144p nor in fp32).
+  Here a pre-forward hook reads ``all_timesteps``: the sampler builds one new list per generation, so a new list
+  object (or a timestep that goes up) starts a generation whose step count is ``len(all_timesteps)``
+  (:meth:`stepcache.api.CachedModel.start_generation`), and each call's step index is its position in that
+  generation (the per-branch pass counter). No timestep value is compared with another for equality.
+  Looking the index up by value instead (nearest entry of ``all_timesteps`` to ``timestep``) is not safe:
+  ``all_timesteps`` holds ``int(bf16(t))``, up to 2 below ``t``, while the schedule's smallest gap near t=1000
+  is 7.1 at 480p/51 frames, 4.7 at 720p and 2.4 at 720p/204 frames, so the nearest entry can be the wrong one.
+* **Multi-GPU**: VideoSys spawns its worker processes (ranks 1..n-1) in ``VideoSysEngine.__init__``, before any
+  patch can reach them (seed-methods.md §6.3); a cache on rank 0 alone would skip blocks whose all-to-alls the
+  other ranks wait in. So a model with sequence or CFG parallelism (``parallel_manager.sp_size`` or ``cp_size``
+  above 1) is refused until the multi-GPU issue covers Open-Sora.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..patching import first_arg_io, install_stack
+from ..profiles import match_profiles
+
+FAMILY = "opensora"
+BRANCH = "cond+uncond"  # the sampler's batched CFG call: one branch
+VAE_SPATIAL_SCALE = 8  # OpenSoraVAE_V1_2 downsamples height and width by 8
+TEACACHE_SIGNAL = "block0_modulated"
+REQUIRED = ("spatial_blocks", "temporal_blocks", "x_embedder", "t_block", "final_layer", "unpatchify")
+MULTI_GPU_MESSAGE = (
+    "Open-Sora multi-GPU (VideoSys num_gpus > 1: sequence or CFG parallelism) is not supported yet: VideoSys "
+    "spawns its worker processes before a patch can reach them, so only rank 0 would cache while the other "
+    "ranks wait in the blocks' all-to-alls (a hang). Run with num_gpus=1 (for throughput, one process per GPU "
+    "over disjoint prompts: `python -m stepcache.opensora.generate_set --shard K/N`); multi-GPU caching for "
+    "Open-Sora is left to the multi-GPU issue.")
+
+
+class MultiGPUNotSupported(RuntimeError):
+    """Caching an Open-Sora model that runs sequence or CFG parallel."""
+
+
+def blocks_in_call_order(model: nn.Module) -> list[nn.Module]:
+    spatial, temporal = list(model.spatial_blocks), list(model.temporal_blocks)
+    if len(spatial) != len(temporal):
+        raise TypeError(f"STDiT3 has {len(spatial)} spatial and {len(temporal)} temporal blocks; its forward zips "
+                        f"them, so they must pair up")
+    return [block for pair in zip(spatial, temporal) for block in pair]
+
+
+def parallel_sizes(model: nn.Module) -> dict[str, int]:
+    manager = getattr(model, "parallel_manager", None)
+    return {name: int(getattr(manager, name, 1) or 1) for name in ("sp_size", "cp_size")} if manager else {}
+
+
+def check_single_process(model: nn.Module) -> None:
+    sizes = parallel_sizes(model)
+    if any(size > 1 for size in sizes.values()):
+        detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise MultiGPUNotSupported(f"{MULTI_GPU_MESSAGE} (this model has {detail})")
+
+
+def _call_parts(args: tuple, kwargs: dict):
+    """(x, timestep, all_timesteps) of a call to ``STDiT3.forward(x, timestep, all_timesteps, y, ...)``."""
+    names = ("x", "timestep", "all_timesteps")
+    return tuple(args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names))
+
+
+def _modulate_fn(block: nn.Module):
+    """The fork's own ``t2i_modulate`` when the block comes from it (the function the reference calls)."""
+    module = sys.modules.get(type(block).__module__)
+    fn = getattr(module, "t2i_modulate", None)
+    return fn if callable(fn) else (lambda x, shift, scale: x * (1 + scale) + shift)
+
+
+def block0_modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """TeaCache's signal from ``spatial_blocks[0]``'s call ``(x, y, t_mlp, ...)`` (TC-OS:65-72)."""
+    x = args[0] if args else kwargs["x"]
+    t_mlp = args[2] if len(args) > 2 else kwargs["t"]
+    batch = x.shape[0]
+    shift, scale = (block.scale_shift_table[None] + t_mlp.reshape(batch, 6, -1)).chunk(6, dim=1)[:2]
+    return _modulate_fn(block)(block.norm1(x), shift, scale)
+
+
+class GenerationTracker:
+    """Where a call sits in its generation, from the ``all_timesteps`` list the sampler passes.
+
+    A generation is one ``all_timesteps`` list object: RFlow builds a new one in every ``sample()`` call and passes
+    the same object at every step. A new object, a list used up (more calls than entries) or a timestep that
+    goes up (a caller reusing its list) starts the next generation. Timesteps are only compared by order, never
+    for equality.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._timesteps: Any = None  # the list object itself (an id could be reused once it is freed)
+        self._calls = 0
+        self._last_t: float | None = None
+
+    def observe(self, all_timesteps, timestep) -> tuple[int, int, bool]:
+        """(step index, number of steps, whether this call starts a generation)."""
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        steps = len(all_timesteps)
+        new = (all_timesteps is not self._timesteps or self._calls >= steps
+               or (self._last_t is not None and t > self._last_t))
+        if new:
+            self._timesteps, self._calls = all_timesteps, 0
+        index = self._calls
+        self._calls += 1
+        self._last_t = t
+        return index, steps, new
+
+
+class STDiT3Adapter:
+    family = FAMILY
+    block_io = first_arg_io("x")
+
+    def __init__(self):
+        self.generations = GenerationTracker()
+        self.in_channels: int | None = None
+        self.pred_sigma = False
+        self._sigma: torch.Tensor | None = None  # the sigma half of the last computed output (EasyCache)
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        missing = [name for name in REQUIRED if not hasattr(model, name)]
+        if missing:
+            raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not VideoSys's Open-Sora STDiT3 (no "
+                            f"{', '.join(missing)}); the Open-Sora adapter cannot patch it")
+
+    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+        try:
+            self.check(model)
+            check_single_process(model)
+        except (TypeError, MultiGPUNotSupported):
+            # The forward wrapper is already installed by the time an adapter is asked (stepcache.api.CachedModel);
+            # take it off again so that a refused model is left exactly as it was.
+            patch.restore()
+            raise
+        self.in_channels = int(model.in_channels)
+        self.pred_sigma = int(getattr(model, "out_channels", self.in_channels)) == 2 * self.in_channels
+        signal_of = None
+        if method == "teacache":
+            first = model.spatial_blocks[0]
+
+            def signal_of(args, kwargs):
+                name = signal_name()
+                if name not in (None, TEACACHE_SIGNAL):
+                    raise ValueError(f"the Open-Sora adapter computes TeaCache's {TEACACHE_SIGNAL!r} signal, but the "
+                                     f"profile's variant asks for {name!r}")
+                return block0_modulated_input(first, args, kwargs)
+
+        install_stack(patch, runner_of, blocks_in_call_order(model), self.block_io, signal_of=signal_of)
+        patch.hook(model.register_forward_pre_hook(self._before_call, with_kwargs=True))
+
+    # -------------------------------------------------------------------------------------------- step index
+    def _before_call(self, model, args, kwargs):
+        check_single_process(model)  # enable_parallel() may have run after the cache was installed
+        _, timestep, all_timesteps = _call_parts(args, kwargs)
+        if all_timesteps is None or timestep is None:
+            return None  # not the fork's sampler: the clock's pass counter over enable(num_steps=) applies
+        _, steps, new = self.generations.observe(all_timesteps, timestep)
+        cached = getattr(model, "_stepcache", None)
+        if new and cached is not None:
+            cached.start_generation(steps)
+        return None
+
+    def start_generation(self) -> None:
+        self.generations.reset()
+        self._sigma = None
+
+    def branch_of(self, model, args: tuple, kwargs: dict) -> str:
+        return BRANCH
+
+    # ------------------------------------------------------------------------------------- latents, outputs
+    def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
+        # Float32 always: the pipeline starts RFlow from a model-dtype (bf16) latent, and the latent is float32
+        # from the second step on (the forward returns float32). Given as is, that dtype change would look like
+        # a new generation to the runner after the first step.
+        return _call_parts(args, kwargs)[0].float()
+
+    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
+        height = args[7] if len(args) > 7 else kwargs.get("height")
+        width = args[8] if len(args) > 8 else kwargs.get("width")
+        if height is not None and width is not None:
+            return int(float(height.reshape(-1)[0])), int(float(width.reshape(-1)[0]))
+        x = self.latent_of(model, args, kwargs)
+        return x.shape[-2] * VAE_SPATIAL_SCALE, x.shape[-1] * VAE_SPATIAL_SCALE
+
+    def output_latent(self, output: Any) -> torch.Tensor:
+        """The velocity half (what RFlow integrates); the sigma half is kept for reused passes."""
+        if self.pred_sigma and output.shape[1] == 2 * self.in_channels:
+            velocity, self._sigma = output[:, : self.in_channels], output[:, self.in_channels:].detach()
+            return velocity
+        return output
+
+    def build_output(self, model, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        latent = latent.to(torch.float32)  # the forward's own output dtype
+        if not self.pred_sigma:
+            return latent
+        sigma = self._sigma
+        if sigma is None or sigma.shape[0] != latent.shape[0] or sigma.shape[2:] != latent.shape[2:]:
+            sigma = torch.zeros_like(latent)
+        return torch.cat([latent, sigma.to(latent)], dim=1)
+
+    # -------------------------------------------------------------------------------------------- profiles
+    @staticmethod
+    def model_config(model) -> dict[str, Any]:
+        config = getattr(model, "config", None)
+        get = (lambda k: getattr(config, k, None)) if config is not None else (lambda k: None)
+        return {"depth": get("depth") or len(model.spatial_blocks), "hidden_size": get("hidden_size"),
+                "num_heads": get("num_heads"), "in_channels": get("in_channels"), "pred_sigma": get("pred_sigma")}
+
+    def describe_config(self, model) -> dict[str, Any]:
+        return self.model_config(model)
+
+    def detect_profiles(self, model):
+        config = self.model_config(model)
+        found = match_profiles(self.family, {"depth": config["depth"], "hidden_size": config["hidden_size"]},
+                               type(model).__name__)
+        return [p for p in found if not p.name.endswith("-released")]

@@ -1,0 +1,141 @@
+"""The fork's own ``OpenSoraPipeline.generate()`` (text preprocessing, multi-resolution info, RFlow, VAE call,
+uint8 video, ``save_video``) on CPU with a tiny STDiT3, driven by ``stepcache.opensora.generate_set``. Run in a
+subprocess by test_opensora_fork.py, so that the single-process gloo group it needs and the stand-ins below never
+reach the test session:
+
+    python opensora_fork_pipeline.py REPO -- GENERATE_SET_ARGS... [-- GENERATE_SET_ARGS...]
+
+Stand-ins, besides opensora_fork.py's (none changes the transformer, the sampler or the pipeline's code):
+
+* torchvision (only ``data_process.py`` imports it, for reference-image helpers text-to-video never calls) is a
+  placeholder module while ``pipeline_open_sora`` imports;
+* the T5 encoder, its tokenizer and the VAE are small deterministic fakes with the interfaces the pipeline calls
+  (a checkpoint-free run); the tokenizer pads to the pipeline's hard-coded 300 tokens, so the tiny model's
+  ``model_max_length`` is 300;
+* ``STDiT3.enable_parallel`` (which builds colossalai's process-group mesh) is replaced on the instance by the
+  single-process manager of opensora_fork.py, which is what it would compute for one process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import opensora_fork  # noqa: E402
+
+CAPTION_CHANNELS = 32
+
+
+class FakeTokenizer:
+    def __call__(self, texts, max_length=300, **kwargs):
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            codes = [ord(c) % 997 + 1 for c in text][: max_length]
+            ids[i, : len(codes)] = torch.tensor(codes)
+            mask[i, : max(len(codes), 1)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class _Device(nn.Module):
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+
+class FakeT5(_Device):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Embedding(1000, CAPTION_CHANNELS)
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"last_hidden_state": self.embed(input_ids)}
+
+
+class FakeVAE(_Device):
+    out_channels = 4
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv3d(4, 3, 1)
+
+    def get_latent_size(self, input_size):
+        frames, height, width = input_size
+        return [(frames - 1) // 17 * 5 + 1 if frames > 1 else 1, height // 8, width // 8]
+
+    def forward(self, z, decode_only=True, num_frames=None):
+        video = torch.tanh(self.proj(z.float()))
+        video = torch.nn.functional.interpolate(video, scale_factor=(1, 2, 2))
+        return video.repeat_interleave(max(num_frames // video.shape[2], 1), dim=2)[:, :, :num_frames]
+
+
+def build_pipeline(repo: str, steps: int = 30):
+    transformer_module, scheduler_module = opensora_fork.load(repo)
+    import diffusers.pipelines.pipeline_utils  # noqa: F401  (before the torchvision placeholder exists)
+    import transformers  # noqa: F401
+
+    placeholder = {name: opensora_fork._module(name) for name in
+                   ("torchvision", "torchvision.transforms", "torchvision.datasets", "torchvision.datasets.folder",
+                    "torchvision.io", "torchvision.utils")}
+    placeholder["torchvision.datasets.folder"].IMG_EXTENSIONS = (".jpg", ".png")
+    placeholder["torchvision.datasets.folder"].pil_loader = None
+    placeholder["torchvision.io"].write_video = None
+    placeholder["torchvision.utils"].save_image = None
+    with opensora_fork._import_stand_ins(placeholder):
+        from videosys.pipelines.open_sora.pipeline_open_sora import OpenSoraConfig, OpenSoraPipeline
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    tiny = dict(opensora_fork.TINY, model_max_length=300)
+    torch.manual_seed(0)
+    model = transformer_module.STDiT3(transformer_module.STDiT3Config(**tiny)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    manager = opensora_fork.single_process_manager()
+
+    def enable_parallel(dp_size, sp_size, enable_cp):
+        for module in model.modules():
+            if hasattr(module, "parallel_manager"):
+                module.parallel_manager = manager
+
+    model.enable_parallel = enable_parallel
+    config = OpenSoraConfig(num_sampling_steps=steps)
+    scheduler = scheduler_module.RFLOW(use_timestep_transform=True, num_sampling_steps=steps, cfg_scale=7.0)
+    return OpenSoraPipeline(config, text_encoder=FakeT5(), tokenizer=FakeTokenizer(), vae=FakeVAE(),
+                            transformer=model, scheduler=scheduler, device=torch.device("cpu"),
+                            dtype=torch.float32)
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    repo, runs = argv[0], []
+    for item in argv[1:]:
+        if item == "--":
+            runs.append([])
+        else:
+            runs[-1].append(item)
+    from stepcache.opensora.generate_set import main as generate_set
+
+    pipeline = build_pipeline(repo)
+    codes = [generate_set(run, engine_factory=lambda args: pipeline) for run in runs]
+    print("exit codes:", codes)
+    dist.destroy_process_group()
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
