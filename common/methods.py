@@ -23,7 +23,8 @@ PARAMETERS = {
         "thresh": "accumulated magnitude-error budget; 0 disables reuse",
         "K": "at most K reused passes in a row (>= 1)",
         "retention_ratio": "fraction of passes always computed at the start, in [0, 1)",
-        "resample": "how a table for another step count is fitted: 'nearest' (the reference's) or 'none'",
+        "resample": "how a table is fitted to another step count: 'nearest' (the reference's resampling), "
+                    "'compose' (multiply the ratios of merged steps) or 'none' (refuse)",
     },
     "easycache": {
         "thresh": "accumulated transformation-rate budget (a fraction: 0.05 is 5%); 0 disables reuse",

@@ -201,6 +201,36 @@ class EasyCachePolicy:
         return Decision(True, "threshold" if self.thresh > 0 else "disabled", accumulated)
 
 
+def compose_resample(values: Sequence[float], length: int) -> list[float]:
+    """Ratios for ``length`` steps from a table measured at ``len(values)`` steps, by composing them.
+
+    ``values[k]`` (k >= 1) is the magnitude ratio between steps k-1 and k of the measured schedule; index 0 is
+    the padding. Coarse step j lies at position ``j * (n-1) / (length-1)`` of the measured schedule, so its
+    ratio is the product of the measured ratios it spans, with fractional spans taken as fractional powers
+    (log-linear inside a measured step). Merging steps multiplies their ratios instead of keeping one of them,
+    which is what the drift between two coarse steps is; splitting a step shares its ratio out geometrically.
+    Not in the reference (a deviation, named as such).
+    """
+    _check_range("resample length", length, low=1, integer=True)
+    n = len(values)
+    if n < 2:
+        raise ParameterError("composing needs a table of at least 2 steps")
+    if length == 1:
+        return [float(values[0])]
+    logs = [math.log(float(v)) for v in values[1:]]  # logs[k-1] spans measured positions (k-1, k]
+    scale = (n - 1) / (length - 1)
+    out = [float(values[0])]
+    for j in range(1, length):
+        start, end = (j - 1) * scale, j * scale
+        total = 0.0
+        for k in range(int(math.floor(start)), int(math.ceil(end))):
+            overlap = min(end, k + 1) - max(start, k)
+            if overlap > 0:
+                total += overlap * logs[k]
+        out.append(math.exp(total))
+    return out
+
+
 def nearest_resample(values: Sequence[float], length: int) -> list[float]:
     """The reference's ``nearest_interp``: ``round(arange(L) * (n-1)/(L-1))`` with round-half-to-even.
 

@@ -15,12 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .policies import ParameterError, nearest_resample
+from .policies import ParameterError, compose_resample, nearest_resample
 
 FORMAT = "stepcache-profile/1"
 PROFILE_DIR = Path(__file__).with_name("profiles")
 METHODS = ("teacache", "magcache", "easycache")
-RESAMPLE_MODES = ("nearest", "none")
+RESAMPLE_MODES = ("nearest", "compose", "none")
 
 
 class ProfileError(ValueError):
@@ -87,8 +87,8 @@ def split_branch_ratios(ratios: list[float], num_branches: int, num_steps: int, 
     if resample == "none":
         raise ProfileError(
             f"magcache table of {label!r} has {len(branch)} steps per branch but the run has {num_steps}; "
-            f"allowed: exactly {len(branch)} steps, or resample='nearest'")
-    return nearest_resample(branch, num_steps)
+            f"allowed: exactly {len(branch)} steps, or resample='nearest' or 'compose'")
+    return (compose_resample if resample == "compose" else nearest_resample)(branch, num_steps)
 
 
 def _load_json(path: Path) -> dict[str, Any]:

@@ -53,9 +53,40 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resample", default=None, help=PARAMETERS["magcache"]["resample"])
     parser.add_argument("--no-cfg", action="store_true",
                         help="simulate one branch only (a run with guidance off) for a profile calibrated with CFG")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="list every method's presets for the profile, with MagCache's computed/total passes")
+
+
+def list_presets(profile_name: str, steps: int | None) -> list[str]:
+    from .profiles import METHODS, load_profile
+    profile = load_profile(profile_name)
+    lines = [f"presets of {profile.name}" + (f" at {steps} steps" if steps else "") + ":"]
+    for method in METHODS:
+        if not profile.has(method):
+            continue
+        section = profile.method(method)
+        notes = section.get("preset_notes", {})
+        for name, params in section.get("presets", {}).items():
+            if method == "magcache":
+                config = resolve_method(method, profile, name)
+                run_steps = steps or int(section["steps"])
+                computed, total = simulate(config, run_steps).counts()
+                passes = f"{computed}/{total} passes ({total / computed:.2f}x)"
+            else:
+                passes = "input-dependent"
+            note = f"  [{notes[name]}]" if name in notes else ""
+            lines.append(f"  {method:<9} {name:<22} {str(params):<52} {passes}{note}")
+    return lines
 
 
 def run(args) -> int:
+    if args.list_presets:
+        try:
+            print("\n".join(list_presets(args.profile, args.steps)))
+        except (ParameterError, ProfileError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.method in INPUT_DEPENDENT:
         print(f"error: {INPUT_DEPENDENT[args.method]}; run it (e.g. `stepcache generate`) and read its stats "
               f"instead.", file=sys.stderr)

@@ -129,7 +129,7 @@ def test_easycache_rule():
     ("magcache", {"K": 0}, r"K=0 is outside the allowed range \[1, inf\]"),
     ("magcache", {"retention_ratio": 1.0}, r"retention_ratio=1.0 is outside the allowed range \[0, 1\)"),
     ("magcache", {"retention_ratio": -0.5}, r"retention_ratio=-0.5 is outside"),
-    ("magcache", {"resample": "cubic"}, "resample='cubic' is not one of nearest, none"),
+    ("magcache", {"resample": "cubic"}, "resample='cubic' is not one of nearest, compose, none"),
     ("teacache", {"thresh": -1}, "outside the allowed range"),
     ("teacache", {"variant": "fast"}, "known variants: default, use_ret_steps"),
     ("easycache", {"warmup_steps": -1}, "warmup_steps=-1 is outside"),
