@@ -12,6 +12,7 @@ PACKAGES = {
     "stepcache.hunyuan": "hunyuan",
     "stepcache.opensora": "opensora",
     "stepcache.eval": "eval",
+    "stepcache.wan21.demo": "wan21/demo",
 }
 
 # torch is deliberately unpinned here; install it first with `pip install torch==2.13.0` (a CPU wheel) or the
@@ -30,7 +31,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"stepcache": ["profiles/*.json"], "stepcache.eval": ["data/*"]},
+    package_data={"stepcache": ["profiles/*.json"], "stepcache.eval": ["data/*"],
+                  "stepcache.wan21.demo": ["weights/*.safetensors", "weights/*.json", "assets/*.png"]},
     include_package_data=True,
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={

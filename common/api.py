@@ -8,15 +8,22 @@
     stepcache.disable(pipe)                            # the original forward, exactly
 
 The cache state belongs to the model instance it is enabled on (``model._stepcache``), never to its class.
+
+Under sequence parallelism (``torchrun``, diffusers' ``enable_parallelism`` with a ``ContextParallelConfig``)
+enable it on every rank, before or after ``enable_parallelism``: each rank caches its own shard, and decisions
+that depend on a shard are agreed over the context-parallel group, found on the model at each pass
+(``parallel="auto"``). See :mod:`stepcache.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from typing import Any
 
 from torch import nn
 
+from .distributed import MEASUREMENTS, as_group, resolve_parallel
 from .methods import MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
@@ -112,22 +119,31 @@ class StepClock:
 class CachedModel:
     """One model instance with a cache method installed."""
 
-    def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile], preset: str | None,
-                 params: dict[str, Any], clock: StepClock, reduce_mean=None):
+    def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile] | None,
+                 preset: str | None, params: dict[str, Any], clock: StepClock, parallel: Any = "auto", runner=None,
+                 cfg_parallel: Any = None):
         self.model = model
         self.adapter = adapter
         self.method = method
         self.preset = preset
         self.params = params
         self.clock = clock
-        self.reduce_mean = reduce_mean
+        # The group sharded measurements are reduced over, asked at each pass (parallelism may come later).
+        self.group_of = resolve_parallel(parallel, model)
+        self.cfg_group = as_group(cfg_parallel)  # ranks that run different CFG branches of one step, if any
+        # Which measurements are shards under sequence parallelism; an adapter that says nothing gets every
+        # measurement reduced (correct either way; a rank-invariant one then costs a needless all-reduce).
+        self.sharded = frozenset(getattr(adapter, "sequence_sharded", MEASUREMENTS))
         self.candidates = profile if isinstance(profile, list) else None
         self._picked_for: tuple[int, int] | None = None
         self.runner: CacheRunner | None = None
         self.config: MethodConfig | None = None
         # Stats outlive runner rebuilds, so that stats() reports every generation since enable().
         self.stats = RunStats(method)
-        if self.candidates is None:
+        if runner is not None:  # a measuring runner (calibration) instead of a cache method
+            self.runner = runner
+            self.stats = runner.stats
+        elif self.candidates is None:
             self._build(profile)
         else:  # validate the parameters now against the first candidate; pick by resolution at the first pass
             resolve_method(method, self.candidates[0], preset, **params)
@@ -135,17 +151,18 @@ class CachedModel:
         clock.install(self.patch, model)
         try:
             install_forward(self.patch, model, self._forward)
-            adapter.install(self.patch, model, lambda: self.runner, self.method, self._signal_name)
+            wired = "teacache" if getattr(self.runner, "wants_signal", False) else self.method
+            adapter.install(self.patch, model, lambda: self.runner, wired, self._signal_name)
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
 
     def _signal_name(self) -> str | None:
-        return self.config.teacache_signal if self.config else None
+        return self.config.teacache_signal if self.config else getattr(self.runner, "signal_name", None)
 
     def _build(self, profile: Profile) -> None:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
-        self.runner = CacheRunner(self.config, reduce_mean=self.reduce_mean)
+        self.runner = CacheRunner(self.config, group=self.group_of, sharded=self.sharded, cfg_group=self.cfg_group)
         self.runner.stats = self.stats
 
     def _forward(self, original, args, kwargs):
@@ -158,6 +175,9 @@ class CachedModel:
                 self._picked_for = size
                 if self.config is None or profile.name != self.config.profile.name:
                     self._build(profile)
+        check_parallel = getattr(self.adapter, "check_parallel", None)
+        if check_parallel is not None:
+            check_parallel(self.model)
         branch_of = getattr(self.adapter, "branch_of", None)
         branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None)
         runner = self.runner
@@ -209,6 +229,9 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
     if profile is not None:
         loaded = load_profile(profile)
         check_profile_family(loaded, adapter.family)
+        from .calibrate import ProfileFitWarning, check_profile_fit
+        for note in check_profile_fit(loaded, model):
+            warnings.warn(note, ProfileFitWarning, stacklevel=3)
         return loaded
     found = adapter.detect_profiles(model)
     if not found:
@@ -221,7 +244,8 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
 
 
 def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
-           num_steps: int | None = None, reduce_mean=None, **params) -> CachedModel:
+           num_steps: int | None = None, parallel: Any = "auto", cfg_parallel: Any = None,
+           **params) -> CachedModel:
     """Install ``method`` ("teacache", "magcache" or "easycache") on a pipeline or transformer.
 
     ``profile`` is a shipped profile name or a profile file; without it the profile is matched on the model's
@@ -229,8 +253,14 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     (``thresh``, ``K``, ``retention_ratio``, ``variant``, ``warmup_steps``, ...). Enabling again replaces the
     previous method. Raises before touching the model when any value is out of range.
 
-    ``reduce_mean(scalar_tensor) -> scalar_tensor`` averages a rank's input-dependent measurement over its
-    parallel group before any decision, so that every rank decides alike (see the multi-GPU section).
+    ``parallel`` is the sequence-parallel group over which a measurement taken on a rank's shard is reduced
+    (a sum and a count per rank, one all-reduce), so that every rank takes the same decision: ``"auto"`` (the
+    default) finds diffusers' context-parallel group on the model at each pass, so the cache may be enabled
+    before or after ``enable_parallelism``; or a ``torch.distributed`` process group, an xfuser group
+    coordinator, ``"world"``, or ``None`` for no reduction. Rank-invariant decisions (MagCache, TeaCache on Wan,
+    EasyCache on the model's unsplit input) use no collective at all. ``cfg_parallel`` is the group of ranks
+    that run different CFG branches of the same step, one branch per rank (CFG parallelism): EasyCache's
+    follower branches then take the leader branch's decision from its rank. See the README's multi-GPU section.
     """
     model, pipeline = _resolve_target(target)
     adapter = adapter_for(model)
@@ -240,7 +270,7 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     if getattr(model, "_stepcache", None) is not None:
         disable(model)
     cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps),
-                         reduce_mean)
+                         parallel, cfg_parallel=cfg_parallel)
     model._stepcache = cached
     return cached
 

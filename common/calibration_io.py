@@ -120,18 +120,7 @@ class ResidualRatioRecorder:
         self._h0 = None
 
     def _ratio_stats(self, current: torch.Tensor, previous: torch.Tensor) -> tuple[float, float, float]:
-        # float32 whatever the model's dtype: a bf16 norm ratio near 1 has only ~3 significant digits.
-        cur, prev = current.float(), previous.float()
-        ratio = cur.norm(dim=-1) / prev.norm(dim=-1)
-        cos = 1 - torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
-        sums = torch.stack([ratio.sum(), (ratio * ratio).sum(), cos.sum(),
-                            torch.tensor(float(ratio.numel()), device=ratio.device)]).double()
-        self.all_reduce(sums)
-        total, total_sq, total_cos, count = (float(v) for v in sums)
-        mean = total / count
-        # The reference's torch.std is the unbiased estimate; the same from the reduced sums.
-        var = max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
-        return mean, var ** 0.5, total_cos / count
+        return residual_ratio_stats(current, previous, self.all_reduce)
 
     # ----------------------------------------------------------------------------------------------- results
     def ratios(self, branch: str) -> list[RatioRecord]:
@@ -145,6 +134,27 @@ class ResidualRatioRecorder:
         if len(set(counts.values())) != 1:
             raise RuntimeError(f"the branches ran different numbers of passes: {counts}")
         return next(iter(counts.values()))
+
+
+def residual_ratio_stats(current: torch.Tensor, previous: torch.Tensor,
+                         all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> tuple[float, float, float]:
+    """(mean, std, mean cosine distance) over tokens of the per-token ``||r_t|| / ||r_prev||`` (MC-WAN:80-194).
+
+    ``all_reduce`` sums the per-token statistics over a sequence-parallel group, so every rank gets the value
+    over the whole sequence.
+    """
+    # float32 whatever the model's dtype: a bf16 norm ratio near 1 has only ~3 significant digits.
+    cur, prev = current.float(), previous.float()
+    ratio = cur.norm(dim=-1) / prev.norm(dim=-1)
+    cos = 1 - torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
+    sums = torch.stack([ratio.sum(), (ratio * ratio).sum(), cos.sum(),
+                        torch.tensor(float(ratio.numel()), device=ratio.device)]).double()
+    all_reduce(sums)
+    total, total_sq, total_cos, count = (float(v) for v in sums)
+    mean = total / count
+    # The reference's torch.std is the unbiased estimate; the same from the reduced sums.
+    var = max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
+    return mean, var ** 0.5, total_cos / count
 
 
 def _default_all_reduce() -> Callable[[torch.Tensor], None]:

@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     ("generate", "stepcache.generate", "run a diffusers Wan/HunyuanVideo pipeline with a cache method"),
     ("compare", "stepcache.eval.compare", "compare cached videos with uncached ones (PSNR, SSIM, LPIPS)"),
     ("profiles", "stepcache.profiles", "list the known profiles and what each one holds"),
+    ("calibrate", "stepcache.calibrate", "measure a model's tables (all three methods) and write a profile file"),
     ("demo", "stepcache.wan21.demo.run", "run every method on a small trained video model shipped with stepcache "
                                          "and compare with uncached and fewer-step runs"),
 ]

@@ -131,11 +131,11 @@ def _load_pipeline(folder: Path, pipeline_class: str, dtype_name: str, device: s
         return load_pipeline(folder, dtype, device)
     if pipeline_class.startswith("Wan"):
         # Wan's VAE is meant to run in float32 whatever the transformer's dtype (diffusers' Wan docs).
-        vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32,
+        vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32,
                                                          local_files_only=True)
-        pipe = pipeline_type.from_pretrained(folder, vae=vae, torch_dtype=dtype, local_files_only=True)
+        pipe = pipeline_type.from_pretrained(folder, vae=vae, dtype=dtype, local_files_only=True)
     else:
-        pipe = pipeline_type.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        pipe = pipeline_type.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
 

@@ -9,6 +9,12 @@ Nothing here copies a model's forward. The cache sits at two seams every support
 Both are instance attributes, never ``model.__class__`` attributes: the class is shared with every other
 instance (and, under FSDP, is ``FullyShardedDataParallel`` itself), and parallel wrappers bind instance-level
 forwards that a class patch would never reach.
+
+Blocks are wrapped *beneath* any diffusers hook chain on them (``module._diffusers_hook``): diffusers'
+context parallelism splits ``blocks.0``'s input in such a hook, and the cache must see the block's real input,
+the shard, whether it was enabled before or after ``enable_parallelism`` (a hook registered later wraps
+whatever forward is there, which is then ours). Removing the cache finds the wrapper wherever later hooks have
+moved it and puts the original back in its place.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ class InstalledPatch:
 
     def __init__(self):
         self._saved: list[tuple[nn.Module, str, Any, Any]] = []
+        self._forwards: list[tuple[nn.Module, Any, Any, Any]] = []  # (module, installed, original, before)
         self._handles: list[Any] = []
+        self._order: list[tuple[str, int]] = []
 
     def hook(self, handle: Any) -> None:
         """Keep a ``torch.utils.hooks.RemovableHandle`` to remove with the rest."""
@@ -35,23 +43,86 @@ class InstalledPatch:
 
     def set(self, module: nn.Module, name: str, value: Any) -> None:
         self._saved.append((module, name, module.__dict__.get(name, _MISSING), value))
+        self._order.append(("set", len(self._saved) - 1))
         setattr(module, name, value)
 
+    def wrap_forward(self, module: nn.Module, make: Callable[[Callable], Callable], *, innermost: bool) -> None:
+        """Replace a module's forward by ``make(original)``.
+
+        ``innermost``: beneath a diffusers hook chain on the module (its hooks keep running around the wrapper),
+        else the module's instance ``forward`` itself (outside any such chain).
+        """
+        owner, attr = _innermost_slot(module) if innermost else (module, "forward")
+        if owner is module:
+            before = module.__dict__.get("forward", _MISSING)
+            original = module.forward
+        else:
+            before = original = getattr(owner, attr)
+        installed = make(original)
+        setattr(owner, attr, installed)
+        self._forwards.append((module, installed, original, before))
+        self._order.append(("forward", len(self._forwards) - 1))
+
     def restore(self) -> None:
+        located = []
+        for module, installed, original, before in self._forwards:
+            slot = _find_slot(module, installed)
+            if slot is None:
+                raise RuntimeError(
+                    f"cannot remove the cache: {type(module).__name__}.forward was replaced by something else after "
+                    f"the cache was installed; remove that first")
+            located.append(slot)
         for module, name, before, installed in reversed(self._saved):
             if module.__dict__.get(name, _MISSING) is not installed:
                 raise RuntimeError(
                     f"cannot remove the cache: {type(module).__name__}.{name} was replaced by something else after "
                     f"the cache was installed; remove that first")
-        for module, name, before, _ in reversed(self._saved):
-            if before is _MISSING:
-                delattr(module, name)
+        for kind, index in reversed(self._order):
+            if kind == "set":
+                module, name, before, _ = self._saved[index]
+                if before is _MISSING:
+                    delattr(module, name)
+                else:
+                    setattr(module, name, before)
             else:
-                setattr(module, name, before)
+                module, installed, original, before = self._forwards[index]
+                owner, attr = located[index]
+                if owner is module and before is _MISSING:
+                    delattr(module, "forward")
+                else:
+                    setattr(owner, attr, before if owner is module else original)
         for handle in self._handles:
             handle.remove()
         self._saved.clear()
+        self._forwards.clear()
+        self._order.clear()
         self._handles.clear()
+
+
+def _registry_refs(module: nn.Module) -> list[Any]:
+    """The function references of a diffusers ``HookRegistry`` on ``module``, innermost first ([] without one)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return list(getattr(registry, "_fn_refs", None) or [])
+
+
+def _innermost_slot(module: nn.Module) -> tuple[Any, str]:
+    """Where the module's own forward is called from: the first diffusers hook's stored forward (its
+    ``original_forward`` when that hook replaces the call), or the module's ``forward`` when it has no hooks."""
+    refs = _registry_refs(module)
+    if not refs:
+        return module, "forward"
+    ref = refs[0]
+    return (ref, "original_forward") if getattr(ref, "original_forward", None) is not None else (ref, "forward")
+
+
+def _find_slot(module: nn.Module, installed: Any) -> tuple[Any, str] | None:
+    if module.__dict__.get("forward", _MISSING) is installed:
+        return module, "forward"
+    for ref in _registry_refs(module):
+        for attr in ("forward", "original_forward"):
+            if getattr(ref, attr, None) is installed:
+                return ref, attr
+    return None
 
 
 @dataclass
@@ -97,7 +168,7 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
                 return original(*args, **kwargs)
             if block is first:
                 skipping["active"] = False
-                signal = signal_of(args, kwargs) if signal_of is not None and runner.method == "teacache" else None
+                signal = signal_of(args, kwargs) if signal_of is not None and runner.wants_signal else None
                 if signal is None:
                     signal = runner.current.signal_tensor
                 reused = runner.enter_stack(io.hidden_in(args, kwargs), signal)
@@ -113,16 +184,17 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
         return forward
 
     for block in blocks:
-        patch.set(block, "forward", wrap(block, block.forward))
+        patch.wrap_forward(block, lambda original, block=block: wrap(block, original), innermost=True)
 
 
 def install_forward(patch: InstalledPatch, model: nn.Module,
                     around: Callable[[Callable, tuple, dict], Any]) -> None:
-    """Replace ``model.forward`` (at instance level) by ``around(original_forward, args, kwargs)``."""
-    original = model.forward
+    """Replace ``model.forward`` (at instance level, outside any hooks on the model) by
+    ``around(original_forward, args, kwargs)``."""
+    def make(original):
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return around(original, args, kwargs)
+        return forward
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return around(original, args, kwargs)
-
-    patch.set(model, "forward", forward)
+    patch.wrap_forward(model, make, innermost=False)

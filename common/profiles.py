@@ -93,9 +93,13 @@ def split_branch_ratios(ratios: list[float], num_branches: int, num_steps: int, 
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"cannot read profile file {str(path)!r}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{str(path)!r} is not a stepcache profile (not JSON: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or "name" not in data:
         raise ProfileError(f"{str(path)!r} is not a stepcache profile (expected a JSON object with "
                            f"\"format\": \"{FORMAT}\" and a \"name\")")

@@ -14,6 +14,10 @@ State is per CFG branch (keyed by the branch's name, never by call parity) and p
 belongs to one model instance. A generation starts when a branch's step index goes back (or repeats), when
 the step count changes, or when the latent's shape, dtype or device changes; everything is reset then, and
 when a generation completes its cached tensors are released.
+
+Under sequence parallelism each rank has its own runner: the cached residual is that rank's shard (``h_L - h0``
+of the same shard), and the measurements the adapter marks as shards are reduced over the group before any
+policy sees them (:mod:`stepcache.distributed`), so every rank decides alike.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from .distributed import LATENT, SIGNAL, SequenceGroup, share_decision
 from .methods import MethodConfig
 from .policies import Decision
 
@@ -81,6 +86,7 @@ class RunStats:
     def __init__(self, method: str):
         self.method = method
         self.records: list[PassRecord] = []
+        self.outside_fit: dict[int, int] = {}  # generation -> TeaCache signal changes outside the fitted range
 
     def generation_ids(self) -> list[int]:
         return sorted({r.generation for r in self.records})
@@ -116,6 +122,10 @@ class RunStats:
         for branch in self.branches(generation):
             c, t = self.counts(generation, branch)
             lines.append(f"  branch {branch}: computed {c}/{t}")
+        gen = self.records[-1].generation if generation is None else generation
+        if self.outside_fit.get(gen):
+            lines.append(f"  {self.outside_fit[gen]} signal change(s) fell outside the range the TeaCache "
+                         f"polynomial was fitted on: its rescaling is extrapolated there")
         return "\n".join(lines)
 
     def to_dict(self, generation: int | None = None) -> dict[str, Any]:
@@ -133,16 +143,42 @@ class RunStats:
 
 
 class CacheRunner:
-    def __init__(self, config: MethodConfig, *, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, config: MethodConfig, *,
+                 group: SequenceGroup | Callable[[], SequenceGroup | None] | None = None,
+                 sharded: frozenset[str] | set[str] = frozenset(), cfg_group: SequenceGroup | None = None):
+        """``group`` (or a callable returning it, asked at each measurement) is the sequence-parallel group;
+        ``sharded`` names the measurements (``stepcache.distributed.SIGNAL``, ``LATENT``) that are taken on a
+        rank's shard and must be reduced over it. Measurements not named are rank-invariant: no collective.
+
+        ``cfg_group`` spans ranks that run *different* CFG branches of the same step (CFG parallelism, one
+        branch per rank): a method whose branches follow one leader branch (EasyCache's ``decide_on``) then gets
+        the leader's decision from the rank that runs it."""
         self.config = config
         self.method = config.method
-        # A sequence-parallel group installs a reducer so that input-dependent signals are the mean over the
-        # full sequence, identical on every rank, before any policy sees them.
-        self.reduce_mean = reduce_mean or (lambda t: t)
+        self.group_of = group if callable(group) else (lambda: group)
+        self.sharded = frozenset(sharded)
+        self.cfg_group = cfg_group
         self.stats = RunStats(config.method)
+        # A calibrated TeaCache polynomial knows the signal changes it was fitted on; outside them it guesses.
+        self.fit_range = None
+        if config.method == "teacache":
+            variant = config.profile.method("teacache")["variants"][config.params["variant"]]
+            self.fit_range = variant.get("fit_range")
         self.generation = 0
         self.current: PassContext | None = None
         self._reset_state()
+
+    def _mean_abs(self, measurement: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """``mean(|t|)`` of each tensor: over the whole sequence when ``measurement`` is a shard under a group
+        (one all-reduce for all of them), else over what this rank holds."""
+        group = self.group_of() if measurement in self.sharded else None
+        if group is not None:
+            return group.mean_abs(*tensors)
+        return [mean_abs(t) for t in tensors]
+
+    @property
+    def wants_signal(self) -> bool:
+        return self.method == "teacache"
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def _reset_state(self) -> None:
@@ -213,11 +249,12 @@ class CacheRunner:
                 raise RuntimeError("TeaCache needs the adapter's signal tensor at the block stack")
             distance = None
             if state.previous_signal is not None and state.previous_signal.shape == signal.shape:
-                change = self.reduce_mean(mean_abs(signal - state.previous_signal))
-                scale = self.reduce_mean(mean_abs(state.previous_signal))
+                change, scale = self._mean_abs(SIGNAL, signal - state.previous_signal, state.previous_signal)
                 distance = float(change / scale)
             state.previous_signal = signal.detach()
             ctx.signal = distance
+            if self.fit_range and distance is not None and not self.fit_range[0] <= distance <= self.fit_range[1]:
+                self.stats.outside_fit[self.generation] = self.stats.outside_fit.get(self.generation, 0) + 1
             decision = state.policy.decide(ctx.step, ctx.num_steps, distance, have_cache)
         else:
             decision = state.policy.decide(ctx.step, ctx.num_steps, have_cache)
@@ -267,19 +304,25 @@ class CacheRunner:
         leader = self.config.decide_on
         leader_state = self.branches.get(leader) if leader and leader != ctx.branch else None
         have_cache = state.residual is not None and state.residual.shape == x.shape
-        if leader_state is not None and ctx.step in leader_state.decisions:
+        remote = leader is not None and self.cfg_group is not None  # the leader branch runs on another rank
+        followed = None
+        if remote and ctx.branch != leader:
+            followed = share_decision(self.cfg_group, None)
+        elif leader_state is not None and ctx.step in leader_state.decisions:
             followed = leader_state.decisions[ctx.step]
+        if followed is not None:
             compute = followed.compute or not have_cache
             ctx.decision = Decision(compute, "follow" if compute == followed.compute else "no-cache",
                                     followed.accumulator)
         else:
             change = None
             if state.previous_input is not None and state.computed_output is not None:
-                num = self.reduce_mean(mean_abs(x - state.previous_input))
-                den = self.reduce_mean(mean_abs(state.computed_output))
+                num, den = self._mean_abs(LATENT, x - state.previous_input, state.computed_output)
                 change = float(num / den)
             ctx.signal = change
             ctx.decision = state.policy.decide(ctx.step, ctx.num_steps, change, have_cache)
+            if remote:
+                share_decision(self.cfg_group, ctx.decision)
         state.previous_input = x.detach()
         if not ctx.decision.compute:
             ctx.reused_output = x + state.residual
@@ -287,8 +330,7 @@ class CacheRunner:
     def _easycache_store(self, ctx: PassContext, state: BranchState, v: torch.Tensor) -> None:
         x = ctx.latent
         if state.computed_input is not None and state.computed_input.shape == x.shape:
-            num = self.reduce_mean(mean_abs(v - state.computed_output))
-            den = self.reduce_mean(mean_abs(x - state.computed_input))
+            num, den = self._mean_abs(LATENT, v - state.computed_output, x - state.computed_input)
             state.policy.observe_rate(float(num / den) if float(den) > 0 else None)
         state.computed_input = x.detach()
         state.computed_output = v.detach()

@@ -11,6 +11,24 @@ first output of ``transformer_blocks[0].norm1`` (an ``AdaLayerNormZero``: LayerN
 ``1 + scale_msa``, plus ``shift_msa``), the same computation as upstream's ``img_norm1`` + ``img_mod`` chunks.
 It is evaluated from the block's own call arguments before the block decides; ``norm1`` is a pure function,
 so evaluating it once more leaves the block's result unchanged.
+
+Context parallelism. diffusers ships no ``_cp_plan`` for this model; :func:`enable_context_parallel` gives it
+one through diffusers' own ``enable_parallelism(config=..., cp_plan=...)`` (Ulysses or ring):
+
+* the first block's ``hidden_states`` (image tokens) *and* ``encoder_hidden_states`` (text tokens) are split on
+  the sequence, ``rope``'s outputs split alike, and ``proj_out``'s output gathered. The text must be split too:
+  the attention joins ``[image; text]``, and with the text whole on every rank Ulysses' all-to-all would hand
+  every text key to the attention once per rank (each rank's ``[image shard; text]``), weighting it ``n`` times;
+* the joint attention mask ``[image; text]`` (text padding) is built inside the model's forward for the full
+  sequence; a diffusers hook on every block (registered beneath the split hook) cuts it to this rank's
+  ``[image shard; text shard]``, which Ulysses' attention all-gathers into the same order its all-to-all gives the
+  keys. Ring attention reuses one mask for every rank's keys, so with padded text it is refused (an all-valid
+  mask is dropped, and ring runs).
+
+Under it the TeaCache signal is a shard of the image tokens and is reduced over the context-parallel group
+(``sequence_sharded``); EasyCache reads the model's whole input and gathered output; MagCache is rank-invariant.
+Not supported: the image-to-video "token_replace" variant (its first-frame modulation indexes the full
+sequence) and the ``ulysses_anything`` / ``ring_anything`` modes (unequal shards).
 """
 from __future__ import annotations
 
@@ -18,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import SIGNAL
 from ..patching import BlockIO, install_stack
 from ..profiles import match_profiles
 
@@ -61,7 +80,11 @@ def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) ->
 
 class HunyuanVideoDiffusersAdapter:
     family = "hunyuanvideo"
+    teacache_signal = "block0_modulated"  # the signal TeaCache reads by default; calibration records it
     block_io = BLOCK_IO
+    # Under context parallelism the TeaCache signal is read from block 0's input, the image-token shard; the
+    # model's input and output (EasyCache) are whole on every rank.
+    sequence_sharded = frozenset({SIGNAL})
 
     def __init__(self):
         self.method: str | None = None
@@ -80,6 +103,12 @@ class HunyuanVideoDiffusersAdapter:
                 return block0_modulated_input(first, args, kwargs)
 
         install_stack(patch, runner_of, blocks, self.block_io, signal_of=signal_of)
+
+    def check_parallel(self, model) -> None:
+        """Refuse a context-parallel model that was not set up by :func:`enable_context_parallel` (its text
+        mask would be wrong on every rank)."""
+        if _context_parallel_config(model) is not None and not getattr(model, "_stepcache_context_parallel", False):
+            raise ValueError(CP_HOW)
 
     def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
         # Image-to-video "latent_concat" appends condition channels after the latent; the output has none.
@@ -109,6 +138,123 @@ class HunyuanVideoDiffusersAdapter:
         if model.config.get("image_condition_type") is not None:
             return []
         return match_profiles(self.family, dict(model.config), type(model).__name__)
+
+
+# ------------------------------------------------------------------------------------- context parallelism
+CP_HOW = ("HunyuanVideo has no context-parallel plan in diffusers; enable it with "
+          "stepcache.hunyuan.diffusers_adapter.enable_context_parallel(transformer, ContextParallelConfig(...)) "
+          "instead of transformer.enable_parallelism(...), so that the text tokens and their attention mask are "
+          "split with the image tokens")
+MASK_HOOK = "stepcache_cp_joint_mask"
+
+
+def _context_parallel_config(model):
+    config = getattr(model, "_parallel_config", None)
+    return getattr(config, "context_parallel_config", None) if config is not None else None
+
+
+def context_parallel_plan(model) -> dict:
+    """diffusers' ``cp_plan`` for a ``HunyuanVideoTransformer3DModel`` (see the module docstring)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    first = "transformer_blocks.0" if len(model.transformer_blocks) else "single_transformer_blocks.0"
+    return {
+        "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+                 1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+        first: {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+                "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def _joint_mask_hook():
+    from diffusers.hooks.hooks import ModelHook
+
+    class JointMaskShardHook(ModelHook):
+        """Cuts the joint ``[image; text]`` attention mask a block receives to this rank's
+        ``[image shard; text shard]`` (ring: drops an all-valid mask, refuses a padded one). A no-op until the
+        block's attention has a context-parallel config."""
+
+        def __init__(self, memo: dict):
+            super().__init__()
+            self.memo = memo  # shared by the blocks of one model: the mask is one tensor per forward
+
+        def pre_forward(self, module, *args, **kwargs):
+            config = getattr(getattr(module.attn, "processor", None), "_parallel_config", None)
+            cp = getattr(config, "context_parallel_config", None) if config is not None else None
+            in_args = len(args) > 3
+            mask = args[3] if in_args else kwargs.get("attention_mask")
+            if cp is None or mask is None:
+                return args, kwargs
+            memo = self.memo
+            if memo.get("mask") is not mask:
+                memo["mask"], memo["local"] = mask, _local_mask(mask, _hidden_states(args, kwargs),
+                                                                _encoder_hidden_states(args, kwargs), cp)
+            if in_args:
+                args = (*args[:3], memo["local"], *args[4:])
+            else:
+                kwargs = {**kwargs, "attention_mask": memo["local"]}
+            return args, kwargs
+
+        def reset_state(self, module):
+            self.memo.clear()
+            return module
+
+    return JointMaskShardHook
+
+
+def _local_mask(mask: torch.Tensor, hidden: torch.Tensor, encoder: torch.Tensor, cp) -> torch.Tensor | None:
+    import torch.distributed as dist
+
+    n = cp.ring_degree * cp.ulysses_degree
+    image, text = hidden.shape[1], encoder.shape[1]  # this rank's shard lengths
+    if mask.shape[-1] == image + text:
+        return mask  # already this rank's
+    if mask.shape[-1] != n * (image + text):
+        raise ValueError(f"HunyuanVideo context parallelism: the attention mask covers {mask.shape[-1]} tokens, "
+                         f"expected {n} x ({image} image + {text} text) tokens of this rank's shard")
+    if cp.ring_degree > 1:
+        if bool(mask.all()):
+            return None  # nothing is masked: ring attention runs without a mask
+        raise ValueError("HunyuanVideo with ring attention (ring_degree > 1) cannot mask padded text tokens: "
+                         "ring attention applies one mask to every rank's keys. Use ulysses_degree (which "
+                         "handles the padding), or text without padding")
+    rank = dist.get_rank(cp._flattened_mesh.get_group())
+    full_image = n * image
+    return torch.cat((mask[..., rank * image:(rank + 1) * image],
+                      mask[..., full_image + rank * text:full_image + (rank + 1) * text]), dim=-1)
+
+
+def enable_context_parallel(transformer, config) -> None:
+    """Context parallelism (Ulysses or ring) for a diffusers ``HunyuanVideoTransformer3DModel``, through
+    diffusers' own ``enable_parallelism`` with :func:`context_parallel_plan` and the joint-mask hooks.
+
+    ``config`` is a ``diffusers.ContextParallelConfig`` (or a ``ParallelConfig`` holding one). Call it on every
+    rank after ``torch.distributed`` is initialised, like ``enable_parallelism``; ``stepcache.enable`` may come
+    before or after it.
+    """
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks.hooks import HookRegistry
+
+    cp = config if isinstance(config, ContextParallelConfig) else getattr(config, "context_parallel_config", None)
+    if cp is None:
+        raise ValueError("enable_context_parallel needs a diffusers ContextParallelConfig (ulysses_degree or "
+                         "ring_degree > 1)")
+    if transformer.config.get("image_condition_type") == "token_replace":
+        raise ValueError("HunyuanVideo image-to-video with image_condition_type='token_replace' is not supported "
+                         "under context parallelism: its first-frame modulation indexes the full sequence")
+    if cp.ulysses_anything or cp.ring_anything:
+        raise ValueError("HunyuanVideo context parallelism needs equal shards: ulysses_anything / ring_anything "
+                         "are not supported (make the text length and the image token count divisible by the "
+                         "degree)")
+    hook_cls = _joint_mask_hook()
+    memo: dict = {}
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if registry.get_hook(MASK_HOOK) is None:
+            registry.register_hook(hook_cls(memo), MASK_HOOK)
+    transformer.enable_parallelism(config=config, cp_plan=context_parallel_plan(transformer))
+    transformer._stepcache_context_parallel = True
 
 
 def load_pipeline(model_dir, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cuda",

@@ -9,7 +9,9 @@ upstream does stays upstream's: its argument groups (``hyvideo.config``), its ``
   model is loaded (the published scripts hard-code them: "edit lines 294-296");
 * the cache, installed on the transformer *instance* after upstream has built it, so that it also wraps the
   instance-level ``forward`` that upstream's xDiT ``parallelize_transformer`` binds (the published scripts
-  patch the class and are silently uncached there, seed-methods.md §6.1);
+  patch the class and are silently uncached there, seed-methods.md §6.1); under ``torchrun`` every rank caches
+  its own image-token shard, and TeaCache's shard signal is reduced over xDiT's sequence-parallel group before
+  the threshold, so every rank takes the same decision;
 * MagCache at any ``--video-size``: 720 and 544 use their published tables, any other height the nearest one
   with a warning, or a calibrated profile given with ``--cache-profile`` (``--magcache-calibration PATH``
   measures one in an uncached run, with the authors' rule);
@@ -25,7 +27,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +53,7 @@ METHOD_FLAGS = {
 
 
 class SequenceParallelWarning(UserWarning):
-    """A method whose decision is not yet agreed between sequence-parallel ranks."""
+    """Kept for compatibility: decisions are agreed between sequence-parallel ranks, nothing warns any more."""
 
 
 def _help(text: str) -> str:
@@ -142,12 +143,14 @@ class CachePlan:
     notes: list[str] = field(default_factory=list)
     calibrate: str | None = None  # write a MagCache profile measured in this (uncached) run here
 
-    def enable(self, transformer, num_steps: int):
+    def enable(self, transformer, num_steps: int, parallel=None):
+        """``parallel``: the sequence-parallel group TeaCache's shard signal is reduced over (None: one
+        process)."""
         if self.method is None:
             return None
         from ..api import enable
         return enable(transformer, self.method, profile=self.profile, preset=self.preset, num_steps=num_steps,
-                      **self.overrides)
+                      parallel=parallel, **self.overrides)
 
 
 def video_size(args) -> tuple[int, int]:
@@ -188,9 +191,9 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
         error(f"argument --infer-steps: caching needs at least 2 denoising steps, got {args.infer_steps}")
     notes = []
     if method == "teacache" and (args.ulysses_degree > 1 or args.ring_degree > 1):
-        notes.append("teacache under sequence parallelism: each rank measures its signal on its own sequence "
-                     "shard, so ranks may decide differently (and then wait on each other). Agreement between "
-                     "ranks is not handled yet; magcache and easycache decide identically on every rank.")
+        notes.append("teacache under sequence parallelism: each rank measures its signal on its own image-token "
+                     "shard; the sums and counts are all-reduced over xDiT's sequence-parallel group before the "
+                     "threshold (one small all-reduce per pass), so every rank takes the same decision")
 
     warning = None
     if args.cache_profile:
@@ -316,14 +319,18 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
     print(args)
     warn_unpublished(plan.warning)
     for note in plan.notes:
-        warnings.warn(note, SequenceParallelWarning, stacklevel=2)
+        _log(f"stepcache: {note}")
 
     save_path = args.save_path if args.save_path_suffix == "" else f"{args.save_path}_{args.save_path_suffix}"
     os.makedirs(save_path, exist_ok=True)
 
     sampler = (load or load_sampler)(args)
     args = sampler.args
-    cached = plan.enable(sampler.pipeline.transformer, args.infer_steps)
+    parallel = None
+    if args.ulysses_degree > 1 or args.ring_degree > 1:
+        from ..distributed import xdit_group
+        parallel = xdit_group()  # upstream initialised it in from_pretrained (sequence-parallel degree = world)
+    cached = plan.enable(sampler.pipeline.transformer, args.infer_steps, parallel=parallel)
     if cached is not None:
         _log(f"stepcache: {plan.config.describe()}")
         cached.start_generation(args.infer_steps)

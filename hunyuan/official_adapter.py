@@ -12,6 +12,13 @@ Blocks are called positionally by upstream (``block(*double_block_args)``); keyw
 
 The TeaCache signal is the reference's (TC-HY:82-97): ``modulate(img_norm1(img), shift1, scale1)`` with the
 first two of the six chunks of ``double_blocks[0].img_mod(vec)``, computed from block 0's call arguments.
+
+Under xDiT (``--ulysses-degree`` / ``--ring-degree``), upstream's ``parallelize_transformer`` binds an instance
+``forward`` that cuts ``x`` (and RoPE) to this rank's image-token shard, calls the original forward and all-gathers
+the output. The cache is installed after it, so its own ``forward`` wraps that wrapper (EasyCache sees the whole
+latent and the gathered output, the same on every rank), while the blocks inside see the shard: the TeaCache
+signal is a shard and is summed over xDiT's sequence-parallel group (``sequence_sharded``), and the cached
+residual is this rank's shard.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import SIGNAL
 from ..patching import BlockIO, install_stack
 from ..profiles import match_profiles
 
@@ -80,6 +88,7 @@ def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) ->
 
 class HYVideoAdapter:
     family = "hunyuanvideo"
+    sequence_sharded = frozenset({SIGNAL})  # block 0's input is the image-token shard under xDiT
 
     def install(self, patch, model, runner_of, method: str, signal_name) -> None:
         blocks = [*model.double_blocks, *model.single_blocks]

@@ -37,7 +37,8 @@ RFlow sampler calls it once per step as ``model(cat([z, z]), cat([t, t]), all_ti
 * **Multi-GPU**: VideoSys spawns its worker processes (ranks 1..n-1) in ``VideoSysEngine.__init__``, before any
   patch can reach them (seed-methods.md §6.3); a cache on rank 0 alone would skip blocks whose all-to-alls the
   other ranks wait in. So a model with sequence or CFG parallelism (``parallel_manager.sp_size`` or ``cp_size``
-  above 1) is refused until the multi-GPU issue covers Open-Sora.
+  above 1) is refused: the multi-GPU issue's support covers HunyuanVideo and Wan2.1 (xDiT, diffusers context
+  parallelism), not VideoSys's engine.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ MULTI_GPU_MESSAGE = (
     "Open-Sora multi-GPU (VideoSys num_gpus > 1: sequence or CFG parallelism) is not supported yet: VideoSys "
     "spawns its worker processes before a patch can reach them, so only rank 0 would cache while the other "
     "ranks wait in the blocks' all-to-alls (a hang). Run with num_gpus=1 (for throughput, one process per GPU "
-    "over disjoint prompts: `python -m stepcache.opensora.generate_set --shard K/N`); multi-GPU caching for "
-    "Open-Sora is left to the multi-GPU issue.")
+    "over disjoint prompts: `python -m stepcache.opensora.generate_set --shard K/N`). The multi-GPU issue's "
+    "support (agreed decisions under xDiT and diffusers context parallelism) covers HunyuanVideo and Wan2.1, "
+    "not VideoSys; see the README's Multi-GPU section.")
 
 
 class MultiGPUNotSupported(RuntimeError):

@@ -124,7 +124,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--num-sampling-steps", "--num_sampling_steps", dest="steps", type=int, default=30)
     gen.add_argument("--cfg-scale", "--cfg_scale", dest="cfg_scale", type=float, default=7.0)
     gen.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=1,
-                     help="must be 1: VideoSys multi-GPU is refused until the multi-GPU issue covers it")
+                     help="must be 1: VideoSys multi-GPU is refused (see the README's Multi-GPU section)")
 
     model = parser.add_argument_group("models (the published ids by default)")
     model.add_argument("--transformer", default=DEFAULT_MODELS["transformer"])

@@ -4,6 +4,12 @@ The TeaCache signal is taken from the same tensors as the reference (seed-method
 embedding ``temb`` (upstream ``e``), or with ``use_ret_steps`` its projection ``timestep_proj`` (upstream
 ``e0``); both are outputs of ``condition_embedder``. EasyCache works in the 16-channel latent space: for I2V
 the image-condition channels the pipeline concatenates after the latent are not part of ``x``.
+
+Under diffusers' context parallelism (Wan's own ``_cp_plan``: ``blocks.0``'s input split on the sequence, ``rope``
+split, ``proj_out`` gathered) every decision is rank-invariant: ``temb`` is computed from the timestep on every
+rank, and EasyCache reads the model's input and output, which are whole on every rank (the split happens at the
+first block, the gather at ``proj_out``). So no measurement is reduced and no collective is added; the block
+stack (wrapped beneath diffusers' split hook) stores each rank's own shard of the residual.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
 
 class WanDiffusersAdapter:
     family = "wan2.1"
+    teacache_signal = "temb"  # the signal TeaCache reads by default; calibration records it
     block_io = first_arg_io("hidden_states")
+    sequence_sharded = frozenset()  # temb and the model's input/output are whole on every rank (see above)
 
     def install(self, patch, model, runner_of, method: str, signal_name) -> None:
         install_stack(patch, runner_of, model.blocks, self.block_io)

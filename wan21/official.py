@@ -14,6 +14,12 @@ therefore named by *which* context list it got, never by call parity.
 :func:`attach` installs a method on a sampler instance: on the ``WanModel`` itself (inside an FSDP wrapper when
 ``--dit_fsdp`` wrapped it, after any instance-level USP forward), and an instance-level ``generate`` wrapper that
 tells the cache where each generation starts and how many steps it has. Nothing is set on a class.
+
+Under USP (``--ulysses_size`` / ``--ring_size``) upstream binds ``usp_dit_forward`` on the model instance; it
+embeds the whole latent, cuts the token sequence to this rank's shard just before the blocks, and all-gathers
+after the head. The cache wraps that forward, so its blocks see (and cache) the shard while every decision is
+rank-invariant: TeaCache reads the timestep embedding, EasyCache the whole input latent and gathered output,
+MagCache the step. No measurement is reduced and no collective is added.
 """
 from __future__ import annotations
 
@@ -99,6 +105,7 @@ class ContextBranches:
 class WanOfficialAdapter:
     family = FAMILY
     block_io = first_arg_io("x")
+    sequence_sharded = frozenset()  # e, e0 and the model's input/output are whole on every rank (see above)
 
     def __init__(self):
         self.branches = ContextBranches()
@@ -208,13 +215,13 @@ class Attachment:
 
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
-           calibrate: bool = False, reduce_mean=None) -> Attachment:
+           calibrate: bool = False, parallel=None) -> Attachment:
     """Install ``method`` (or nothing, or the calibration recorder) on an upstream sampler instance.
 
     ``sampler`` is a ``WanT2V`` / ``WanI2V`` / ``WanFLF2V`` whose ``model`` is a ``WanModel`` or an FSDP wrapper
     of one. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
-    ``reduce_mean`` makes the runner's input-dependent signals the mean over all ranks, so that every rank
-    takes the same decision (a rank that skipped a block while another ran it would hang FSDP's collectives).
+    ``parallel`` is passed to :func:`stepcache.enable`; Wan's decisions are rank-invariant under USP and FSDP
+    (every rank measures whole tensors), so the scripts pass nothing and no collective is added.
     """
     if method is not None and calibrate:
         raise ValueError("calibration runs uncached; do not combine it with a method")
@@ -224,7 +231,7 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
     attachment = Attachment(sampler, model)
     if method is not None:
         import stepcache
-        attachment.cached = stepcache.enable(model, method, profile=profile, reduce_mean=reduce_mean,
+        attachment.cached = stepcache.enable(model, method, profile=profile, parallel=parallel,
                                              **(params or {}))
         attachment.adapter = attachment.cached.adapter
     if calibrate:

@@ -370,7 +370,7 @@ class Session:
     def attach(self, sampler):
         from .official import attach
         attachment = attach(sampler, self.plan.method, self.plan.profile, self.plan.params,
-                            calibrate=self.plan.calibrate, reduce_mean=_world_mean())
+                            calibrate=self.plan.calibrate)
         self.attachments.append(attachment)
         profile = self.plan.profile
         if profile is not None:
@@ -464,19 +464,6 @@ class Session:
               f"{path}\n[stepcache] use it with: python magcache_generate.py ... --use_magcache --cache_profile "
               f"{path}")
         return path
-
-
-def _world_mean():
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    world = dist.get_world_size()
-
-    def mean(value):
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value / world
-    return mean
 
 
 def _device_name(model) -> str:

@@ -1,0 +1,603 @@
+"""Calibration for any model, resolution and step count: run uncached, measure what each method needs, write
+a profile file that every entry point accepts.
+
+Per pass and per CFG branch, over every prompt and seed:
+
+* MagCache: the magnitude ratio of successive block-stack residuals (mean over tokens of the per-token norm
+  ratio), its per-token std and the token-wise cosine distance, as the reference records them; the profile's
+  table is the mean over prompts and seeds, with the spread (std, min, max) beside it.
+* TeaCache: pairs (relative L1 change of the method's signal, relative L1 change of the model output), and a
+  polynomial fitted to them (degree 4, as published), stored with the range it was fitted on, its error on
+  held-out runs, and a straight line's error for comparison. A polynomial that goes negative inside its range
+  is flagged. Presets are thresholds that reuse about a quarter, 40% and half of the passes on the measured
+  trajectories.
+* EasyCache: the transformation rate ``k_t = mean|v_t - v_{t-1}| / mean|x_t - x_{t-1}|`` per step, whose
+  settling justifies the warm-up length (the suggested warm-up is recorded).
+
+The profile also records what it was measured on (model class and config hash, resolution, frames, steps,
+scheduler and shift, guidance, dtype, prompts, seeds, tool version); :func:`check_profile_fit` compares that
+with the model a profile is used on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .calibration_io import (MAGCACHE_RULE, calibrated_source, interleave_with_padding, residual_ratio_stats,
+                             write_profile)
+from .policies import Decision, EasyCachePolicy, ParameterError, Polynomial, TeaCachePolicy
+from .profiles import FORMAT, METHODS, Profile, ProfileError, check_profile_family, load_profile
+from .runner import CacheRunner, PassContext, RunStats, mean_abs
+
+TEACACHE_DEGREE = 4
+# Reuse fractions that name the TeaCache speed levels of a calibrated profile.
+SPEED_LEVELS = {"slow": 0.25, "medium": 0.4, "fast": 0.5}
+# EasyCache's rate counts as settled once it changes by less than this from step to step.
+RATE_SETTLED = 0.1
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class PassMeasure:
+    generation: int
+    branch: str
+    step: int
+    ratio: float | None = None  # MagCache
+    ratio_std: float | None = None
+    cos_distance: float | None = None
+    signal_change: float | None = None  # TeaCache x
+    output_change: float | None = None  # TeaCache y
+    rate: float | None = None  # EasyCache k
+    input_change: float | None = None  # EasyCache: mean|x_t - x_{t-1}|
+    output_mean: float | None = None  # EasyCache: mean|v_t|
+
+
+@dataclass
+class _Previous:
+    residual: torch.Tensor | None = None
+    signal: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
+
+
+_COMPUTE = Decision(True, "calibrate", None)
+
+
+class CalibrationRunner(CacheRunner):
+    """Takes the place of a cache runner: every pass computes, and the runner measures.
+
+    It keeps the cache runner's notion of a generation (a branch's step going back, a new step count, a new
+    latent shape), so that several prompts and seeds run through one installed model are told apart.
+    """
+
+    method = "calibrate"
+    wants_signal = True
+
+    def __init__(self, signal_name: str | None):
+        self.signal_name = signal_name
+        # Calibration runs on one process: every measurement is over the whole sequence.
+        self.group_of = lambda: None
+        self.sharded = frozenset()
+        self.reduce_mean = lambda t: t
+        self.fit_range = None
+        self.stats = RunStats("calibrate")
+        self.generation = 0
+        self.current: PassContext | None = None
+        self.measures: list[PassMeasure] = []
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self.previous: dict[str, _Previous] = {}
+
+    def _finish_generation(self) -> None:
+        self.generation_open = False  # every pass computes: nothing to warn about
+
+    def _branch(self, name: str):
+        state = self.branches.get(name)
+        if state is None:
+            from .runner import BranchState
+            state = self.branches[name] = BranchState(policy=None)
+            self.previous[name] = _Previous()
+        return state
+
+    def _rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        return float(self.reduce_mean(mean_abs(current - previous)) / self.reduce_mean(mean_abs(previous)))
+
+    def begin_pass(self, branch, step, num_steps, latent):
+        ctx = super().begin_pass(branch, step, num_steps, latent)
+        ctx.decision = _COMPUTE
+        ctx.measure = PassMeasure(self.generation, branch, step)
+        return ctx
+
+    def enter_stack(self, h0, signal=None):
+        ctx = self._require_pass()
+        ctx.h0 = h0
+        previous = self.previous[ctx.branch]
+        if signal is not None:
+            if previous.signal is not None and previous.signal.shape == signal.shape:
+                ctx.measure.signal_change = self._rel_l1(signal, previous.signal)
+            previous.signal = signal.detach()
+        return None
+
+    def leave_stack(self, h_out):
+        ctx = self._require_pass()
+        if ctx.h0 is None:
+            return
+        residual = (h_out - ctx.h0).detach()
+        previous = self.previous[ctx.branch]
+        if previous.residual is not None and previous.residual.shape == residual.shape:
+            ctx.measure.ratio, ctx.measure.ratio_std, ctx.measure.cos_distance = residual_ratio_stats(
+                residual, previous.residual)
+        previous.residual = residual
+        ctx.h0 = None
+
+    def end_pass(self, output):
+        ctx = self._require_pass()
+        previous = self.previous[ctx.branch]
+        latent = ctx.latent
+        if output is not None:
+            ctx.measure.output_mean = float(self.reduce_mean(mean_abs(output)))
+        if output is not None and previous.output is not None and previous.output.shape == output.shape:
+            ctx.measure.output_change = self._rel_l1(output, previous.output)
+            input_change = float(self.reduce_mean(mean_abs(latent - previous.latent)))
+            ctx.measure.input_change = input_change
+            if input_change > 0:
+                ctx.measure.rate = float(self.reduce_mean(mean_abs(output - previous.output))) / input_change
+        previous.output = output.detach() if output is not None else None
+        previous.latent = latent.detach()
+        self.measures.append(ctx.measure)
+        super().end_pass(output)
+
+
+# ------------------------------------------------------------------------------------------------- analysis
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return {"mean": mean, "std": math.sqrt(var), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _grouped(measures: list[PassMeasure], attr: str) -> dict[tuple[str, int], list[float]]:
+    out: dict[tuple[str, int], list[float]] = {}
+    for m in measures:
+        value = getattr(m, attr)
+        if value is not None:
+            out.setdefault((m.branch, m.step), []).append(value)
+    return out
+
+
+def magcache_section(measures, branches, steps, base: Profile | None) -> dict[str, Any]:
+    grouped = _grouped(measures, "ratio")
+    per = {b: [_stats(grouped[(b, s)]) for s in range(1, steps)] for b in branches}
+    for b in branches:
+        if len(per[b]) != steps - 1:
+            raise CalibrationError(f"branch {b!r} is missing ratios; every run must have {steps} steps")
+    stds = _grouped(measures, "ratio_std")
+    coss = _grouped(measures, "cos_distance")
+
+    def table(pick, pad=1.0):
+        return interleave_with_padding({b: [round(pick(b, s, st), 5) for s, st in enumerate(per[b], start=1)]
+                                        for b in branches}, branches, pad=pad)
+
+    rule = base.data.get("magcache", {}) if base is not None and base.has("magcache") else {}
+    section = {
+        "ratios": table(lambda b, s, st: st["mean"]),
+        "steps": steps,
+        "branches": list(branches),
+        **{key: rule.get(key, default) for key, default in MAGCACHE_RULE.items()},
+        "spread": {"std": table(lambda b, s, st: st["std"], 0.0), "min": table(lambda b, s, st: st["min"]),
+                   "max": table(lambda b, s, st: st["max"]), "runs": per[branches[0]][0]["n"]},
+        "token_std": table(lambda b, s, st: _stats(stds[(b, s)])["mean"], 0.0),
+        "cos_distance": table(lambda b, s, st: _stats(coss[(b, s)])["mean"], 0.0),
+        "defaults": dict(rule.get("defaults", {"thresh": 0.12, "K": 2, "retention_ratio": 0.2})),
+    }
+    presets = dict(rule.get("presets", {}))
+    for level, k in (("slow", 2), ("medium", 3), ("fast", 4)):
+        presets.setdefault(level, {"thresh": 0.12, "K": k, "retention_ratio": 0.2})
+    section["presets"] = presets
+    return section
+
+
+def _fit(x: list[float], y: list[float], degree: int) -> list[float]:
+    import numpy as np
+    return [float(c) for c in np.polyfit(np.asarray(x), np.asarray(y), degree)]
+
+
+def _rmse(coefficients, x, y) -> float:
+    poly = Polynomial(coefficients)
+    return math.sqrt(sum((poly(a) - b) ** 2 for a, b in zip(x, y)) / len(x))
+
+
+def _by_run(measures):
+    runs: dict[tuple[int, str], list[PassMeasure]] = {}
+    for m in measures:
+        runs.setdefault((m.generation, m.branch), []).append(m)
+    return runs
+
+
+def _teacache_reuse(coefficients, warmup, force_last, steps, measures):
+    """TeaCache's reuse fraction at a threshold, on the measured (uncached) trajectories: its signal changes
+    do not depend on what was skipped, only the trajectory drifts a little."""
+    def reuse(thresh):
+        reused = total = 0
+        for items in _by_run(measures).values():
+            policy = TeaCachePolicy(coefficients, thresh, warmup, force_last)
+            for m in items:
+                reused += not policy.decide(m.step, steps, m.signal_change, have_cache=m.step > 0).compute
+                total += 1
+        return reused / max(total, 1)
+    return reuse
+
+
+def _easycache_reuse(warmup, force_last, steps, measures):
+    """EasyCache's reuse fraction at a threshold, replayed on the measured trajectories with the rate of the
+    last computed step standing in for the rate between the last two computed steps."""
+    def reuse(thresh):
+        reused = total = 0
+        for items in _by_run(measures).values():
+            policy = EasyCachePolicy(thresh, warmup, force_last)
+            last_output = None
+            for m in items:
+                change = (m.input_change / last_output if m.input_change is not None and last_output else None)
+                decision = policy.decide(m.step, steps, change, have_cache=last_output is not None)
+                if decision.compute:
+                    policy.observe_rate(m.rate)
+                    last_output = m.output_mean
+                reused += not decision.compute
+                total += 1
+        return reused / max(total, 1)
+    return reuse
+
+
+def _threshold_for(fraction: float, reuse) -> float:
+    """The smallest threshold (4 significant digits) at which ``reuse(thresh)`` reaches ``fraction``."""
+    low, high = 0.0, 1e-3
+    while reuse(high) < fraction and high < 1e6:
+        high *= 2
+    for _ in range(40):
+        mid = (low + high) / 2
+        if reuse(mid) < fraction:
+            low = mid
+        else:
+            high = mid
+    return float(f"{high:.4g}")
+
+
+def _speed_presets(reuse) -> tuple[dict, dict]:
+    """Thresholds reusing about SPEED_LEVELS of the passes; where the warm-up leaves too few passes to reach a
+    level, the threshold that reuses all it can, with a note saying how much that is."""
+    ceiling = reuse(1e6)
+    presets, notes = {}, {}
+    for level, fraction in SPEED_LEVELS.items():
+        if ceiling == 0:
+            presets[level] = {"thresh": 0.05}
+            notes[level] = "the warm-up covers the whole calibration run: nothing could be reused"
+            continue
+        target = min(fraction, ceiling)
+        presets[level] = {"thresh": _threshold_for(target, reuse)}
+        notes[level] = (f"reuses about {int(fraction * 100)}% of the passes on the calibration runs"
+                        if target == fraction else
+                        f"reuses {target:.0%} of the passes on the calibration runs, all the warm-up leaves")
+    return presets, notes
+
+
+def teacache_section(measures, signal_name, steps, base: Profile | None) -> dict[str, Any]:
+    pairs = [(m.generation, m.signal_change, m.output_change) for m in measures
+             if m.signal_change is not None and m.output_change is not None]
+    if len(pairs) < TEACACHE_DEGREE + 2:
+        raise CalibrationError(f"TeaCache needs at least {TEACACHE_DEGREE + 2} (signal, output) pairs; got "
+                               f"{len(pairs)} (run more steps or more prompts)")
+    x = [p[1] for p in pairs]
+    y = [p[2] for p in pairs]
+    coefficients = _fit(x, y, TEACACHE_DEGREE)
+    line = _fit(x, y, 1)
+    # Held-out errors: fit on every other run, measure on the rest (in-sample error favours the higher degree).
+    generations = sorted({p[0] for p in pairs})
+    held = {}
+    if len(generations) >= 2:
+        train = [p for p in pairs if generations.index(p[0]) % 2 == 0]
+        test = [p for p in pairs if generations.index(p[0]) % 2 == 1]
+        tx, ty = [p[1] for p in train], [p[2] for p in train]
+        vx, vy = [p[1] for p in test], [p[2] for p in test]
+        if len(tx) > TEACACHE_DEGREE + 1:
+            held = {"heldout_rmse": _rmse(_fit(tx, ty, TEACACHE_DEGREE), vx, vy),
+                    "heldout_linear_rmse": _rmse(_fit(tx, ty, 1), vx, vy), "heldout_pairs": len(vx)}
+    low, high = min(x), max(x)
+    poly = Polynomial(coefficients)
+    grid = [low + (high - low) * i / 200 for i in range(201)]
+    negative = [g for g in grid if poly(g) < 0]
+    base_variant = {}
+    if base is not None and base.has("teacache"):
+        section = base.method("teacache")
+        base_variant = section["variants"].get(section.get("defaults", {}).get("variant", "default"), {})
+    warmup = int(base_variant.get("warmup_steps", 1))
+    force_last = bool(base_variant.get("force_last", True))
+    variant = {
+        "signal": signal_name, "coefficients": coefficients, "warmup_steps": warmup, "force_last": force_last,
+        "source": "fitted by stepcache calibrate (numpy.polyfit, degree 4, highest power first)",
+        "fit_range": [low, high], "fit_rmse": _rmse(coefficients, x, y), "linear_coefficients": line,
+        "linear_rmse": _rmse(line, x, y), "pairs": len(pairs), **held,
+        "negative_inside_range": bool(negative),
+    }
+    presets, notes = _speed_presets(_teacache_reuse(coefficients, warmup, force_last, steps, measures))
+    return {"variants": {"default": variant}, "defaults": {"thresh": presets["medium"]["thresh"],
+                                                           "variant": "default"},
+            "presets": presets, "preset_notes": notes}
+
+
+def easycache_section(measures, steps, base: Profile | None) -> dict[str, Any]:
+    grouped = _grouped(measures, "rate")
+    branch = measures[0].branch
+    rates = [(s, _stats(grouped[(branch, s)])) for s in range(1, steps) if (branch, s) in grouped]
+    changes = [(rates[i][0], abs(rates[i][1]["mean"] / rates[i - 1][1]["mean"] - 1)) for i in range(1, len(rates))]
+    # The warm-up should cover every step up to the last one where k still jumped by RATE_SETTLED or more
+    # (the final step's change does not count: that step is always computed).
+    settled = 1
+    for step, change in changes[:-1]:
+        if change >= RATE_SETTLED:
+            settled = step + 1
+    base_section = base.data.get("easycache", {}) if base is not None else {}
+    warmup = int(base_section.get("warmup_steps", max(settled, 1)))
+    leader = base_section.get("decide_on", "cond" if len({m.branch for m in measures}) > 1 else None)
+    # Presets from the decisions of the leading branch (the others follow it when decide_on is set).
+    lead = [m for m in measures if leader is None or m.branch == leader]
+    presets, notes = _speed_presets(_easycache_reuse(warmup, True, steps, lead))
+    return {"thresh": presets["medium"]["thresh"], "warmup_steps": warmup, "force_last": True,
+            "decide_on": leader, "suggested_warmup_steps": settled,
+            "rate": {"steps": [s for s, _ in rates], "mean": [st["mean"] for _, st in rates],
+                     "std": [st["std"] for _, st in rates]},
+            "presets": presets, "preset_notes": notes,
+            "source": "measured by stepcache calibrate; warm-up from "
+                      + (base.name if base_section else "the rate's settling")}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def config_hash(config: dict[str, Any]) -> str:
+    text = json.dumps({k: v for k, v in sorted(config.items()) if not k.startswith("_")}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CalibrationRun:
+    """What to run: one generation per (prompt, seed), each through ``generate(prompt, seed)``."""
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(target, run: CalibrationRun, generate, signal_name: str | None = None, progress=True):
+    """Install a :class:`CalibrationRunner` on ``target`` (a pipeline or a transformer), call
+    ``generate(prompt, seed)`` for every pair, and return the runner with its measurements."""
+    from .api import CachedModel, StepClock, _resolve_target, adapter_for
+    if not run.prompts:
+        raise CalibrationError("calibration needs at least one prompt; the prompt list is empty")
+    if run.steps < 2:
+        raise CalibrationError(f"steps={run.steps} is too few; calibration needs at least 2 denoising steps")
+    if not run.seeds:
+        raise CalibrationError("calibration needs at least one seed")
+    model, pipeline = _resolve_target(target)
+    adapter = adapter_for(model)
+    runner = CalibrationRunner(signal_name or getattr(adapter, "teacache_signal", None))
+    cached = CachedModel(model, adapter, "calibrate", None, None, {}, StepClock(pipeline, run.steps),
+                         runner=runner)
+    pairs = [(p, s) for p in run.prompts for s in run.seeds]
+    try:
+        from tqdm.auto import tqdm
+        for prompt, seed in tqdm(pairs, desc="calibrating", disable=not progress, file=sys.stderr):
+            cached.start_generation(run.steps)
+            generate(prompt, seed)
+    finally:
+        cached.remove()
+    return runner, adapter, model
+
+
+def build_profile(runner: CalibrationRunner, adapter, model, run: CalibrationRun, name: str,
+                  base: Profile | None = None, description: str | None = None) -> dict[str, Any]:
+    measures = [m for m in runner.measures]
+    branches: list[str] = []
+    for m in measures:
+        if m.branch not in branches:
+            branches.append(m.branch)
+    if base is not None and base.has("magcache"):
+        order = base.magcache_branches()
+        branches.sort(key=lambda b: order.index(b) if b in order else len(order))
+    config = dict(getattr(model, "config", {}) or {})
+    steps = run.steps
+    family = adapter.family
+    data: dict[str, Any] = {
+        "format": FORMAT, "name": name,
+        "description": description or f"{type(model).__name__} calibrated by stepcache",
+        "model": {"family": family, "task": (base.data.get("model", {}).get("task") if base else None),
+                  "resolution": run.meta.get("resolution"), "config": adapter.describe_config(model),
+                  "classes": [type(model).__name__], "detect": False},
+        "measured_on": {"model_class": type(model).__name__, "config_hash": config_hash(config),
+                        "steps": steps, "prompts": len(run.prompts), "seeds": list(run.seeds),
+                        "branches": branches, **run.meta, "tool": calibrated_source()},
+        "source": calibrated_source(),
+        "magcache": magcache_section(measures, branches, steps, base),
+        "teacache": teacache_section(measures, runner.signal_name, steps, base),
+        "easycache": easycache_section(measures, steps, base),
+    }
+    if base is not None:
+        data["measured_on"]["base_profile"] = base.name
+    return data
+
+
+def check_profile_fit(profile: Profile, model) -> list[str]:
+    """Refuse a calibrated profile on another model class; return warnings for a different config."""
+    measured = profile.data.get("measured_on")
+    if not measured:
+        return []
+    cls = type(model).__name__
+    if measured.get("model_class") and measured["model_class"] != cls:
+        raise ProfileError(f"profile {profile.name!r} was calibrated on {measured['model_class']}, not {cls}; "
+                           f"its tables mean nothing for another model class")
+    notes = []
+    config = dict(getattr(model, "config", {}) or {})
+    if measured.get("config_hash") and config and config_hash(config) != measured["config_hash"]:
+        notes.append(f"profile {profile.name!r} was calibrated on a {cls} with another config (hash "
+                     f"{measured['config_hash']}, this one {config_hash(config)})")
+    return notes
+
+
+class ProfileFitWarning(UserWarning):
+    pass
+
+
+warnings.simplefilter("always", ProfileFitWarning)
+
+
+# ------------------------------------------------------------------------------------------ resampling study
+def resampling_errors(base: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:
+    """Mean absolute error of each resampling mode's prediction of ``measured``'s ratios from ``base``'s.
+
+    Both are MagCache sections; every branch and every step after the padding counts.
+    """
+    from .profiles import split_branch_ratios
+    steps = int(measured["steps"])
+    branches = measured["branches"]
+    errors = {}
+    for mode in ("nearest", "compose"):
+        diffs = []
+        for index, branch in enumerate(branches):
+            truth = split_branch_ratios(measured["ratios"], len(branches), steps, index, "none", "measured")
+            source = base["branches"].index(branch) if branch in base["branches"] else 0
+            guess = split_branch_ratios(base["ratios"], len(base["branches"]), steps, source, mode, "base")
+            diffs += [abs(a - b) for a, b in zip(guess[1:], truth[1:])]
+        errors[mode] = sum(diffs) / len(diffs)
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser) -> None:
+    parser.description = ("Run a model uncached over prompts and seeds, measure what TeaCache, MagCache and "
+                          "EasyCache need, and write a profile file that every entry point accepts.")
+    parser.add_argument("--model", required=True,
+                        help="local diffusers pipeline folder (Wan2.1 or HunyuanVideo), or 'demo' for the "
+                             "shipped demo model")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts", default=None, help="a .txt (one per line) or .json file of prompts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps to calibrate at (default 50)")
+    parser.add_argument("--height", type=int, default=480, help="video height (default 480)")
+    parser.add_argument("--width", type=int, default=832, help="video width (default 832)")
+    parser.add_argument("--frames", type=int, default=81, help="frames (default 81)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG / embedded guidance scale")
+    parser.add_argument("--true-cfg", type=float, default=1.0, help="HunyuanVideo true CFG scale")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="transformer dtype")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--base-profile", default=None,
+                        help="a profile whose thresholds, presets and rules the new one keeps (default: the "
+                             "shipped profile matched on the model's config, if any)")
+    parser.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
+    parser.add_argument("--out", required=True, help="profile file to write (.json)")
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        from .eval.prompts import load_prompts
+        prompts += load_prompts(args.prompts)
+    return prompts
+
+
+def _diffusers_target(args):
+    """(pipeline, generate(prompt, seed), meta) for a local diffusers folder."""
+    from .generate import PIPELINES, _load_pipeline, _read_json
+    folder = Path(args.model)
+    if not (folder / "model_index.json").exists():
+        raise CalibrationError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
+    if pipeline_class not in PIPELINES:
+        raise CalibrationError(f"unsupported pipeline class {pipeline_class!r}; supported: {', '.join(PIPELINES)}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = _load_pipeline(folder, pipeline_class, args.dtype, device)
+    pipe.set_progress_bar_config(disable=True)
+    family = PIPELINES[pipeline_class][0]
+    guidance = args.guidance if args.guidance is not None else (6.0 if family == "hunyuanvideo" else 5.0)
+    extra = {"true_cfg_scale": args.true_cfg} if family == "hunyuanvideo" else {}
+
+    def generate(prompt, seed):
+        pipe(prompt=prompt, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
+             num_inference_steps=args.steps, guidance_scale=guidance, output_type="latent",
+             generator=torch.Generator(device="cpu").manual_seed(seed), **extra)
+
+    scheduler = pipe.scheduler
+    meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance, **extra,
+            "scheduler": type(scheduler).__name__, "shift": scheduler.config.get("shift",
+                                                                                   scheduler.config.get("flow_shift")),
+            "dtype": args.dtype, "pipeline": pipeline_class}
+    return pipe, generate, meta
+
+
+def run(args) -> int:
+    from .api import adapter_for, _resolve_target
+    try:
+        prompts = _prompts(args)
+        if not prompts:
+            raise CalibrationError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+        if args.steps < 2:
+            raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
+        if Path(args.out).suffix != ".json":
+            raise CalibrationError(f"--out {args.out} must end in .json")
+        base = load_profile(args.base_profile) if args.base_profile else None
+        if args.model == "demo":
+            from .wan21.demo import calibration_target
+            target, generate, meta = calibration_target(args)
+        else:
+            target, generate, meta = _diffusers_target(args)
+        model, _ = _resolve_target(target)
+        adapter = adapter_for(model)
+        if base is not None:
+            check_profile_family(base, adapter.family)
+            check_profile_fit(base, model)
+        else:
+            found = adapter.detect_profiles(model)
+            base = found[0] if found else None
+        run_spec = CalibrationRun(prompts, list(args.seeds), args.steps, meta)
+        runner, adapter, model = measure(target, run_spec, generate)
+        name = args.name or Path(args.out).stem
+        data = build_profile(runner, adapter, model, run_spec, name, base)
+        profile = write_profile(args.out, data)
+    except (CalibrationError, ParameterError, ProfileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe_calibration(profile))
+    return 0
+
+
+def describe_calibration(profile: Profile) -> str:
+    mag, tea, easy = profile.data["magcache"], profile.data["teacache"], profile.data["easycache"]
+    variant = tea["variants"]["default"]
+    spread = max(mag["spread"]["std"])
+    lines = [f"wrote profile {profile.name} ({profile.path})",
+             f"  magcache: {len(mag['ratios'])} ratios, {mag['steps']} steps x {len(mag['branches'])} branch(es), "
+             f"{mag['spread']['runs']} run(s) each; largest spread over runs (std) {spread:.4f}",
+             f"  teacache: degree-{TEACACHE_DEGREE} fit on {variant['pairs']} pairs over signal change "
+             f"[{variant['fit_range'][0]:.4g}, {variant['fit_range'][1]:.4g}]: rmse {variant['fit_rmse']:.4g} "
+             f"(straight line {variant['linear_rmse']:.4g})"]
+    if "heldout_rmse" in variant:
+        lines.append(f"            held-out runs: rmse {variant['heldout_rmse']:.4g} (straight line "
+                     f"{variant['heldout_linear_rmse']:.4g})")
+    if variant["negative_inside_range"]:
+        lines.append("            WARNING: the fitted polynomial is negative inside its fitted range")
+    lines.append(f"            presets {tea['presets']}")
+    lines.append(f"  easycache: rate settles after step {easy['suggested_warmup_steps']} (warm-up used: "
+                 f"{easy['warmup_steps']} steps)")
+    lines.append(f"use it with: stepcache generate --profile {profile.path} ...   or   "
+                 f"stepcache schedule --profile {profile.path} --list-presets")
+    return "\n".join(lines)

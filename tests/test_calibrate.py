@@ -1,0 +1,128 @@
+"""`stepcache calibrate`: measuring a model's tables and writing a profile every entry point accepts."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stepcache
+from stepcache.calibrate import (CalibrationError, CalibrationRun, build_profile, check_profile_fit, measure)
+from stepcache.calibration_io import write_profile
+from stepcache.policies import compose_resample, nearest_resample
+from stepcache.profiles import ProfileError, load_profile
+from wan_tiny import build_t2v, embeds, run_t2v
+
+STEPS = 8
+
+
+def calibrate(pipe, prompt_seeds=(1, 2), seeds=(0,), steps=STEPS, name="tiny-cal", base=None):
+    def generate(prompt_seed, seed):
+        run_t2v(pipe, steps=steps, prompt_seed=prompt_seed, seed=seed)
+    run = CalibrationRun(list(prompt_seeds), list(seeds), steps, {"resolution": [32, 32]})
+    runner, adapter, model = measure(pipe, run, generate, progress=False)
+    return build_profile(runner, adapter, model, run, name, base)
+
+
+def _without_timestamps(data):
+    data = json.loads(json.dumps(data))
+    data.pop("source")
+    data["measured_on"].pop("tool")
+    return data
+
+
+def test_same_prompts_and_seeds_give_the_same_profile():
+    pipe = build_t2v()
+    assert _without_timestamps(calibrate(pipe)) == _without_timestamps(calibrate(pipe))
+
+
+def test_profile_holds_each_method_with_spread_and_fit(tmp_path):
+    pipe = build_t2v()
+    data = calibrate(pipe, prompt_seeds=(1, 2, 3), seeds=(0, 1))
+    mag, tea, easy = data["magcache"], data["teacache"], data["easycache"]
+    assert mag["branches"] == ["cond", "uncond"] and len(mag["ratios"]) == 2 * STEPS
+    assert mag["ratios"][:2] == [1.0, 1.0] and mag["spread"]["runs"] == 6
+    for lo, mean, hi in zip(mag["spread"]["min"], mag["ratios"], mag["spread"]["max"]):
+        assert lo - 1e-5 <= mean <= hi + 1e-5
+    variant = tea["variants"]["default"]
+    assert variant["signal"] == "temb" and len(variant["coefficients"]) == 5
+    assert variant["fit_range"][0] < variant["fit_range"][1] and variant["pairs"] == 6 * 2 * (STEPS - 1)
+    assert {"fit_rmse", "linear_rmse", "heldout_rmse", "heldout_linear_rmse"} <= set(variant)
+    assert tea["presets"]["slow"]["thresh"] <= tea["presets"]["medium"]["thresh"] <= tea["presets"]["fast"]["thresh"]
+    assert len(easy["rate"]["mean"]) == STEPS - 1 and easy["warmup_steps"] >= 1
+    assert easy["presets"]["slow"]["thresh"] <= easy["presets"]["fast"]["thresh"]
+    assert data["measured_on"]["model_class"] == "WanTransformer3DModel"
+    assert data["measured_on"]["steps"] == STEPS and data["measured_on"]["prompts"] == 3
+
+
+def test_calibrated_profile_drives_every_method_and_other_step_counts(tmp_path, capsys):
+    pipe = build_t2v()
+    path = tmp_path / "tiny-cal.json"
+    write_profile(path, calibrate(pipe))
+    for method in ("teacache", "magcache", "easycache"):
+        stepcache.enable(pipe, method, profile=str(path), preset="fast")
+        run_t2v(pipe, steps=STEPS)
+        computed, total = stepcache.stats(pipe).counts()
+        assert total == 2 * STEPS
+        stepcache.disable(pipe)
+    # A table measured at 8 steps, scheduled at 4 and at 16 without running the model.
+    from stepcache.cli import main
+    for steps in ("4", "16"):
+        assert main(["schedule", "--profile", str(path), "--steps", steps, "--resample", "compose"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines[2]) == 2 * int(steps)
+
+
+def test_profile_from_another_model_class_is_refused(tmp_path):
+    pipe = build_t2v()
+    data = calibrate(pipe)
+    data["measured_on"]["model_class"] = "HunyuanVideoTransformer3DModel"
+    path = tmp_path / "other.json"
+    write_profile(path, data)
+    with pytest.raises(ProfileError, match="calibrated on HunyuanVideoTransformer3DModel, not WanTransformer3DModel"):
+        stepcache.enable(pipe, "magcache", profile=str(path))
+    assert check_profile_fit(load_profile("wan2.1-t2v-1.3b"), pipe.transformer) == []
+
+
+def test_bad_calibration_input():
+    pipe = build_t2v()
+    with pytest.raises(CalibrationError, match="the prompt list is empty"):
+        measure(pipe, CalibrationRun([], [0], STEPS), lambda p, s: None)
+    with pytest.raises(CalibrationError, match="steps=1 is too few"):
+        measure(pipe, CalibrationRun(["a"], [0], 1), lambda p, s: None)
+    assert "forward" not in pipe.transformer.__dict__
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "x", "--out", "p.json"], "no prompts"),
+    (["--model", "x", "--prompt", "a", "--steps", "1", "--out", "p.json"], "--steps 1 is too few"),
+    (["--model", "x", "--prompt", "a", "--out", "p.txt"], "must end in .json"),
+    (["--model", "x", "--prompt", "a", "--out", "p.json", "--base-profile", "README.md"], "is not a stepcache profile"),
+    (["--model", "/nonexistent", "--prompt", "a", "--out", "p.json"], "is not a diffusers pipeline folder"),
+])
+def test_calibrate_cli_errors(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stepcache.cli", "calibrate", *args], capture_output=True,
+                            text=True, cwd=tmp_path if "README.md" not in args else None)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_compose_resampling_multiplies_merged_steps():
+    table = [1.0, 1.02, 0.98, 0.97, 0.95, 0.9]
+    assert compose_resample(table, 6) == pytest.approx(table)
+    coarse = compose_resample(table, 3)
+    assert coarse[1] == pytest.approx(1.02 * 0.98 * 0.97 ** 0.5)
+    assert coarse[1] * coarse[2] == pytest.approx(1.02 * 0.98 * 0.97 * 0.95 * 0.9)
+    fine = compose_resample(table, 11)
+    assert fine[1] * fine[2] == pytest.approx(1.02)
+    # The reference's nearest resampling keeps single values instead: less drift per coarse step.
+    assert nearest_resample(table, 3) == [1.0, 0.98, 0.9]  # indices 0, round(2.5) = 2, 5
+
+
+def test_resampling_errors_measure_each_mode_against_a_measured_table():
+    from stepcache.calibrate import resampling_errors
+    fine = {"ratios": [1.0] + [0.99] * 8, "steps": 9, "branches": ["cond"]}
+    # Measured at 5 steps, each coarse step spans two fine ones: the true ratio is 0.99 ** 2.
+    coarse = {"ratios": [1.0] + [0.99 ** 2] * 4, "steps": 5, "branches": ["cond"]}
+    errors = resampling_errors(fine, coarse)
+    assert errors["compose"] == pytest.approx(0.0, abs=1e-12)
+    assert errors["nearest"] == pytest.approx(0.99 - 0.99 ** 2)
