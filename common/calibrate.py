@@ -34,7 +34,7 @@ import torch
 from .calibration_io import (MAGCACHE_RULE, calibrated_source, interleave_with_padding, residual_ratio_stats,
                              write_profile)
 from .policies import Decision, EasyCachePolicy, ParameterError, Polynomial, TeaCachePolicy
-from .profiles import FORMAT, METHODS, Profile, ProfileError, check_profile_family, load_profile
+from .profiles import FORMAT, Profile, ProfileError, check_profile_family, load_profile
 from .runner import CacheRunner, PassContext, RunStats, mean_abs
 
 TEACACHE_DEGREE = 4

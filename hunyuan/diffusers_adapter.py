@@ -32,15 +32,12 @@ sequence) and the ``ulysses_anything`` / ``ring_anything`` modes (unequal shards
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from ..distributed import SIGNAL
+from ..diffusers_io import DiffusersTransformerAdapter, call_arg
 from ..patching import BlockIO, install_stack
-from ..profiles import match_profiles
-
-VAE_SPATIAL_SCALE = 8  # HunyuanVideo's causal 3D VAE downsamples height and width by 8
 
 # What `stepcache generate` should pass to a HunyuanVideoPipeline by default: the published sampling setup
 # (upstream hyvideo/config.py defaults; guidance-distilled, so one pass per step).
@@ -56,10 +53,6 @@ def _encoder_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
-    return args[index] if len(args) > index else kwargs.get(name, default)
-
-
 BLOCK_IO = BlockIO(
     hidden_in=_hidden_states,
     hidden_out=lambda output: output[0],
@@ -71,15 +64,18 @@ BLOCK_IO = BlockIO(
 def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """The modulated image input of a dual-stream block, from that block's call arguments."""
     hidden = _hidden_states(args, kwargs)
-    temb = _arg(args, kwargs, 2, "temb")
-    token_replace_emb = _arg(args, kwargs, 5, "token_replace_emb")
+    temb = call_arg(args, kwargs, 2, "temb")
+    token_replace_emb = call_arg(args, kwargs, 5, "token_replace_emb")
     if token_replace_emb is not None:  # image-to-video "token_replace": the first frame has its own modulation
-        return block.norm1(hidden, temb, token_replace_emb, _arg(args, kwargs, 6, "num_tokens"))[0]
+        return block.norm1(hidden, temb, token_replace_emb, call_arg(args, kwargs, 6, "num_tokens"))[0]
     return block.norm1(hidden, emb=temb)[0]
 
 
-class HunyuanVideoDiffusersAdapter:
+class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     family = "hunyuanvideo"
+    return_dict_index = 7
+    config_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                   "image_condition_type")
     teacache_signal = "block0_modulated"  # the signal TeaCache reads by default; calibration records it
     block_io = BLOCK_IO
     # Under context parallelism the TeaCache signal is read from block 0's input, the image-token shard; the
@@ -110,34 +106,12 @@ class HunyuanVideoDiffusersAdapter:
         if _context_parallel_config(model) is not None and not getattr(model, "_stepcache_context_parallel", False):
             raise ValueError(CP_HOW)
 
-    def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
-        # Image-to-video "latent_concat" appends condition channels after the latent; the output has none.
-        return _hidden_states(args, kwargs)[:, : model.config.out_channels]
-
-    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
-        latent = _hidden_states(args, kwargs)
-        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
-
-    def output_latent(self, output: Any) -> torch.Tensor:
-        return output[0] if isinstance(output, tuple) else output.sample
-
-    def build_output(self, model, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        if not _arg(args, kwargs, 7, "return_dict", True):
-            return (latent,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        return Transformer2DModelOutput(sample=latent)
-
-    def describe_config(self, model) -> dict[str, Any]:
-        c = model.config
-        return {k: c.get(k) for k in ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
-                                      "in_channels", "image_condition_type")}
-
     def detect_profiles(self, model):
         # The shipped tables were measured on text-to-video; an image-to-video model has the same layer counts
         # but is not the model they describe.
         if model.config.get("image_condition_type") is not None:
             return []
-        return match_profiles(self.family, dict(model.config), type(model).__name__)
+        return super().detect_profiles(model)
 
 
 # ------------------------------------------------------------------------------------- context parallelism

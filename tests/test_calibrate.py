@@ -4,14 +4,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import stepcache
 from stepcache.calibrate import (CalibrationError, CalibrationRun, build_profile, check_profile_fit, measure)
 from stepcache.calibration_io import write_profile
 from stepcache.policies import compose_resample, nearest_resample
 from stepcache.profiles import ProfileError, load_profile
-from wan_tiny import build_t2v, embeds, run_t2v
+from wan_tiny import build_t2v, run_t2v
 
 STEPS = 8
 

@@ -13,22 +13,14 @@ stack (wrapped beneath diffusers' split hook) stores each rank's own shard of th
 """
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
+from ..diffusers_io import DiffusersTransformerAdapter
 from ..patching import first_arg_io, install_stack
-from ..profiles import match_profiles
-
-VAE_SPATIAL_SCALE = 8  # Wan's VAE downsamples height and width by 8
 
 
-def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-class WanDiffusersAdapter:
+class WanDiffusersAdapter(DiffusersTransformerAdapter):
     family = "wan2.1"
+    return_dict_index = 4
+    config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "image_dim")
     teacache_signal = "temb"  # the signal TeaCache reads by default; calibration records it
     block_io = first_arg_io("hidden_states")
     sequence_sharded = frozenset()  # temb and the model's input/output are whole on every rank (see above)
@@ -45,28 +37,3 @@ class WanDiffusersAdapter:
                 runner.current.signal_tensor = temb if signal_name() == "temb" else timestep_proj
 
         patch.hook(model.condition_embedder.register_forward_hook(capture))
-
-    def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
-        return _hidden_states(args, kwargs)[:, : model.config.out_channels]
-
-    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
-        latent = _hidden_states(args, kwargs)
-        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
-
-    def output_latent(self, output: Any) -> torch.Tensor:
-        return output[0] if isinstance(output, tuple) else output.sample
-
-    def build_output(self, model, latent: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        return_dict = kwargs.get("return_dict", args[4] if len(args) > 4 else True)
-        if not return_dict:
-            return (latent,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        return Transformer2DModelOutput(sample=latent)
-
-    def describe_config(self, model) -> dict[str, Any]:
-        c = model.config
-        return {k: c.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                                      "image_dim")}
-
-    def detect_profiles(self, model):
-        return match_profiles(self.family, dict(model.config), type(model).__name__)
