@@ -87,6 +87,7 @@ class RunStats:
         self.method = method
         self.records: list[PassRecord] = []
         self.outside_fit: dict[int, int] = {}  # generation -> TeaCache signal changes outside the fitted range
+        self.notes: dict[int, list[str]] = {}  # generation -> what the run did differently from its profile
 
     def generation_ids(self) -> list[int]:
         return sorted({r.generation for r in self.records})
@@ -123,6 +124,7 @@ class RunStats:
             c, t = self.counts(generation, branch)
             lines.append(f"  branch {branch}: computed {c}/{t}")
         gen = self.records[-1].generation if generation is None else generation
+        lines += [f"  note: {note}" for note in self.notes.get(gen, [])]
         if self.outside_fit.get(gen):
             lines.append(f"  {self.outside_fit[gen]} signal change(s) fell outside the range the TeaCache "
                          f"polynomial was fitted on: its rescaling is extrapolated there")
@@ -138,6 +140,8 @@ class RunStats:
             "pattern": self.pattern(generation),
             "branches": {b: dict(zip(("computed", "total"), self.counts(generation, b)))
                          for b in self.branches(generation)},
+            "notes": self.notes.get(self.records[-1].generation if generation is None and self.records
+                                    else generation, []),
             "passes": [r.__dict__ for r in self.of(generation)],
         }
 
@@ -212,6 +216,12 @@ class CacheRunner:
         self.generation_open = True
         self.num_steps = num_steps
         self.signature = signature
+        if self.method == "magcache":
+            table_steps = int(self.config.profile.method("magcache")["steps"])
+            if table_steps != num_steps:
+                self.stats.notes.setdefault(self.generation, []).append(
+                    f"the MagCache table of {self.config.profile.name} was measured at {table_steps} steps; "
+                    f"resampled to {num_steps} ({self.config.params['resample']})")
 
     def _branch(self, name: str) -> BranchState:
         state = self.branches.get(name)

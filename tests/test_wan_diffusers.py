@@ -203,3 +203,13 @@ def test_profile_detection_from_config():
     assert choose_by_resolution(i2v, 832, 480)[0].name == "wan2.1-i2v-14b-480p"  # portrait 480P
     profile, warning = choose_by_resolution(i2v, 576, 1024)
     assert profile.name == "wan2.1-i2v-14b-480p" and "no shipped profile was calibrated at 576x1024" in warning
+
+
+def test_resampled_table_is_noted_in_the_stats():
+    pipe = build_t2v()
+    stepcache.enable(pipe, "magcache", profile=PROFILE)
+    run_t2v(pipe, steps=12)
+    stats = stepcache.stats(pipe)
+    assert "measured at 50 steps; resampled to 12 (nearest)" in stats.summary()
+    assert stats.to_dict()["notes"] == ["the MagCache table of wan2.1-t2v-1.3b was measured at 50 steps; "
+                                        "resampled to 12 (nearest)"]
