@@ -39,8 +39,9 @@ setup(
         "diffusers": DIFFUSERS,
         "video": VIDEO,
         "eval": EVAL,
-        "test": TEST + DIFFUSERS + EVAL,
+        "test": TEST + DIFFUSERS + EVAL + ["cache-dit==1.5.3"],  # so the bench tests reach a real peer
         "all": DIFFUSERS + EVAL,
+        "bench": DIFFUSERS + EVAL + ["cache-dit==1.5.3"],  # `stepcache bench`'s peers (cache-dit; diffusers' own)
     },
     entry_points={"console_scripts": ["stepcache=stepcache.cli:main"]},
 )

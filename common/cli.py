@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     ("calibrate", "stepcache.calibrate", "measure a model's tables (all three methods) and write a profile file"),
     ("demo", "stepcache.wan21.demo.run", "run every method on a small trained video model shipped with stepcache "
                                          "and compare with uncached and fewer-step runs"),
+    ("bench", "stepcache.eval.bench", "benchmark vs fewer steps, diffusers' caches and cache-dit on the demo model"),
 ]
 
 

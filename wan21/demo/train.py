@@ -39,7 +39,8 @@ EXPORT = "demo_wan.safetensors"
 # Hyper-parameters that define a run; stored in the checkpoint, and a resumed run keeps them.
 DEFAULTS = dict(seed=0, steps=12500, batch=24, lr=1e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.01,
                 betas=(0.9, 0.99), clip=1.0, ema=0.999, cfg_drop=0.1, t_shift=2.0, t_uniform=0.25,
-                codec_clips=1024)
+                codec_clips=1024, clock=True)
+# Runs started before the clock channel existed have no "clock" key and keep the codec they were trained with.
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -67,7 +68,8 @@ class Trainer:
         self.h = h
         torch.manual_seed(h["seed"])
         self.tokenizer = WordTokenizer()
-        self.codec = codec_mod.fit(make_batch(h["codec_clips"], torch.Generator().manual_seed(h["seed"] + 7))[1])
+        self.codec = codec_mod.fit(make_batch(h["codec_clips"], torch.Generator().manual_seed(h["seed"] + 7))[1],
+                                   clock=h.get("clock", False))
         self.model = build_transformer(TRANSFORMER_CONFIG, seed=h["seed"])
         torch.manual_seed(h["seed"] + 1)
         self.text = WordEncoder(len(self.tokenizer))

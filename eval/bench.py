@@ -1,0 +1,789 @@
+"""`stepcache bench`: stepcache against the fewer-steps floor and the peers, on the demo model, in one run.
+
+On the shipped demo model (a diffusers ``WanTransformer3DModel`` run through the real ``WanPipeline``), over a
+fixed set of prompts and seeds, one process runs:
+
+* the uncached baseline;
+* the floors every caching method must beat: the same pipeline with fewer steps (a sweep of step counts) and a
+  fixed pattern that computes one pass in every k after the warm-up;
+* stepcache TeaCache, MagCache and EasyCache, calibrated in this session, each over a sweep of its threshold;
+* the peers, configured as their documentation allows: diffusers FirstBlockCache, MagCache (ratios from
+  diffusers' own calibration on this model), TaylorSeer, SeaCache, PyramidAttentionBroadcast and FasterCache;
+  cache-dit DBCache with and without TaylorSeer; each over a sweep.
+
+For every run: transformer passes (and, for peers that skip inside the forward, the real block work: the
+multiply-adds of the ``nn.Linear`` layers inside ``transformer.blocks`` that actually ran, against the
+baseline's); wall-clock time (all runs interleaved in rounds, in a shuffled order, with the baseline timed at
+the start, every few runs and at the end of each round; each run's speedup is against the baselines timed just
+before and after it, and the median over rounds is reported); and PSNR (per-frame mean and whole video), SSIM
+and LPIPS (when its weights are found) against the baseline's video for the same prompt and seed.
+
+Output in ``--out``: ``results.jsonl`` (one line per finished run and timing; a restart skips what is
+there; a folder made with other settings is refused), ``report.json``, ``table.md`` (the table, every run's
+configuration, the verdict), ``plot.png`` (PSNR against speedup, one curve per method) and ``verdict.md`` (the
+short verdict for the README). ``--quick`` runs 3 prompts, 2-3 points per sweep and 1 timing round (a few
+minutes); the default (full) mode is what the README's figures come from. ``--untrained`` runs a random-weight
+model of the demo's architecture, for checking the plumbing before the trained weights exist; every output is
+then labelled UNTRAINED.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+FORMAT = "stepcache-bench/1"
+BENCH_SEED = 200_000          # noise seeds used by nothing else (demo calibration 50_000, prompt-match check 100_000)
+CALIBRATION_SEED = 250_000    # the bench's own calibration runs
+UNTRAINED_SEED = 0
+UNTRAINED_LABEL = "UNTRAINED (random weights of the demo architecture: plumbing check, says nothing about quality)"
+MODES = {"full": dict(prompts=6, seeds=2, repeats=3, calibration_pairs=8),
+         "quick": dict(prompts=3, seeds=1, repeats=1, calibration_pairs=2)}
+BASELINE_EVERY = 4            # time the baseline again after this many runs within a round
+EXIT_REFUSED = 2
+PEER_FAMILIES = ("diffusers", "cache-dit")
+
+
+class BenchError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.replace("``", "")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", default="demo", choices=["demo"], help="the model to benchmark (default: demo)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="random weights of the demo architecture (no weight file needed); outputs are "
+                             "labelled UNTRAINED")
+    parser.add_argument("--weights", default=None, help="demo model file (default: the one shipped in stepcache)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 prompts x 1 seed, 2-3 points per sweep, 1 timing round (a few minutes)")
+    parser.add_argument("--out", default="stepcache-bench", help="output folder (default: ./stepcache-bench)")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated method keys or families (baseline, floor, stepcache, diffusers, "
+                             "cache-dit); default all (--list shows them)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="prompts (default: 6, quick 3)")
+    parser.add_argument("--num-seeds", type=int, default=None, help="seeds per prompt (default: 2, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps of the baseline (default 30)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo's 2.5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default: 3, quick 1)")
+    parser.add_argument("--profile", dest="profile_file", default=None, metavar="FILE",
+                        help="a stepcache profile file for the model, instead of calibrating it in this run")
+    parser.add_argument("--calibration-pairs", type=int, default=None,
+                        help="prompt-seed pairs for the in-session calibrations (default: 8, quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall-clock time (default), or this process's CPU time on a shared machine")
+    parser.add_argument("--lpips-weights", default=None, help="AlexNet backbone file for LPIPS (see compare)")
+    parser.add_argument("--lpips-heads", default=None, help="LPIPS head file (see compare)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="stop starting new runs after this long; run the same command again to resume")
+    parser.add_argument("--docs", default=None, metavar="DIR",
+                        help="also write the table and plot to DIR/bench-<date>-<name of --out>.md/.png")
+    parser.add_argument("--list", action="store_true", help="list the methods and their sweeps, then exit")
+
+
+def _mode(args) -> str:
+    return "quick" if args.quick else "full"
+
+
+def _command(args) -> str:
+    parts = ["stepcache", "bench"]
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    base = vars(defaults.parse_args([]))
+    for key, value in vars(args).items():
+        if key.startswith("_") or key in ("command", "list") or key not in base or value == base[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- model, prompts
+def bench_pairs(num_prompts: int, num_seeds: int) -> list[tuple[str, int]]:
+    """A fixed shuffle of the demo's prompt vocabulary, and noise seeds no other part of stepcache uses."""
+    import torch
+    from stepcache.wan21.demo.scenes import ALL_SCENES
+    order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_SEED)).tolist()
+    prompts = [ALL_SCENES[order[i % len(order)]].prompt for i in range(num_prompts)]
+    return [(p, BENCH_SEED + 1000 * i + j) for i, p in enumerate(prompts) for j in range(num_seeds)]
+
+
+def calibration_pairs(n: int) -> list[tuple[str, int]]:
+    """Pairs for the in-session calibrations: prompts from the far end of the benchmark's shuffle (so never a
+    benchmark prompt while both fit in the 144 prompts), with their own noise seeds."""
+    import torch
+    from stepcache.wan21.demo.scenes import ALL_SCENES
+    order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_SEED)).tolist()
+    return [(ALL_SCENES[order[-1 - (i % len(order))]].prompt, CALIBRATION_SEED + i) for i in range(n)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(args) -> dict:
+    if args.untrained:
+        return {"model": "demo-architecture", "weights": "untrained", "seed": UNTRAINED_SEED}
+    from stepcache.wan21.demo.model import WEIGHTS, WeightsMissing
+    path = Path(args.weights) if args.weights else WEIGHTS
+    if not path.exists():
+        raise WeightsMissing(
+            f"no demo model weights at {path}; train them with `python -m stepcache.wan21.demo.train --out DIR` "
+            f"and copy DIR/demo_wan.safetensors there, or pass --weights FILE (--untrained checks the plumbing "
+            f"on random weights)")
+    return {"model": "demo", "weights": str(path.resolve()), "sha256": _sha256(path)}
+
+
+def build_demo(args):
+    """(DemoPipeline, description) for the trained demo model, or its architecture with random weights."""
+    import torch
+    from stepcache.wan21.demo.model import DemoModel, DemoPipeline, build_transformer, load
+    if not args.untrained:
+        model = load(args.weights)
+        info = json.loads(model.metadata.get("info", "{}") or "{}")
+        return DemoPipeline(model), {"weights": model.metadata.get("path"), "trained_steps": info.get("trained_steps")}
+    from stepcache.wan21.demo import codec as codec_mod
+    from stepcache.wan21.demo.scenes import make_batch
+    from stepcache.wan21.demo.text import WordEncoder, WordTokenizer
+    from stepcache.wan21.demo.train import DEFAULTS
+    # the codec as training builds it (with its clock channel when training uses one), on fewer clips
+    options = {"clock": DEFAULTS["clock"]} if "clock" in DEFAULTS else {}
+    codec = codec_mod.fit(make_batch(256, torch.Generator().manual_seed(UNTRAINED_SEED + 7))[1], **options)
+    transformer = build_transformer(seed=UNTRAINED_SEED).eval().requires_grad_(False)
+    tokenizer = WordTokenizer()
+    torch.manual_seed(UNTRAINED_SEED + 1)
+    text = WordEncoder(len(tokenizer)).eval().requires_grad_(False)
+    model = DemoModel(transformer, text, tokenizer, codec, {"path": None, "untrained": "true"})
+    return DemoPipeline(model), {"weights": None, "untrained_seed": UNTRAINED_SEED, "label": UNTRAINED_LABEL}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class BlockWork:
+    """Real work inside the block stack: multiply-adds of every ``nn.Linear`` under ``transformer.blocks`` that
+    runs, and the transformer calls. Cache hooks replace ``forward`` of blocks or attention modules, so Linear
+    layers run only when their block or module really computes (for every method alike: stepcache, diffusers
+    hooks and cache-dit all call the original modules when they compute)."""
+
+    def __init__(self, transformer):
+        import torch
+        self.handles = [transformer.register_forward_pre_hook(self._on_call)]
+        for name, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[0] == "blocks":
+                self.handles.append(module.register_forward_pre_hook(self._on_linear))
+        self.reset()
+
+    def reset(self):
+        self.calls = 0
+        self.macs = 0
+        self.linears = 0
+
+    def _on_call(self, module, args):
+        self.calls += 1
+
+    def _on_linear(self, module, args):
+        self.linears += 1
+        self.macs += int(args[0].numel()) * module.out_features
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def to_uint8(video):
+    return (video * 255).round().to(dtype=__import__("torch").uint8)
+
+
+def quality(reference, video, lpips_scorer=None) -> dict:
+    """PSNR (frame mean, as TeaCache/MagCache; whole video, as EasyCache), SSIM and LPIPS of uint8 (T, H, W, 3)."""
+    from stepcache.eval import metrics
+    sq = metrics.frame_squared_errors(reference, video)
+    values = reference[0].numel() * 255.0 ** 2
+    psnr_frames = [metrics.psnr_from_mse(int(e) / values) for e in sq.tolist()]
+    ref = reference.permute(0, 3, 1, 2).double() / 255
+    gen = video.permute(0, 3, 1, 2).double() / 255
+    out = {"psnr": sum(psnr_frames) / len(psnr_frames),
+           "psnr_video": metrics.psnr_from_mse(int(sq.sum()) / (values * len(psnr_frames))),
+           "psnr_frame_min": min(psnr_frames),
+           "ssim": float(metrics.ssim_per_frame(ref, gen).mean()), "lpips": None}
+    if lpips_scorer is not None:
+        import torch
+        with torch.no_grad():
+            out["lpips"] = float(lpips_scorer(ref.float() * 2 - 1, gen.float() * 2 - 1).mean())
+    return out
+
+
+class Calibrations:
+    """Everything calibrated in the session, made once, kept in ``OUT/calibration/`` so a resumed run uses the
+    same tables: stepcache's profile (``stepcache calibrate``'s machinery) and diffusers MagCache's ratios
+    (diffusers' own ``calibrate=True`` pass), both on the calibration prompt-seed pairs, which the benchmark's
+    pairs do not include."""
+
+    BASE_PROFILE = "wan2.1-t2v-1.3b"   # its warm-ups, CFG rules and MagCache presets carry over
+
+    def __init__(self, demo, folder: Path, steps: int, guidance: float, pairs: int, profile_file: str | None):
+        self.demo, self.folder, self.steps, self.guidance = demo, folder, steps, guidance
+        self.n_pairs = pairs
+        self.profile_file = profile_file
+        self._profile = None
+        self._mag = None
+        self.easycache_warmup = max(1, round(steps * 10 / 50))   # Wan2.1's 10 of 50 steps, scaled
+
+    def pairs(self):
+        return calibration_pairs(self.n_pairs)
+
+    def _generate(self, prompt, seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.demo.latents([prompt], [seed], steps=self.steps, guidance=self.guidance)
+
+    @property
+    def profile(self):
+        if self._profile is None:
+            self._profile = self._stepcache_profile()
+        return self._profile
+
+    @property
+    def fixed_profile(self):
+        from .bench_peers import flat_ratio_profile
+        return flat_ratio_profile(self.profile)
+
+    def _stepcache_profile(self):
+        from stepcache.calibration_io import write_profile
+        from stepcache.profiles import Profile, load_profile
+        if self.profile_file:
+            return load_profile(self.profile_file)
+        path = self.folder / "stepcache-profile.json"
+        if path.exists():
+            return load_profile(str(path))
+        from stepcache.calibrate import CalibrationRun, build_profile, measure
+        pairs = self.pairs()
+        print(f"calibrating stepcache on {len(pairs)} calibration prompt-seed pairs ({self.steps} steps)", flush=True)
+        base = load_profile(self.BASE_PROFILE)
+        data = json.loads(json.dumps(base.data))
+        data["easycache"]["warmup_steps"] = self.easycache_warmup
+        base = Profile(base.name, data)
+        seeds = dict(pairs)
+        # one generation per (prompt, seed) pair: each prompt runs once, with its own seed
+        run = CalibrationRun([p for p, _ in pairs], [pairs[0][1]], self.steps,
+                             {"resolution": [32, 32], "frames": 8, "guidance": self.guidance,
+                              "pairs": [list(p) for p in pairs]})
+        runner, adapter, model = measure(self.demo.pipe, run, lambda p, s: self._generate(p, seeds[p]),
+                                         progress=False)
+        data = build_profile(runner, adapter, model, run, "bench-calibrated", base,
+                             description="the benchmarked model, calibrated by stepcache bench")
+        return write_profile(path, data)
+
+    @property
+    def mag_ratios(self) -> list[float]:
+        if self._mag is None:
+            self._mag = self._diffusers_ratios()
+        return self._mag["ratios"]
+
+    @property
+    def mag_ratio_source(self) -> str:
+        self.mag_ratios
+        return self._mag["source"]
+
+    def _diffusers_ratios(self) -> dict:
+        import ast
+        import contextlib
+        import io
+        path = self.folder / "diffusers-magcache.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from diffusers import MagCacheConfig
+        transformer = self.demo.pipe.transformer
+        pairs = self.pairs()
+        print(f"calibrating diffusers MagCache (calibrate=True) on {len(pairs)} pairs", flush=True)
+        lists = []
+        for prompt, seed in pairs:
+            transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=self.steps))
+            buffer = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buffer):
+                    self._generate(prompt, seed)
+            finally:
+                transformer.disable_cache()
+            found = [ast.literal_eval(line) for line in buffer.getvalue().splitlines()
+                     if line.startswith("[") and not line.startswith("[MagCache")]
+            if not found:
+                raise BenchError("diffusers MagCache calibration printed no ratios")
+            lists += found
+        ratios = [float(sum(col) / len(col)) for col in zip(*lists)]
+        data = {"ratios": ratios, "lists": lists,
+                "source": f"mean of {len(lists)} printed tables: {len(pairs)} calibration runs x "
+                          f"{len(lists) // max(len(pairs), 1)} cache contexts"}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+        return data
+
+    def summary(self) -> dict:
+        """What was calibrated (in this session or an earlier one of the same folder)."""
+        from stepcache.profiles import load_profile
+        if self._profile is None and (self.folder / "stepcache-profile.json").exists() and not self.profile_file:
+            self._profile = load_profile(str(self.folder / "stepcache-profile.json"))
+        if self._mag is None and (self.folder / "diffusers-magcache.json").exists():
+            self._mag = json.loads((self.folder / "diffusers-magcache.json").read_text())
+        out = {}
+        if self._profile is not None:
+            prof = self._profile
+            out["stepcache_profile"] = {
+                "name": prof.name, "path": str(prof.path) if prof.path else None,
+                "teacache_presets": prof.data.get("teacache", {}).get("presets"),
+                "easycache_presets": prof.data.get("easycache", {}).get("presets"),
+                "easycache_warmup_steps": prof.data.get("easycache", {}).get("warmup_steps"),
+                "magcache_presets": prof.data.get("magcache", {}).get("presets")}
+        if self._mag is not None:
+            out["diffusers_magcache"] = {"ratios": self._mag["ratios"], "source": self._mag["source"]}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class Store:
+    """``settings.json`` (what the folder's results mean) and ``results.jsonl`` (one line per finished step)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.settings_path = self.folder / "settings.json"
+        self.results_path = self.folder / "results.jsonl"
+
+    def open(self, settings: dict) -> None:
+        if self.settings_path.exists():
+            existing = json.loads(self.settings_path.read_text())
+            if existing != settings:
+                keys = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+                raise BenchError(
+                    f"{self.folder} holds a benchmark made with other settings (differing: {', '.join(keys)}); "
+                    f"use another --out folder, or delete this one to start over")
+        elif self.results_path.exists():
+            raise BenchError(f"{self.folder} has results but no settings.json; use another --out folder")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.settings_path.write_text(json.dumps(settings, indent=1))
+
+    def records(self) -> list[dict]:
+        if not self.results_path.exists():
+            return []
+        out = []
+        for line in self.results_path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut by a kill: that step is redone
+                continue
+        return out
+
+    def append(self, record: dict) -> None:
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+class Run:
+    def __init__(self, method, params: dict):
+        from .bench_peers import run_id
+        self.method, self.params = method, params
+        self.id = run_id(method.key, params)
+
+
+def plan_runs(methods, quick: bool, steps: int) -> list[Run]:
+    runs = []
+    for m in methods:
+        runs += [Run(m, p) for p in m.grid(quick, steps)]
+    return runs
+
+
+def select_methods(spec: str, quick: bool):
+    from .bench_peers import all_methods
+    methods = all_methods()
+    if spec == "all":
+        chosen = [m for m in methods if not (quick and m.full_only)]
+    else:
+        wanted = [s.strip() for s in spec.split(",") if s.strip()]
+        known = {m.key for m in methods} | {m.family for m in methods}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise BenchError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        # a family brings its exploratory variants in full mode only; a key brings its method always
+        chosen = [m for m in methods if m.key in wanted or (m.family in wanted and not (quick and m.full_only))]
+    if not any(m.key == "baseline" for m in chosen):
+        chosen.insert(0, methods[0])
+    return chosen
+
+
+class Bench:
+    def __init__(self, args, store: Store, settings: dict, runs: list[Run], demo, model_info: dict):
+        import torch
+        from .bench_peers import Context
+        self.args, self.store, self.settings, self.runs = args, store, settings, runs
+        self.demo = demo
+        self.model_info = model_info
+        self.steps, self.guidance = settings["steps"], settings["guidance"]
+        self.pairs = [tuple(p) for p in settings["pairs"]]
+        self.calibrations = Calibrations(demo, store.folder / "calibration", self.steps, self.guidance,
+                                         settings["calibration_pairs"], args.profile_file)
+        self.ctx = Context(demo, self.steps, self.calibrations)
+        self.pipe_class = type(demo.pipe) if demo is not None else None
+        self.clock = time.perf_counter if settings["clock"] == "wall" else time.process_time
+        self.session = uuid.uuid4().hex[:8]
+        self.started = time.perf_counter()
+        self.stopped = False
+        self.torch = torch
+        self.lpips = None
+        self.lpips_info = {"status": "skipped", "reason": "not set up"}
+
+    # --- small helpers -------------------------------------------------------------------------------------
+    def over_budget(self) -> bool:
+        budget = self.args.budget_minutes
+        if budget is not None and time.perf_counter() - self.started > budget * 60:
+            if not self.stopped:
+                print(f"budget of {budget} min reached: stopping; run the same command again to resume", flush=True)
+            self.stopped = True
+        return self.stopped
+
+    def latents(self, prompt, seed, steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.demo.latents([prompt], [seed], steps=steps, guidance=self.guidance)
+
+    def check_clean(self) -> None:
+        """Nothing of the last run may stay on the model: a leftover hook would change every later run."""
+        from .bench_peers import tidy
+        pipe, transformer = self.demo.pipe, self.demo.pipe.transformer
+        tidy(transformer)
+        problems = []
+        if getattr(transformer, "_stepcache", None) is not None:
+            problems.append("stepcache still enabled")
+        if getattr(transformer, "_cache_config", None) is not None:
+            problems.append("a diffusers cache is still enabled")
+        for name, module in transformer.named_modules():
+            if "_diffusers_hook" in module.__dict__ or "forward" in module.__dict__:
+                problems.append(f"hooks or a replaced forward left on {name or 'the transformer'}")
+                break
+        if type(pipe) is not self.pipe_class:
+            problems.append(f"pipeline class replaced by {type(pipe)}")
+        if problems:
+            raise BenchError("a run left state on the model: " + "; ".join(problems))
+
+    def setup_lpips(self) -> None:
+        from .lpips import load_lpips
+        setup = load_lpips("alex", weights=self.args.lpips_weights, heads=self.args.lpips_heads)
+        self.lpips, self.lpips_info = setup.scorer, setup.description
+
+    # --- the reference ---------------------------------------------------------------------------------------
+    def reference(self, records) -> None:
+        path = self.store.folder / "reference.pt"
+        have = any(r.get("kind") == "quality" and r.get("run") == "baseline[]" for r in records)
+        if have and path.exists():
+            saved = self.torch.load(path)
+            self.ref_latents = saved["latents"]
+        else:
+            print(f"baseline: {len(self.pairs)} videos, {self.steps} steps", flush=True)
+            counter = BlockWork(self.demo.pipe.transformer)
+            latents, per_video = [], []
+            try:
+                for prompt, seed in self.pairs:
+                    counter.reset()
+                    latents.append(self.latents(prompt, seed, self.steps))
+                    per_video.append({"prompt": prompt, "seed": seed, "calls": counter.calls, "macs": counter.macs,
+                                      "linears": counter.linears})
+            finally:
+                counter.remove()
+            self.ref_latents = self.torch.cat(latents)
+            self.torch.save({"latents": self.ref_latents, "pairs": self.pairs}, path)
+            self.store.append({"kind": "quality", "run": "baseline[]", "method": "baseline", "params": {},
+                               "status": "ok", "steps": self.steps,
+                               "config": {"num_inference_steps": self.steps, "guidance_scale": self.guidance},
+                               "per_video": per_video, "session": self.session})
+        self.ref_videos = [to_uint8(v) for v in self.demo.decode(self.ref_latents)]
+        base = [r for r in self.store.records() if r.get("kind") == "quality" and r["run"] == "baseline[]"][-1]
+        self.base_work = [v["macs"] for v in base["per_video"]]
+
+    # --- one run, counted and scored ---------------------------------------------------------------------------
+    def quality_run(self, run: Run, index: int, total: int) -> dict:
+        method, ctx = run.method, self.ctx
+        record = {"kind": "quality", "run": run.id, "method": method.key, "params": run.params,
+                  "session": self.session, "version": method.version()}
+        # Calibrations and configurations are the bench's own work: a failure there stops the bench instead of
+        # being stored as the method's result. Only a peer's own failure on this model is a result.
+        record["config"] = method.config(ctx, run.params)
+        record["steps"] = method.steps(ctx, run.params)
+        print(f"[{index}/{total}] {run.id}  config: {json.dumps(record['config'], default=str)}", flush=True)
+        counter = None
+        try:
+            counter = BlockWork(ctx.transformer)
+            per_video = []
+            method.install(ctx, run.params)
+            for (prompt, seed), ref, base in zip(self.pairs, self.ref_videos, self.base_work):
+                counter.reset()
+                latent = self.latents(prompt, seed, record["steps"])
+                extra = method.after_video(ctx)
+                video = to_uint8(self.demo.decode(latent))[0]
+                per_video.append({"prompt": prompt, "seed": seed, "calls": counter.calls, "macs": counter.macs,
+                                  "compute_fraction": counter.macs / base,
+                                  **quality(ref, video, self.lpips), **extra})
+            record.update(status="ok", per_video=per_video)
+        except Exception as exc:  # a peer that crashes on this model: recorded as raised, never hidden
+            if method.family not in PEER_FAMILIES:
+                raise
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            record.update(status="error", reason=message)
+            print(f"[{index}/{total}] {run.id}  could not run: {message}", flush=True)
+        finally:
+            try:
+                method.remove(ctx)
+            finally:
+                if counter is not None:
+                    counter.remove()
+        self.check_clean()
+        if record["status"] == "ok":
+            pv = record["per_video"]
+            frac = sum(v["macs"] for v in pv) / sum(self.base_work)
+            print(f"[{index}/{total}] {run.id}  compute {frac:.3f} of the baseline (ideal {1 / frac:.2f}x), "
+                  f"PSNR {sum(v['psnr'] for v in pv) / len(pv):.2f} dB", flush=True)
+        return record
+
+    # --- timing ------------------------------------------------------------------------------------------------
+    def time_run(self, run: Run | None) -> tuple[list[float], bool | None]:
+        method = run.method if run is not None else None
+        steps = method.steps(self.ctx, run.params) if method else self.steps
+        times, identical = [], True if method is None else None
+        if method:
+            method.install(self.ctx, run.params)
+        try:
+            for i, (prompt, seed) in enumerate(self.pairs):
+                start = self.clock()
+                latent = self.latents(prompt, seed, steps)
+                times.append(self.clock() - start)
+                if method is None:
+                    identical = identical and bool(self.torch.equal(latent[0], self.ref_latents[i]))
+        finally:
+            if method:
+                method.remove(self.ctx)
+        self.check_clean()
+        return times, identical
+
+    def time_baseline(self, round_index: int) -> None:
+        times, identical = self.time_run(None)
+        if not identical:
+            print("WARNING: the baseline no longer reproduces the reference exactly (another thread count, or a "
+                  "run left state behind)", flush=True)
+        self.store.append({"kind": "baseline_timing", "round": round_index, "session": self.session,
+                           "seconds": sum(times), "per_video": times, "identical": identical})
+
+    # --- the whole thing ----------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        prompt, seed = self.pairs[0]
+        for _ in range(2):   # the first calls in a process pay one-off kernel set-up
+            self.latents(prompt, seed, min(self.steps, 10))
+
+    def non_block_share(self) -> None:
+        """What a pass costs with every block bypassed, over a full pass: on a model this small the embeddings,
+        rope, output head and the pipeline's own work are a real share, and a method that still runs them on a
+        reused pass cannot reach its ideal speedup. Once per session, interleaved, median of 3."""
+        prompt, seed = self.pairs[0]
+        blocks = list(self.demo.pipe.transformer.blocks)
+
+        def bypass(hidden_states, *args, **kwargs):
+            return hidden_states
+
+        full, rest = [], []
+        for _ in range(3):
+            start = self.clock()
+            self.latents(prompt, seed, self.steps)
+            full.append(self.clock() - start)
+            saved = [b.__dict__.get("forward") for b in blocks]
+            for b in blocks:
+                b.forward = bypass
+            try:
+                start = self.clock()
+                self.latents(prompt, seed, self.steps)
+                rest.append(self.clock() - start)
+            finally:
+                for b, f in zip(blocks, saved):
+                    if f is None:
+                        del b.forward
+                    else:
+                        b.forward = f
+        share = statistics.median(rest) / statistics.median(full)
+        print(f"non-block share of a pass on this model: {share:.3f} (a pass with every block bypassed "
+              f"{statistics.median(rest) * 1e3:.0f} ms against {statistics.median(full) * 1e3:.0f} ms per video)",
+              flush=True)
+        self.store.append({"kind": "non_block", "session": self.session, "share": share, "full": full,
+                           "bypassed": rest})
+
+    def run(self) -> None:
+        records = self.store.records()
+        self.setup_lpips()
+        self.warm_up()
+        self.reference(records)
+        done = {r["run"] for r in self.store.records() if r.get("kind") == "quality"}
+        unavailable = {}
+        todo = []
+        for run in self.runs:
+            reason = run.method.unavailable()
+            if reason:
+                unavailable[run.method.key] = reason
+            elif run.id not in done and run.method.key != "baseline":
+                todo.append(run)
+        for key, reason in unavailable.items():
+            print(f"skipped {key}: {reason}", flush=True)
+        if len(done) > 1:
+            print(f"resuming: {len(done) - 1} run(s) already scored, {len(todo)} to go", flush=True)
+        for i, run in enumerate(todo, start=1):
+            if self.over_budget():
+                return
+            self.store.append(self.quality_run(run, i, len(todo)))
+        ok = {r["run"] for r in self.store.records() if r.get("kind") == "quality" and r.get("status") == "ok"}
+        timed = {(r["run"], r["round"]) for r in self.store.records() if r.get("kind") == "timing"}
+        timeable = [run for run in self.runs if run.id in ok and run.method.key != "baseline"]
+        measured_share = False
+        for round_index in range(self.settings["repeats"]):
+            pending = [run for run in timeable if (run.id, round_index) not in timed]
+            if not pending:
+                continue
+            if not measured_share:
+                self.non_block_share()
+                measured_share = True
+            random.Random(round_index).shuffle(pending)
+            print(f"timing round {round_index + 1}/{self.settings['repeats']}: {len(pending)} runs, interleaved "
+                  f"with the baseline", flush=True)
+            self.time_baseline(round_index)
+            for i, run in enumerate(pending, start=1):
+                if self.over_budget():
+                    self.time_baseline(round_index)
+                    return
+                times, _ = self.time_run(run)
+                self.store.append({"kind": "timing", "run": run.id, "round": round_index, "session": self.session,
+                                   "seconds": sum(times), "per_video": times})
+                if i % BASELINE_EVERY == 0 and i < len(pending):
+                    self.time_baseline(round_index)
+            self.time_baseline(round_index)
+
+
+# ---------------------------------------------------------------------------------------------- command
+def remaining(records: list[dict], runs: list[Run], settings: dict) -> bool:
+    """Whether anything is left to run: a run without its score, or a scored run without a timing round."""
+    scored = {r["run"]: r.get("status") for r in records if r.get("kind") == "quality"}
+    timed = {(r["run"], r["round"]) for r in records if r.get("kind") == "timing"}
+    for run in runs:
+        if run.id not in scored:
+            if run.method.key == "baseline" or not run.method.unavailable():
+                return True
+        elif scored[run.id] == "ok" and run.method.key != "baseline":
+            if any((run.id, i) not in timed for i in range(settings["repeats"])):
+                return True
+    return False
+
+
+def settings_for(args, identity: dict, runs: list[Run]) -> dict:
+    import diffusers
+    import torch
+    mode = MODES[_mode(args)]
+    steps = args.steps or 30
+    from stepcache.wan21.demo.model import GUIDANCE
+    return {
+        "format": FORMAT, "mode": _mode(args), **identity,
+        "steps": steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
+        "pairs": [list(p) for p in bench_pairs(args.num_prompts or mode["prompts"], args.num_seeds or mode["seeds"])],
+        "repeats": args.repeats or mode["repeats"], "threads": args.threads, "clock": args.clock,
+        "calibration_pairs": args.calibration_pairs or mode["calibration_pairs"],
+        "stepcache_profile": ({"file": str(Path(args.profile_file).resolve()),
+                               "sha256": _sha256(Path(args.profile_file))} if args.profile_file
+                              else "calibrated in this run"),
+        "runs": [r.id for r in runs],
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+
+
+def list_methods(args) -> int:
+    quick = bool(args.quick)
+    for m in select_methods(args.methods, quick):
+        grid = m.grid(quick, args.steps or 30)
+        flag = " [exploratory, full mode only]" if m.full_only else ""
+        reason = m.unavailable()
+        print(f"{m.key:<32} {m.label}{flag}" + (f"  (unavailable: {reason})" if reason else ""))
+        print(f"{'':<32} sweep: {', '.join(json.dumps(p) for p in grid)}")
+        if m.note:
+            print(f"{'':<32} {m.note}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+    if args.list:
+        return list_methods(args)
+    from stepcache.wan21.demo.model import WeightsMissing
+    from . import bench_report
+    try:
+        identity = model_identity(args)
+        methods = select_methods(args.methods, bool(args.quick))
+        runs = plan_runs(methods, bool(args.quick), args.steps or 30)
+        settings = settings_for(args, identity, runs)
+        store = Store(Path(args.out))
+        store.open(settings)
+    except WeightsMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    import torch
+    torch.set_num_threads(args.threads)
+    label = UNTRAINED_LABEL if args.untrained else ""
+    if label:
+        print(f"*** {label} ***", flush=True)
+    started = time.perf_counter()
+    info_path = store.folder / "model.json"
+    if not remaining(store.records(), runs, settings) and info_path.exists():
+        print("every run is finished: rebuilding the report", flush=True)
+        bench = Bench(args, store, settings, runs, None, json.loads(info_path.read_text()))
+        bench.setup_lpips()
+    else:
+        demo, model_info = build_demo(args)
+        info_path.write_text(json.dumps(model_info, indent=1))
+        bench = Bench(args, store, settings, runs, demo, model_info)
+        try:
+            bench.run()
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    report = bench_report.build_report(
+        settings=settings, records=store.records(), runs=runs, label=label, command=_command(args),
+        model_info=bench.model_info, calibration=bench.calibrations.summary(), lpips=bench.lpips_info,
+        seconds=time.perf_counter() - started, complete=not remaining(store.records(), runs, settings))
+    written = bench_report.write_outputs(report, store.folder, docs=args.docs)
+    print(bench_report.format_console(report))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="stepcache bench")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

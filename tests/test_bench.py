@@ -1,0 +1,149 @@
+"""`stepcache bench`: a tiny --quick run on the untrained demo-architecture model (2 prompts, 6 steps, a few
+methods), its result files, resume, and refusal of a folder made with other settings.
+
+The run happens in a subprocess (cache-dit patches classes, and the bench sets torch's thread count), once per
+module. Peers that are not installed are reported by the bench itself as unavailable with the reason, and the
+test prints that reason; nothing is faked.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+METHODS = "floor-steps,stepcache-magcache,diffusers-fbc,cachedit-dbcache,diffusers-fastercache"
+ARGS = ["--quick", "--untrained", "--num-prompts", "2", "--steps", "6", "--methods", METHODS]
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "-m", "stepcache.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = bench(*ARGS, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def _lines(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_result_files_and_every_run_has_passes_speedup_and_psnr(folder):
+    out, stdout = folder
+    for name in ("settings.json", "results.jsonl", "report.json", "table.md", "reference.pt"):
+        assert (out / name).exists(), name
+    records = _lines(out)
+    assert {r["kind"] for r in records} == {"quality", "timing", "baseline_timing", "non_block"}
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert settings["weights"] == "untrained" and len(settings["pairs"]) == 2 and settings["steps"] == 6
+    # every output says UNTRAINED
+    assert report["label"].startswith("UNTRAINED")
+    assert "UNTRAINED" in (out / "table.md").read_text() and "UNTRAINED" in stdout
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "plot.png").stat().st_size > 0
+    rows = {r["id"]: r for r in report["rows"]}
+    assert rows["baseline[]"]["reference"] and rows["baseline[]"]["passes"] == 12
+    ok = [r for r in report["rows"] if r["status"] == "ok" and not r.get("reference")]
+    assert {r["method"] for r in ok} >= {"floor-steps", "stepcache-magcache", "diffusers-fbc"}
+    for r in ok:
+        for key in ("passes", "computed_passes", "ideal_speedup", "wall_speedup", "overhead", "psnr", "psnr_video",
+                    "ssim", "config"):
+            assert r[key] is not None, (r["id"], key)
+        assert r["passes"] > 0 and 0 < r["compute_fraction"] <= 1.0 + 1e-9
+        assert len(r["per_video"]) == 2
+        timings = [t for t in records if t["kind"] == "timing" and t["run"] == r["id"]]
+        assert len(timings) == settings["repeats"] == 1
+    for r in ok:
+        if r["method"] == "floor-steps":   # fewer steps: exactly two passes per step
+            assert r["computed_passes"] == pytest.approx(2 * r["params"]["steps"])
+        if r["method"] == "stepcache-magcache":  # block work agrees with stepcache's own pass count
+            assert r["computed_passes"] == pytest.approx(r["stepcache_passes"][0])
+            assert r["stepcache_passes"][1] == 12
+    # peers that could not run: the reason, as the bench found it
+    for c in report["could_not_run"]:
+        assert c["reason"], c
+        print(f"could not run: {c['run']}: {c['status']}: {c['reason']}")
+    if importlib.util.find_spec("cache_dit") is None:
+        assert rows["cachedit-dbcache[rdt=0.08]"]["status"] == "unavailable"
+        assert "pip install" in rows["cachedit-dbcache[rdt=0.08]"]["reason"]
+    else:
+        assert rows["cachedit-dbcache[rdt=0.32]"]["status"] == "ok"
+    faster = rows["diffusers-fastercache[]"]
+    if faster["status"] == "error":   # diffusers 0.42.1: its CFG-cache cannot split Wan's batch-1 passes
+        assert any(c["run"] == faster["id"] for c in report["could_not_run"])
+    # the verdict names a method (or says none reaches the speedup) at each target
+    assert set(report["verdict"]["wall"]["at"]) == {"2.0", "2.5", "3.0"}
+    assert len(report["verdict"]["text"]) >= 3
+
+
+def test_resume_skips_finished_runs(folder):
+    out, _ = folder
+    before = (out / "results.jsonl").read_text()
+    result = bench(*ARGS, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every run is finished" in result.stdout
+    assert (out / "results.jsonl").read_text() == before   # nothing run again, nothing timed again
+
+
+def test_resume_finishes_an_interrupted_folder(folder, tmp_path):
+    out, _ = folder
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in ("settings.json", "reference.pt"):
+        (part / name).write_bytes((out / name).read_bytes())
+    (part / "calibration").mkdir()
+    for f in (out / "calibration").iterdir():
+        (part / "calibration" / f.name).write_bytes(f.read_bytes())
+    lines = (out / "results.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["kind"] == "quality"
+            and not json.loads(line)["run"].startswith("diffusers-fbc")]
+    (part / "results.jsonl").write_text("\n".join(kept) + "\n")
+    result = bench(*ARGS, "--out", str(part))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 to go" in result.stdout   # only the three FirstBlockCache runs are scored again
+    records = _lines(part)
+    rescored = [r["run"] for r in records if r["kind"] == "quality"][len(kept):]
+    assert sorted(rescored) == sorted(r for r in json.loads((out / "settings.json").read_text())["runs"]
+                                      if r.startswith("diffusers-fbc"))
+
+
+def test_folder_made_with_other_settings_is_refused(folder):
+    out, _ = folder
+    from stepcache.eval.bench import main
+    before = (out / "results.jsonl").read_text()
+    assert main([*ARGS[:3], "3", *ARGS[4:], "--out", str(out)]) == 2   # 3 prompts instead of 2
+    assert main([*ARGS, "--steps", "8", "--out", str(out)]) == 2
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_frontier_and_value_at():
+    from stepcache.eval.bench_report import frontier, value_at
+    points = [(1.5, 40.0), (2.0, 35.0), (1.8, 30.0), (3.0, 31.0)]
+    assert frontier(points) == [(1.5, 40.0), (2.0, 35.0), (3.0, 31.0)]
+    assert value_at(points, 2.5) == 31.0      # a measured run at least 2.5x fast, never an interpolation
+    assert value_at(points, 1.9) == 35.0
+    assert value_at(points, 1.0) == 40.0
+    assert value_at(points, 3.5) is None
+
+
+def test_verdict_reports_ties_and_losses():
+    from stepcache.eval.bench_report import verdict
+
+    def row(method, family, speed, psnr):
+        return {"id": f"{method}[{speed}]", "method": method, "label": method, "family": family, "status": "ok",
+                "exploratory": False, "wall_speedup": speed, "ideal_speedup": speed, "psnr": psnr}
+    rows = [row("sc", "stepcache", 2.1, 30.0), row("sc", "stepcache", 3.1, 25.0), row("floor", "floor", 2.2, 31.0),
+            row("peer", "diffusers", 2.6, 25.0), row("peer", "diffusers", 3.0, 25.0)]
+    at = verdict(rows, "wall")["at"]
+    assert at["2.0"]["winner"] == "floor" and not at["2.0"]["goal_met"]
+    assert [b["method"] for b in at["2.0"]["beaten_by"]] == ["floor"]
+    assert at["2.5"]["stepcache_best_psnr"] == 25.0 and at["2.5"]["tied_with"][0]["method"] == "peer"
+    assert at["3.0"]["winner"] == "sc" and at["3.0"]["values"]["floor"] is None
