@@ -40,8 +40,11 @@ from .runner import CacheRunner, PassContext, RunStats, mean_abs
 TEACACHE_DEGREE = 4
 # Reuse fractions that name the TeaCache speed levels of a calibrated profile.
 SPEED_LEVELS = {"slow": 0.25, "medium": 0.4, "fast": 0.5}
-# EasyCache's rate counts as settled once it changes by less than this from step to step.
+# MagCache's speed levels also allow longer runs of reuse, as the published settings do (K2 ... K6).
+MAGCACHE_K = {"slow": 2, "medium": 3, "fast": 4}
+# EasyCache's rate counts as settled once it changes by less than this from step to step, SETTLED_RUN times.
 RATE_SETTLED = 0.1
+SETTLED_RUN = 3
 
 
 class CalibrationError(ValueError):
@@ -203,11 +206,46 @@ def magcache_section(measures, branches, steps, base: Profile | None) -> dict[st
         "cos_distance": table(lambda b, s, st: _stats(coss[(b, s)])["mean"], 0.0),
         "defaults": dict(rule.get("defaults", {"thresh": 0.12, "K": 2, "retention_ratio": 0.2})),
     }
-    presets = dict(rule.get("presets", {}))
-    for level, k in (("slow", 2), ("medium", 3), ("fast", 4)):
-        presets.setdefault(level, {"thresh": 0.12, "K": k, "retention_ratio": 0.2})
+    # Published presets keep their names; the speed levels are measured on this table, since the published
+    # thresholds were chosen for another one.
+    presets = {name: p for name, p in rule.get("presets", {}).items() if name not in SPEED_LEVELS}
+    notes = {}
+    retention = section["defaults"].get("retention_ratio", 0.2)
+    for level, fraction in SPEED_LEVELS.items():
+        k = MAGCACHE_K[level]
+        reuse = _magcache_reuse(section, steps, k, retention)
+        target = min(fraction, reuse(1e6))
+        presets[level] = {"thresh": _threshold_for(target, reuse) if target > 0 else 0.12, "K": k,
+                          "retention_ratio": retention}
+        notes[level] = f"reuses {reuse(presets[level]['thresh']):.0%} of the passes at {steps} steps"
     section["presets"] = presets
+    section["preset_notes"] = notes
+    if "defaults" not in rule:
+        section["defaults"] = dict(presets["medium"])
     return section
+
+
+def _magcache_reuse(section, steps, K, retention):
+    """MagCache's reuse fraction at a threshold: its schedule follows from the table alone."""
+    from .policies import MagCachePolicy
+    from .profiles import split_branch_ratios
+    branches = section["branches"]
+    tables = [split_branch_ratios(section["ratios"], len(branches), steps, i, "none", "calibrated")
+              for i in range(len(branches))]
+
+    def reuse(thresh):
+        reused = 0
+        for index, ratios in enumerate(tables):
+            policy = MagCachePolicy(ratios, thresh, K, retention, len(branches), index,
+                                    inclusive=section["inclusive"], ratio_power=section["ratio_power"],
+                                    absolute_error=section["absolute_error"])
+            computed_any = False
+            for step in range(steps):
+                decision = policy.decide(step, steps, have_cache=computed_any)
+                computed_any |= decision.compute
+                reused += not decision.compute
+        return reused / (steps * len(branches))
+    return reuse
 
 
 def _fit(x: list[float], y: list[float], degree: int) -> list[float]:
@@ -272,7 +310,10 @@ def _threshold_for(fraction: float, reuse) -> float:
             low = mid
         else:
             high = mid
-    return float(f"{high:.4g}")
+    rounded = float(f"{high:.4g}")
+    if rounded < high:  # rounding down can fall below the boundary: go up one unit of the 4th digit
+        rounded = float(f"{rounded + 10 ** (math.floor(math.log10(rounded)) - 3):.4g}")
+    return rounded
 
 
 def _speed_presets(reuse) -> tuple[dict, dict]:
@@ -342,12 +383,15 @@ def easycache_section(measures, steps, base: Profile | None) -> dict[str, Any]:
     branch = measures[0].branch
     rates = [(s, _stats(grouped[(branch, s)])) for s in range(1, steps) if (branch, s) in grouped]
     changes = [(rates[i][0], abs(rates[i][1]["mean"] / rates[i - 1][1]["mean"] - 1)) for i in range(1, len(rates))]
-    # The warm-up should cover every step up to the last one where k still jumped by RATE_SETTLED or more
-    # (the final step's change does not count: that step is always computed).
-    settled = 1
-    for step, change in changes[:-1]:
-        if change >= RATE_SETTLED:
-            settled = step + 1
+    # EasyCache predicts a step's output change from the last computed step's rate, which only works once k
+    # stops jumping: the warm-up ends at the first step from which k changes by less than RATE_SETTLED for
+    # SETTLED_RUN steps in a row (the final step does not count: it is always computed).
+    candidates = changes[:-1]
+    settled = steps - 1
+    for i, (step, _) in enumerate(candidates):
+        if all(c < RATE_SETTLED for _, c in candidates[i:i + SETTLED_RUN]):
+            settled = step
+            break
     base_section = base.data.get("easycache", {}) if base is not None else {}
     warmup = int(base_section.get("warmup_steps", max(settled, 1)))
     leader = base_section.get("decide_on", "cond" if len({m.branch for m in measures}) > 1 else None)
@@ -357,7 +401,8 @@ def easycache_section(measures, steps, base: Profile | None) -> dict[str, Any]:
     return {"thresh": presets["medium"]["thresh"], "warmup_steps": warmup, "force_last": True,
             "decide_on": leader, "suggested_warmup_steps": settled,
             "rate": {"steps": [s for s, _ in rates], "mean": [st["mean"] for _, st in rates],
-                     "std": [st["std"] for _, st in rates]},
+                     "std": [st["std"] for _, st in rates],
+                     "relative_change": [round(c, 5) for _, c in changes]},
             "presets": presets, "preset_notes": notes,
             "source": "measured by stepcache calibrate; warm-up from "
                       + (base.name if base_section else "the rate's settling")}
@@ -596,7 +641,7 @@ def describe_calibration(profile: Profile) -> str:
     if variant["negative_inside_range"]:
         lines.append("            WARNING: the fitted polynomial is negative inside its fitted range")
     lines.append(f"            presets {tea['presets']}")
-    lines.append(f"  easycache: rate settles after step {easy['suggested_warmup_steps']} (warm-up used: "
+    lines.append(f"  easycache: rate settles from step {easy['suggested_warmup_steps']} (warm-up used: "
                  f"{easy['warmup_steps']} steps)")
     lines.append(f"use it with: stepcache generate --profile {profile.path} ...   or   "
                  f"stepcache schedule --profile {profile.path} --list-presets")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policies import EasyCachePolicy, MagCachePolicy, ParameterError, TeaCachePolicy, check_threshold
-from .profiles import METHODS, RESAMPLE_MODES, Profile, ProfileError, load_profile
+from .profiles import DEFAULT_RESAMPLE, METHODS, RESAMPLE_MODES, Profile, ProfileError, load_profile
 
 # The parameters each method accepts, and what they mean; used for validation and for --help texts.
 PARAMETERS = {
@@ -23,8 +23,9 @@ PARAMETERS = {
         "thresh": "accumulated magnitude-error budget; 0 disables reuse",
         "K": "at most K reused passes in a row (>= 1)",
         "retention_ratio": "fraction of passes always computed at the start, in [0, 1)",
-        "resample": "how a table is fitted to another step count: 'nearest' (the reference's resampling), "
-                    "'compose' (multiply the ratios of merged steps) or 'none' (refuse)",
+        "resample": "how a table is fitted to another step count: 'compose' (default: multiply the ratios of the "
+                    "merged steps, split them geometrically for more steps), 'nearest' (the reference's) or 'none' "
+                    "(refuse)",
     },
     "easycache": {
         "thresh": "accumulated transformation-rate budget (a fraction: 0.05 is 5%); 0 disables reuse",
@@ -119,7 +120,7 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
         params.setdefault("clamp_polynomial", False)
         params["coefficients"] = list(variant["coefficients"])
     elif method == "magcache":
-        params.setdefault("resample", "nearest")
+        params.setdefault("resample", DEFAULT_RESAMPLE)
         if params["resample"] not in RESAMPLE_MODES:
             raise ParameterError(f"resample={params['resample']!r} is not one of {', '.join(RESAMPLE_MODES)}")
         params.setdefault("retention_ratio", 0.2)

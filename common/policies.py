@@ -221,9 +221,10 @@ def compose_resample(values: Sequence[float], length: int) -> list[float]:
     scale = (n - 1) / (length - 1)
     out = [float(values[0])]
     for j in range(1, length):
-        start, end = (j - 1) * scale, j * scale
+        # min(): j * scale can round past the last measured position, which has no ratio after it
+        start, end = (j - 1) * scale, min(j * scale, n - 1)
         total = 0.0
-        for k in range(int(math.floor(start)), int(math.ceil(end))):
+        for k in range(int(math.floor(start)), min(int(math.ceil(end)), n - 1)):
             overlap = min(end, k + 1) - max(start, k)
             if overlap > 0:
                 total += overlap * logs[k]

@@ -1,5 +1,6 @@
 """`stepcache calibrate`: measuring a model's tables and writing a profile every entry point accepts."""
 import json
+import math
 import subprocess
 import sys
 
@@ -125,3 +126,49 @@ def test_resampling_errors_measure_each_mode_against_a_measured_table():
     errors = resampling_errors(fine, coarse)
     assert errors["compose"] == pytest.approx(0.0, abs=1e-12)
     assert errors["nearest"] == pytest.approx(0.99 - 0.99 ** 2)
+
+
+@pytest.mark.parametrize("rates, expected", [
+    # k (steps 1-10) jumps by 50% until step 4, then changes by 2% per step: from step 5 the last step's k
+    # predicts the next one, so the warm-up is steps 0-4
+    ([1.0, 1.5, 2.25, 3.4, 3.47, 3.54, 3.61, 3.68, 3.75, 9.0], 5),
+    # one calm step (3) between jumps is not settled
+    ([1.0, 1.5, 1.52, 2.4, 2.45, 2.5, 2.55, 2.6, 2.65, 9.0], 5),
+    # never three calm steps in a row: the warm-up covers the run
+    ([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0], 10),
+])
+def test_easycache_warmup_starts_where_the_rate_settles(rates, expected):
+    from stepcache.calibrate import PassMeasure, easycache_section
+    steps = len(rates) + 1
+    measures = [PassMeasure(0, "cond", 0, output_mean=1.0)]
+    measures += [PassMeasure(0, "cond", s, rate=k, input_change=0.1, output_mean=1.0)
+                 for s, k in enumerate(rates, start=1)]
+    section = easycache_section(measures, steps, None)
+    assert section["suggested_warmup_steps"] == expected
+    assert len(section["rate"]["relative_change"]) == len(rates) - 1
+
+
+@pytest.mark.parametrize("n, length", [(30, 8), (31, 8), (50, 7), (100, 13), (8, 30), (50, 75)])
+def test_compose_resampling_keeps_the_total_drift_for_any_lengths(n, length):
+    # step counts whose scale is not exact in floating point (30 -> 8 once read past the table's end)
+    table = [1.0] + [0.97 + 0.002 * (k % 7) for k in range(1, n)]
+    out = compose_resample(table, length)
+    assert len(out) == length and out[0] == 1.0
+    assert math.prod(out[1:]) == pytest.approx(math.prod(table[1:]), rel=1e-9)
+
+
+def test_magcache_speed_levels_reuse_what_they_say_on_the_calibrated_table(tmp_path):
+    from stepcache.calibrate import SPEED_LEVELS
+    from stepcache.methods import resolve_method
+    from stepcache.schedule import simulate
+    pipe = build_t2v()
+    profile = write_profile(tmp_path / "cal.json", calibrate(pipe, prompt_seeds=(1, 2), steps=20))
+    notes = profile.method("magcache")["preset_notes"]
+    for level, fraction in SPEED_LEVELS.items():
+        computed, total = simulate(resolve_method("magcache", profile, level), 20).counts()
+        reused = 1 - computed / total
+        # the smallest threshold reaching the level's share of reused passes, and the note says how much
+        assert reused >= fraction, (level, reused)
+        assert f"reuses {reused:.0%} of the passes at 20 steps" == notes[level]
+    slow, fast = (resolve_method("magcache", profile, p).params for p in ("slow", "fast"))
+    assert slow["K"] < fast["K"] and slow["thresh"] < fast["thresh"]

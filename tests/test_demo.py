@@ -48,6 +48,29 @@ def test_codec_round_trip_and_unit_variance():
     assert torch.equal(again.encode(held_out), c.encode(held_out))
 
 
+@pytest.mark.parametrize("mode, clock_channels", [("t", 1), (True, 1), ("txy", 3)])
+def test_codec_clock_channels_say_when_and_where(mode, clock_channels):
+    clips = scenes.make_batch(32, torch.Generator().manual_seed(0))[1]
+    c = codec.fit(clips, clock=mode)
+    z = c.encode(clips)
+    assert c.channels == 16 and c.basis.shape[1] == 16 - clock_channels
+    ramp = codec.clock_ramp(8)
+    clock = z[:, 16 - clock_channels:]
+    # the same ramps in every clip: over the frames, then (txy) across the width and down the height
+    assert torch.equal(clock[:, 0], ramp.view(1, 8, 1, 1).expand(32, 8, 8, 8))
+    if clock_channels == 3:
+        assert torch.equal(clock[:, 1], ramp.view(1, 1, 1, 8).expand(32, 8, 8, 8))
+        assert torch.equal(clock[:, 2], ramp.view(1, 1, 8, 1).expand(32, 8, 8, 8))
+    # decoding ignores the clock: changing it changes nothing
+    shifted = z.clone()
+    shifted[:, 16 - clock_channels:] += 1
+    assert torch.equal(c.decode(shifted), c.decode(z))
+    mse = ((c.decode(z) - clips) ** 2).mean()
+    assert 10 * torch.log10(1 / mse) > 30
+    again = codec.LinearCodec.from_state_dict(c.state_dict())
+    assert torch.equal(again.encode(clips), z)
+
+
 def test_tokenizer_pads_and_ends_like_t5():
     tok = text.WordTokenizer()
     out = tok(["a red disc moving left on a dark background", ""], max_length=text.MAX_TOKENS)

@@ -210,6 +210,9 @@ def test_resampled_table_is_noted_in_the_stats():
     stepcache.enable(pipe, "magcache", profile=PROFILE)
     run_t2v(pipe, steps=12)
     stats = stepcache.stats(pipe)
-    assert "measured at 50 steps; resampled to 12 (nearest)" in stats.summary()
+    assert "measured at 50 steps; resampled to 12 (compose)" in stats.summary()  # the default
     assert stats.to_dict()["notes"] == ["the MagCache table of wan2.1-t2v-1.3b was measured at 50 steps; "
-                                        "resampled to 12 (nearest)"]
+                                        "resampled to 12 (compose)"]
+    stepcache.enable(pipe, "magcache", profile=PROFILE, resample="nearest")  # the reference's, by name
+    run_t2v(pipe, steps=12)
+    assert stepcache.stats(pipe).to_dict()["notes"][0].endswith("resampled to 12 (nearest)")

@@ -294,9 +294,11 @@ def _method_params(method: str, active: str, ours, profile: Profile, steps: int,
         table_steps = int(profile.method("magcache")["steps"])
         if table_steps != steps:
             notes.append(f"profile {profile.name}'s MagCache table has {table_steps} steps; this run has {steps}: "
-                         f"resampled per branch by nearest index, as the reference does (it resamples the ratios "
-                         f"rather than compounding them, so it under-estimates the drift for fewer steps). For an "
-                         f"exact table run magcache_generate.py --magcache_calibration --sample_steps {steps}")
+                         f"resampled per branch ({config.params['resample']}: "
+                         + ("the ratios of merged steps multiplied, as measured best on the demo model; the "
+                            "reference picks the nearest step's ratio instead" if config.params["resample"] ==
+                            "compose" else "the reference's nearest step") + "). For an exact table run "
+                         f"magcache_generate.py --magcache_calibration --sample_steps {steps}")
     return params
 
 

@@ -49,16 +49,29 @@ def calibration_prompts(n: int) -> list[str]:
     return [ALL_SCENES[order[i % len(order)]].prompt for i in range(n)]
 
 
-def sweep(demo: DemoPipeline, profile_path, prompts, seed: int, steps: int, guidance: float, progress=True) -> dict:
+def sweeps_for(profile_data: dict, steps: int) -> dict:
+    """SWEEPS, with EasyCache also tried at the warm-up its measured rate suggests."""
+    grids = {method: list(grid) for method, grid in SWEEPS.items()}
+    suggested = int(profile_data["easycache"]["suggested_warmup_steps"])
+    tried = {p["warmup_steps"] for p in grids["easycache"]}
+    if suggested not in tried and suggested < steps - 2:
+        thresholds = sorted({p["thresh"] for p in grids["easycache"]})
+        grids["easycache"] += [dict(thresh=t, warmup_steps=suggested) for t in thresholds]
+    return grids
+
+
+def sweep(demo: DemoPipeline, profile_path, prompts, seed: int, steps: int, guidance: float, progress=True,
+          grids: dict | None = None) -> dict:
     import warnings
 
     import stepcache
     from tqdm import tqdm
+    grids = grids or SWEEPS
     references = [demo([p], [seed], steps=steps, guidance=guidance)[0] for p in prompts]
-    bar = tqdm(total=sum(len(g) for g in SWEEPS.values()) * len(prompts), desc="preset sweep", unit="video",
+    bar = tqdm(total=sum(len(g) for g in grids.values()) * len(prompts), desc="preset sweep", unit="video",
                disable=not progress, file=sys.stderr)
     results = {}
-    for method, grid in SWEEPS.items():
+    for method, grid in grids.items():
         rows = []
         for params in grid:
             stepcache.enable(demo.pipe, method, profile=str(profile_path), **params)
@@ -145,7 +158,7 @@ def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidanc
     profile = write_profile(out, data)
     report: dict = {"prompts": prompts, "seed": CALIBRATION_SEED}
     if do_sweep:
-        sweeps = sweep(demo, out, prompts, CALIBRATION_SEED, steps, guidance, progress)
+        sweeps = sweep(demo, out, prompts, CALIBRATION_SEED, steps, guidance, progress, sweeps_for(data, steps))
         report["sweeps"] = sweeps
         for method, rows in sweeps.items():
             presets = choose_presets(rows)

@@ -6,13 +6,17 @@ component's standard deviation, giving a Wan-like 16-channel latent at 1/4 of th
 variance. ``decode`` is the exact transpose (the projection is orthonormal), then pixel-shuffle; it loses only
 what the 32 discarded components held (about 35 dB PSNR on the demo clips).
 
-With a **clock** (``fit(..., clock=True)``, what the shipped model uses) the last latent channel is not a
-principal component but a fixed ramp over the frames (-2 at the first frame to +2 at the last), the same at
-every pixel; decoding ignores it. The diffusers Wan transformer has only relative (rotary) positions, so
-without it nothing in a noisy latent says which frame comes first, and a model learns "moves horizontally"
-but not "moves right" (a 5,600-step run without the clock read back the right axis almost always and the
-right sign half the time). Wan2.1's own VAE is not time-homogeneous either: its first latent frame encodes
-one frame, the others four.
+With a **clock** the last latent channels are not principal components but fixed ramps, the same for every
+clip, that decoding ignores. The diffusers Wan transformer has only relative (rotary) positions, so without
+them nothing in a noisy latent says which frame comes first or which side is left, and a model learns "moves
+horizontally" but not "moves right". ``clock="t"`` adds one ramp over the frames (-2 at the first frame to +2
+at the last, the same at every pixel): a 5,600-step run without it read back the right axis almost always and
+the right sign half the time, and a 5,300-step run with it generated the ramp in the right order every time
+but still moved objects the right way only a third of the time, its loss the same with "left" for "right".
+``clock="txy"`` (what the shipped model uses) adds ramps across the width and the height too, so that each
+latent pixel carries where and when it is, and "moving right" becomes a local fact (early frames hold the
+object on the left) rather than a relation the model has to discover through its rotary phases. Wan2.1's own
+VAE is not homogeneous either: its first latent frame encodes one frame, the others four.
 
 The basis is fitted once, by :func:`fit`, on clips from :mod:`.scenes` drawn from a fixed seed, and then
 stored with the model weights; it is never refitted when a model is loaded.
@@ -27,10 +31,22 @@ CHANNELS = 16
 
 
 CLOCK_AMPLITUDE = 2.0
+CLOCK_MODES = ("t", "txy")
 
 
 def clock_ramp(frames: int) -> torch.Tensor:
     return torch.linspace(-CLOCK_AMPLITUDE, CLOCK_AMPLITUDE, frames)
+
+
+def clock_channels(mode: str, frames: int, height: int, width: int) -> torch.Tensor:
+    """The fixed clock channels (K, frames, height, width) of ``mode`` ("t" or "txy")."""
+    if mode not in CLOCK_MODES:
+        raise ValueError(f"clock={mode!r} is not one of {CLOCK_MODES}")
+    shape = (frames, height, width)
+    ramps = [clock_ramp(frames).view(-1, 1, 1).expand(shape)]
+    if mode == "txy":
+        ramps += [clock_ramp(width).view(1, 1, -1).expand(shape), clock_ramp(height).view(1, -1, 1).expand(shape)]
+    return torch.stack(ramps).contiguous()
 
 
 class LinearCodec:
@@ -39,11 +55,13 @@ class LinearCodec:
         self.mean = mean.float()     # (48,)
         self.basis = basis.float()   # (48, components), orthonormal columns
         self.std = std.float()       # (components,)
-        self.clock = None if clock is None else clock.float()  # (frames,) or None
+        if clock is not None and clock.dim() == 1:  # files from before "txy": one ramp over the frames
+            clock = clock.view(1, -1, 1, 1)
+        self.clock = None if clock is None else clock.float()  # (K, frames, h or 1, w or 1) or None
 
     @property
     def channels(self) -> int:
-        return self.basis.shape[1] + (self.clock is not None)
+        return self.basis.shape[1] + (0 if self.clock is None else self.clock.shape[0])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"codec.mean": self.mean, "codec.basis": self.basis, "codec.std": self.std}
@@ -70,7 +88,7 @@ class LinearCodec:
         z = z.permute(0, 4, 1, 2, 3)
         if self.clock is not None:
             b, _, t, h, w = z.shape
-            z = torch.cat([z, self.clock.view(1, 1, t, 1, 1).expand(b, 1, t, h, w)], 1)
+            z = torch.cat([z, self.clock.expand(-1, t, h, w).unsqueeze(0).expand(b, -1, -1, -1, -1)], 1)
         return z.contiguous()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -83,11 +101,14 @@ class LinearCodec:
         return x.permute(0, 2, 1, 3, 4).clamp(0, 1)
 
 
-def fit(clips: torch.Tensor, channels: int = CHANNELS, clock: bool = False) -> LinearCodec:
+def fit(clips: torch.Tensor, channels: int = CHANNELS, clock: bool | str = False) -> LinearCodec:
     """PCA of the 4x4x3 patches of ``clips`` (B, 3, T, H, W); float64 for a reproducible basis. The sign of
-    each component is fixed so that its largest-magnitude entry is positive. With ``clock`` the latent has
-    ``channels - 1`` components and the clock channel."""
-    components = channels - 1 if clock else channels
+    each component is fixed so that its largest-magnitude entry is positive. With ``clock`` ("t", or True for
+    it, as older runs stored it; or "txy") the latent has that many fewer components and the clock channels."""
+    mode = "t" if clock is True else (clock or None)
+    b, _, t, h, w = clips.shape
+    clock_tensor = None if mode is None else clock_channels(mode, t, h // FACTOR, w // FACTOR)
+    components = channels - (0 if clock_tensor is None else clock_tensor.shape[0])
     p = LinearCodec.patches(clips.double()).reshape(-1, 3 * FACTOR * FACTOR)
     mean = p.mean(0)
     cov = (p - mean).T @ (p - mean) / p.shape[0]
@@ -97,4 +118,6 @@ def fit(clips: torch.Tensor, channels: int = CHANNELS, clock: bool = False) -> L
     signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
     basis = basis * signs
     std = evals[order].clamp_min(1e-8).sqrt()
-    return LinearCodec(mean.float(), basis.float(), std.float(), clock_ramp(clips.shape[2]) if clock else None)
+    if mode == "t":  # stored as one ramp, as the files of runs made before "txy" hold it
+        clock_tensor = clock_ramp(t)
+    return LinearCodec(mean.float(), basis.float(), std.float(), clock_tensor)

@@ -37,10 +37,11 @@ CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "loss.csv"
 EXPORT = "demo_wan.safetensors"
 # Hyper-parameters that define a run; stored in the checkpoint, and a resumed run keeps them.
-DEFAULTS = dict(seed=0, steps=12500, batch=24, lr=1e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.01,
+DEFAULTS = dict(seed=0, steps=10000, batch=24, lr=1e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.01,
                 betas=(0.9, 0.99), clip=1.0, ema=0.999, cfg_drop=0.1, t_shift=2.0, t_uniform=0.25,
-                codec_clips=1024, clock=True)
-# Runs started before the clock channel existed have no "clock" key and keep the codec they were trained with.
+                codec_clips=1024, clock="txy")
+# Runs started before the clock existed have no "clock" key and keep the codec they were trained with (none);
+# clock=True is the frame clock alone.
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
