@@ -6,7 +6,8 @@ its scheduler, so every method goes through the same adapter as on a real Wan2.1
 prompts uncached and with TeaCache, MagCache and EasyCache at each of the demo profile's presets (slow,
 medium, fast), and beside each cached run the same pipeline with fewer steps at the same number of
 transformer passes. It prints a table (wall-clock speedup, ideal speedup = passes / computed passes, PSNR and
-SSIM against the uncached video) and writes to ``--out``: ``report.json``, every video (``videos/``, 8x
+SSIM against the uncached video, and the share of videos whose colour and direction still read back as
+prompted) and writes to ``--out``: ``report.json``, every video (``videos/``, 8x
 upscaled mp4), ``side_by_side.mp4`` (uncached, each method at ``medium``, and its fewer-steps twin) and
 ``patterns.png`` (which passes each method computed).
 """
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .model import GUIDANCE, PROFILE, STEPS, DemoPipeline, WeightsMissing, load
     from .quality import psnr_ssim
+    from .scenes import parse_prompt, read_back
 
     torch.set_num_threads(args.threads)
     try:
@@ -176,10 +178,12 @@ def run(args: argparse.Namespace) -> int:
         computed = sum(s["computed_passes"] for s in st)
         total = sum(s["total_passes"] for s in st)
         quality = [psnr_ssim(ref, vid) for ref, vid in zip(reference, plan.videos[label])]
+        matches = [read_back(vid).matches(parse_prompt(p)) for p, vid in zip(prompts, plan.videos[label])]
         return {"computed_passes": computed, "total_passes": total, "reused_fraction": 1 - computed / total,
                 "seconds": plan.seconds[label], "wall_speedup": base_seconds / plan.seconds[label],
                 "ideal_speedup": 2 * steps * len(prompts) / computed,
                 "psnr": sum(q[0] for q in quality) / len(quality), "ssim": sum(q[1] for q in quality) / len(quality),
+                "prompt_match": sum(matches) / len(matches),
                 "per_prompt": [{"prompt": p, "seed": s, "psnr": q[0], "ssim": q[1], "pattern": x.get("pattern"),
                                 "computed_passes": x["computed_passes"], "total_passes": x["total_passes"]}
                                for p, s, q, x in zip(prompts, seeds, quality, st)]}
@@ -189,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
                   "trained": json.loads(model.metadata.get("info", "{}")).get("trained_steps")},
         "settings": {"prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
                      "repeats": repeats, "threads": args.threads},
-        "uncached": {"seconds": base_seconds, "total_passes": 2 * steps * len(prompts)},
+        "uncached": {"seconds": base_seconds, "total_passes": 2 * steps * len(prompts),
+                     "prompt_match": row("uncached")["prompt_match"]},
         "methods": {},
     }
     for method, preset in cached_runs:
@@ -222,17 +227,22 @@ def format_table(report: dict) -> str:
     lines = [f"stepcache demo: {len(s['prompts'])} prompt(s), {s['steps']} steps, CFG {s['guidance']}, "
              f"uncached {report['uncached']['seconds']:.2f} s for {report['uncached']['total_passes']} passes",
              "PSNR/SSIM: against the uncached video of the same prompt and seed (mean over prompts)", ""]
-    head = (f"{'method':<10} {'preset':<7} {'passes':>8} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6}  | "
-            f"{'fewer steps, same passes':<25} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6}")
+    head = (f"{'method':<10} {'preset':<7} {'passes':>8} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} "
+            f"{'match':>5}  | "
+            f"{'fewer steps, same passes':<25} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} {'match':>5}")
     lines += [head, "-" * len(head)]
     for method, by_preset in report["methods"].items():
         for preset, e in by_preset.items():
             f = e["fewer_steps"]
             lines.append(
                 f"{method:<10} {preset:<7} {e['computed_passes']:>4}/{e['total_passes']:<3} "
-                f"{e['wall_speedup']:>5.2f}x {e['ideal_speedup']:>5.2f}x {e['psnr']:>6.2f} {e['ssim']:>6.3f}  | "
+                f"{e['wall_speedup']:>5.2f}x {e['ideal_speedup']:>5.2f}x {e['psnr']:>6.2f} {e['ssim']:>6.3f} "
+                f"{e['prompt_match']:>5.0%}  | "
                 f"{f['steps']:>3} steps {f['computed_passes']:>4}/{report['uncached']['total_passes']:<9} "
-                f"{f['wall_speedup']:>5.2f}x {f['ideal_speedup']:>5.2f}x {f['psnr']:>6.2f} {f['ssim']:>6.3f}")
+                f"{f['wall_speedup']:>5.2f}x {f['ideal_speedup']:>5.2f}x {f['psnr']:>6.2f} {f['ssim']:>6.3f} "
+                f"{f['prompt_match']:>5.0%}")
+    lines += ["", f"match: share of videos whose colour and direction read back as prompted (uncached "
+                  f"{report['uncached']['prompt_match']:.0%})"]
     mc = report["medium_check"]
     verdict = "passed" if mc["ok"] else "FAILED"
     lines += ["", f"check ({mc['rule']}): {verdict}"]
