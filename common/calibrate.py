@@ -35,7 +35,7 @@ from .calibration_io import (MAGCACHE_RULE, calibrated_source, interleave_with_p
                              write_profile)
 from .policies import Decision, EasyCachePolicy, ParameterError, Polynomial, TeaCachePolicy
 from .profiles import FORMAT, Profile, ProfileError, check_profile_family, load_profile
-from .runner import CacheRunner, PassContext, RunStats, mean_abs
+from .runner import CacheRunner, NothingCachedWarning, PassContext, RunStats, mean_abs
 
 TEACACHE_DEGREE = 4
 # Reuse fractions that name the TeaCache speed levels of a calibrated profile.
@@ -226,25 +226,18 @@ def magcache_section(measures, branches, steps, base: Profile | None) -> dict[st
 
 
 def _magcache_reuse(section, steps, K, retention):
-    """MagCache's reuse fraction at a threshold: its schedule follows from the table alone."""
-    from .policies import MagCachePolicy
-    from .profiles import split_branch_ratios
-    branches = section["branches"]
-    tables = [split_branch_ratios(section["ratios"], len(branches), steps, i, "none", "calibrated")
-              for i in range(len(branches))]
+    """MagCache's reuse fraction at a threshold: its schedule follows from the table alone, so it is the one
+    `stepcache schedule` simulates."""
+    from .methods import resolve_method
+    from .schedule import simulate
+    profile = Profile("calibrated", {"format": FORMAT, "name": "calibrated", "magcache": section})
 
     def reuse(thresh):
-        reused = 0
-        for index, ratios in enumerate(tables):
-            policy = MagCachePolicy(ratios, thresh, K, retention, len(branches), index,
-                                    inclusive=section["inclusive"], ratio_power=section["ratio_power"],
-                                    absolute_error=section["absolute_error"])
-            computed_any = False
-            for step in range(steps):
-                decision = policy.decide(step, steps, have_cache=computed_any)
-                computed_any |= decision.compute
-                reused += not decision.compute
-        return reused / (steps * len(branches))
+        config = resolve_method("magcache", profile, None, thresh=thresh, K=K, retention_ratio=retention)
+        with warnings.catch_warnings():  # probing thresholds that reuse nothing is the point here
+            warnings.simplefilter("ignore", NothingCachedWarning)
+            computed, total = simulate(config, steps).counts()
+        return 1 - computed / total
     return reuse
 
 

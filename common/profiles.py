@@ -22,7 +22,7 @@ PROFILE_DIR = Path(__file__).with_name("profiles")
 METHODS = ("teacache", "magcache", "easycache")
 RESAMPLE_MODES = ("nearest", "compose", "none")
 # Composing predicted the ratios measured at 10, 20, 30 and 75 steps from a 50-step calibration 4-20x better than
-# the reference's nearest resampling on the demo model (docs/calibration/demo-study.md), so it is the default;
+# the reference's nearest resampling on the demo model (docs/calibration/study.md), so it is the default;
 # 'nearest' stays available by name.
 DEFAULT_RESAMPLE = "compose"
 

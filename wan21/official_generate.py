@@ -294,11 +294,9 @@ def _method_params(method: str, active: str, ours, profile: Profile, steps: int,
         table_steps = int(profile.method("magcache")["steps"])
         if table_steps != steps:
             notes.append(f"profile {profile.name}'s MagCache table has {table_steps} steps; this run has {steps}: "
-                         f"resampled per branch ({config.params['resample']}: "
-                         + ("the ratios of merged steps multiplied, as measured best on the demo model; the "
-                            "reference picks the nearest step's ratio instead" if config.params["resample"] ==
-                            "compose" else "the reference's nearest step") + "). For an exact table run "
-                         f"magcache_generate.py --magcache_calibration --sample_steps {steps}")
+                         f"resampled per branch by {config.params['resample']!r} (the reference uses 'nearest'; "
+                         f"'compose', the default, predicted measured tables better on the demo model). For an "
+                         f"exact table run magcache_generate.py --magcache_calibration --sample_steps {steps}")
     return params
 
 

@@ -139,20 +139,29 @@ def plot_ratios(profile_data: dict, path: Path) -> Path | None:
     return path
 
 
-def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidance: float = GUIDANCE,
-              plot: Path | None = None, do_sweep: bool = True, progress: bool = True) -> dict:
-    from stepcache.calibrate import CalibrationRun, build_profile, describe_calibration, measure
-    from stepcache.calibration_io import write_profile
+def calibration_profile(demo: DemoPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                        name: str, description: str | None = None, progress: bool = False) -> dict:
+    """The calibration tool's profile data for the demo model over ``prompts`` x ``seeds`` (nothing written)."""
+    from stepcache.calibrate import CalibrationRun, build_profile, measure
 
     from . import calibration_target
-    demo = DemoPipeline(load(weights))
     target, generate, meta = calibration_target(SimpleNamespace(steps=steps, guidance=guidance), demo=demo)
-    prompts = calibration_prompts(n)
-    run = CalibrationRun(prompts, [CALIBRATION_SEED], steps, meta)
+    run = CalibrationRun(prompts, seeds, steps, meta)
     runner, adapter, model = measure(target, run, generate, progress=progress)
+    return build_profile(runner, adapter, model, run, name, None, description)
+
+
+def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidance: float = GUIDANCE,
+              plot: Path | None = None, do_sweep: bool = True, progress: bool = True) -> dict:
+    from stepcache.calibrate import describe_calibration
+    from stepcache.calibration_io import write_profile
+
+    demo = DemoPipeline(load(weights))
+    prompts = calibration_prompts(n)
     description = ("stepcache's demo model (diffusers WanTransformer3DModel, 6 layers, 8 frames of 32x32), "
                    "calibrated on itself by stepcache.wan21.demo.calibrate_demo")
-    data = build_profile(runner, adapter, model, run, PROFILE_NAME, None, description)
+    data = calibration_profile(demo, prompts, [CALIBRATION_SEED], steps, guidance, PROFILE_NAME, description,
+                               progress)
     data["model"]["task"] = "t2v"
     out = Path(out)
     profile = write_profile(out, data)

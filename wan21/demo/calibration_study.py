@@ -16,26 +16,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from .calibrate_demo import CALIBRATION_SEED, calibration_prompts
+from .calibrate_demo import CALIBRATION_SEED, calibration_profile, calibration_prompts
 from .model import GUIDANCE, DemoPipeline, load
 
 BASE_STEPS = 50
 TARGET_STEPS = (10, 20, 30, 75)
-
-
-def calibrate_once(demo: DemoPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                   name: str = "demo-study") -> dict:
-    from stepcache.calibrate import CalibrationRun, build_profile, measure
-
-    from . import calibration_target
-    target, generate, meta = calibration_target(SimpleNamespace(steps=steps, guidance=guidance), demo=demo)
-    run = CalibrationRun(prompts, seeds, steps, meta)
-    runner, adapter, model = measure(target, run, generate, progress=False)
-    return build_profile(runner, adapter, model, run, name)
 
 
 def tables_equal(a: dict, b: dict) -> bool:
@@ -85,7 +73,7 @@ def study(weights=None, prompts: int = 8, seeds=(CALIBRATION_SEED,), guidance: f
     jobs += [(f"{n} steps", first, n) for n in target_steps]
     profiles = {}
     for label, chosen, steps in tqdm(jobs, desc="calibrations", disable=not progress, file=sys.stderr):
-        profiles[label] = calibrate_once(demo, chosen, list(seeds), steps, guidance)
+        profiles[label] = calibration_profile(demo, chosen, list(seeds), steps, guidance, "demo-study")
     base = profiles["first"]
     resampling = {}
     for n in target_steps:
