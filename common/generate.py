@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .methods import PARAMETERS, resolve_method
+from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
 
@@ -46,6 +46,7 @@ def add_arguments(parser) -> None:
                         help="TeaCache/EasyCache: steps always computed at the start")
     parser.add_argument("--clamp-polynomial", action="store_true", default=None,
                         help="TeaCache: " + PARAMETERS["teacache"]["clamp_polynomial"])
+    parser.add_argument("--predict", default=None, choices=PREDICTIONS, help=PREDICT_HELP)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
@@ -66,7 +67,8 @@ def add_arguments(parser) -> None:
 
 def _method_params(args) -> dict[str, Any]:
     given = {"thresh": args.thresh, "K": args.K, "retention_ratio": args.retention_ratio, "variant": args.variant,
-             "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial}
+             "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial,
+             "predict": args.predict}
     allowed = PARAMETERS[args.method]
     wrong = [k for k, v in given.items() if v is not None and k not in allowed]
     if wrong:

@@ -10,6 +10,13 @@ from typing import Any
 from .policies import EasyCachePolicy, MagCachePolicy, ParameterError, TeaCachePolicy, check_threshold
 from .profiles import DEFAULT_RESAMPLE, METHODS, RESAMPLE_MODES, Profile, ProfileError, load_profile
 
+# How a reused pass estimates what the skipped work would have produced. "reuse" is what all three papers do;
+# "linear" extrapolates from the last two computed passes (as diffusers' SeaCache and cache-dit's TaylorSeer do),
+# which the published thresholds were not tuned for.
+PREDICTIONS = ("reuse", "linear")
+PREDICT_HELP = ("how a reused pass estimates the skipped work: 'reuse' (default, as published: the last computed "
+                "residual) or 'linear' (extrapolated, by step index, from the last two computed residuals)")
+
 # The parameters each method accepts, and what they mean; used for validation and for --help texts.
 PARAMETERS = {
     "teacache": {
@@ -18,6 +25,7 @@ PARAMETERS = {
         "warmup_steps": "steps always computed at the start (default: the variant's)",
         "force_last": "always compute the last step (default: the variant's)",
         "clamp_polynomial": "clamp the rescaling polynomial at 0 (not in the reference; off by default)",
+        "predict": PREDICT_HELP,
     },
     "magcache": {
         "thresh": "accumulated magnitude-error budget; 0 disables reuse",
@@ -26,12 +34,14 @@ PARAMETERS = {
         "resample": "how a table is fitted to another step count: 'compose' (default: multiply the ratios of the "
                     "merged steps, split them geometrically for more steps), 'nearest' (the reference's) or 'none' "
                     "(refuse)",
+        "predict": PREDICT_HELP,
     },
     "easycache": {
         "thresh": "accumulated transformation-rate budget (a fraction: 0.05 is 5%); 0 disables reuse",
         "warmup_steps": "steps always computed at the start",
         "force_last": "always compute the last step",
         "decide_on": "branch whose decision the other CFG branches follow ('cond' as published for Wan), or None",
+        "predict": PREDICT_HELP,
     },
 }
 
@@ -124,6 +134,9 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
         if params["resample"] not in RESAMPLE_MODES:
             raise ParameterError(f"resample={params['resample']!r} is not one of {', '.join(RESAMPLE_MODES)}")
         params.setdefault("retention_ratio", 0.2)
+    params.setdefault("predict", "reuse")
+    if params["predict"] not in PREDICTIONS:
+        raise ParameterError(f"predict={params['predict']!r} is not one of {', '.join(PREDICTIONS)}")
     if "thresh" not in params:
         raise ProfileError(f"profile {profile.name!r} has no published {method} threshold; pass thresh=")
     check_threshold(f"{method} thresh", params["thresh"])

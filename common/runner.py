@@ -56,6 +56,9 @@ class BranchState:
     policy: Any
     last_step: int | None = None
     residual: torch.Tensor | None = None  # h_L - h0 (TeaCache, MagCache) or v - x (EasyCache)
+    residual_step: int | None = None
+    older_residual: torch.Tensor | None = None  # the one before, kept only for predict="linear"
+    older_residual_step: int | None = None
     previous_signal: torch.Tensor | None = None  # TeaCache
     previous_input: torch.Tensor | None = None  # EasyCache: x of the previous pass
     computed_input: torch.Tensor | None = None  # EasyCache: x of the last computed pass
@@ -163,6 +166,7 @@ class CacheRunner:
         self.sharded = frozenset(sharded)
         self.cfg_group = cfg_group
         self.stats = RunStats(config.method)
+        self.predict = config.params.get("predict", "reuse")
         # A calibrated TeaCache polynomial knows the signal changes it was fitted on; outside them it guesses.
         self.fit_range = None
         if config.method == "teacache":
@@ -272,14 +276,28 @@ class CacheRunner:
         ctx.h0 = h0
         if decision.compute:
             return None
-        return h0 + state.residual
+        return h0 + self._predicted_residual(state, ctx.step)
 
     def leave_stack(self, h_out: torch.Tensor) -> None:
         ctx = self._require_pass()
         if self.method == "easycache" or ctx.h0 is None:
             return
-        self.branches[ctx.branch].residual = (h_out - ctx.h0).detach()
+        self._store_residual(self.branches[ctx.branch], ctx.step, h_out - ctx.h0)
         ctx.h0 = None
+
+    def _store_residual(self, state: BranchState, step: int, residual: torch.Tensor) -> None:
+        if self.predict == "linear":
+            state.older_residual, state.older_residual_step = state.residual, state.residual_step
+        state.residual, state.residual_step = residual.detach(), step
+
+    def _predicted_residual(self, state: BranchState, step: int) -> torch.Tensor:
+        older = state.older_residual
+        if (self.predict != "linear" or older is None or older.shape != state.residual.shape
+                or state.residual_step == state.older_residual_step):
+            return state.residual
+        # A straight line through the last two computed residuals, in step index, read at this step.
+        slope_steps = (step - state.residual_step) / (state.residual_step - state.older_residual_step)
+        return state.residual + (state.residual - older) * slope_steps
 
     def end_pass(self, output: torch.Tensor | None) -> None:
         """Close the pass; ``output`` is the model's latent-space prediction (needed by EasyCache only)."""
@@ -335,7 +353,7 @@ class CacheRunner:
                 share_decision(self.cfg_group, ctx.decision)
         state.previous_input = x.detach()
         if not ctx.decision.compute:
-            ctx.reused_output = x + state.residual
+            ctx.reused_output = x + self._predicted_residual(state, ctx.step)
 
     def _easycache_store(self, ctx: PassContext, state: BranchState, v: torch.Tensor) -> None:
         x = ctx.latent
@@ -344,4 +362,4 @@ class CacheRunner:
             state.policy.observe_rate(float(num / den) if float(den) > 0 else None)
         state.computed_input = x.detach()
         state.computed_output = v.detach()
-        state.residual = (v - x).detach()
+        self._store_residual(state, ctx.step, v - x)

@@ -19,7 +19,8 @@ before and after it, and the median over rounds is reported); and PSNR (per-fram
 and LPIPS (when its weights are found) against the baseline's video for the same prompt and seed.
 
 Output in ``--out``: ``results.jsonl`` (one line per finished run and timing; a restart skips what is
-there; a folder made with other settings is refused), ``report.json``, ``table.md`` (the table, every run's
+there; runs added to the plan since, such as a new sweep point, are scored and timed on their own; a folder
+made with other settings is refused), ``report.json``, ``table.md`` (the table, every run's
 configuration, the verdict), ``plot.png`` (PSNR against speedup, one curve per method) and ``verdict.md`` (the
 short verdict for the README). ``--quick`` runs 3 prompts, 2-3 points per sweep and 1 timing round (a few
 minutes); the default (full) mode is what the README's figures come from. ``--untrained`` runs a random-weight
@@ -73,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cache-dit); default all (--list shows them)")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts (default: 6, quick 3)")
     parser.add_argument("--num-seeds", type=int, default=None, help="seeds per prompt (default: 2, quick 1)")
+    parser.add_argument("--first-prompt", type=int, default=0,
+                        help="start this far into the fixed prompt order (default 0): a different set of prompts "
+                             "and seeds, to check a result on videos its settings were not chosen on")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps of the baseline (default 30)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo's 2.5)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default: 3, quick 1)")
@@ -101,22 +105,27 @@ def _command(args) -> str:
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     base = vars(defaults.parse_args([]))
+    flags = {a.dest: a.option_strings[0] for a in defaults._actions if a.option_strings}  # --profile: profile_file
     for key, value in vars(args).items():
         if key.startswith("_") or key in ("command", "list") or key not in base or value == base[key]:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = flags[key]
         parts += [flag] if value is True else [flag, str(value)]
     return " ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- model, prompts
-def bench_pairs(num_prompts: int, num_seeds: int) -> list[tuple[str, int]]:
-    """A fixed shuffle of the demo's prompt vocabulary, and noise seeds no other part of stepcache uses."""
+def bench_pairs(num_prompts: int, num_seeds: int, first: int = 0) -> list[tuple[str, int]]:
+    """A fixed shuffle of the demo's prompt vocabulary, and noise seeds no other part of stepcache uses; ``first``
+    skips that many prompts of the shuffle (their seeds move along, so no pair repeats)."""
     import torch
     from stepcache.wan21.demo.scenes import ALL_SCENES
+    if first < 0:
+        raise BenchError(f"--first-prompt {first} must be >= 0")
     order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_SEED)).tolist()
-    prompts = [ALL_SCENES[order[i % len(order)]].prompt for i in range(num_prompts)]
-    return [(p, BENCH_SEED + 1000 * i + j) for i, p in enumerate(prompts) for j in range(num_seeds)]
+    indices = range(first, first + num_prompts)
+    return [(ALL_SCENES[order[i % len(order)]].prompt, BENCH_SEED + 1000 * i + j) for i in indices
+            for j in range(num_seeds)]
 
 
 def calibration_pairs(n: int) -> list[tuple[str, int]]:
@@ -365,6 +374,20 @@ class Store:
     def open(self, settings: dict) -> None:
         if self.settings_path.exists():
             existing = json.loads(self.settings_path.read_text())
+            # A file's content names it, not where it lies (a copied folder, another checkout).
+            if existing.get("sha256") and existing.get("sha256") == settings.get("sha256"):
+                existing["weights"] = settings.get("weights")
+            mine, theirs = existing.get("stepcache_profile"), settings.get("stepcache_profile")
+            if isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("sha256") == theirs.get("sha256"):
+                existing["stepcache_profile"] = theirs
+            added = [r for r in settings["runs"] if r not in existing.get("runs", [])]
+            if (added and set(existing.get("runs", [])) <= set(settings["runs"])
+                    and {**existing, "runs": settings["runs"]} == settings):
+                # Same benchmark, more runs (a method or sweep point added later): what was measured stays,
+                # the new runs are scored and timed against baselines timed in their own process.
+                print(f"adding {len(added)} run(s) to the benchmark in {self.folder}: {', '.join(added)}", flush=True)
+                self.settings_path.write_text(json.dumps(settings, indent=1))
+                existing = settings
             if existing != settings:
                 keys = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
                 raise BenchError(
@@ -704,7 +727,8 @@ def settings_for(args, identity: dict, runs: list[Run]) -> dict:
     return {
         "format": FORMAT, "mode": _mode(args), **identity,
         "steps": steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
-        "pairs": [list(p) for p in bench_pairs(args.num_prompts or mode["prompts"], args.num_seeds or mode["seeds"])],
+        "pairs": [list(p) for p in bench_pairs(args.num_prompts or mode["prompts"], args.num_seeds or mode["seeds"],
+                                               args.first_prompt)],
         "repeats": args.repeats or mode["repeats"], "threads": args.threads, "clock": args.clock,
         "calibration_pairs": args.calibration_pairs or mode["calibration_pairs"],
         "stepcache_profile": ({"file": str(Path(args.profile_file).resolve()),

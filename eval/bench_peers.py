@@ -43,12 +43,20 @@ from typing import Any
 # Wan's attention modules (A6 in the project's peer notes): TaylorSeer's default patterns do not match them.
 WAN_ATTENTION_PATTERN = r"^(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.attn\d*$"
 CACHE_DIT_VERSION = "1.5.3"
-MAGCACHE_GRID = [dict(thresh=t, K=k) for k in (2, 4, 6) for t in (0.03, 0.06, 0.12, 0.24, 0.5)]
-MAGCACHE_QUICK = [dict(thresh=0.06, K=2), dict(thresh=0.12, K=4), dict(thresh=0.5, K=6)]
+# K=3 is the smallest K that can reach 2.5x on 30 steps after a 20 % retention (K=2 stops at 2.14x).
+MAGCACHE_GRID = [dict(thresh=t, K=k) for k in (2, 3, 4, 6) for t in (0.03, 0.06, 0.12, 0.24, 0.5)]
+MAGCACHE_QUICK = [dict(thresh=0.12, K=2), dict(thresh=0.24, K=2), dict(thresh=0.5, K=4)]
 # TeaCache and EasyCache thresholds as multiples of the calibrated profile's `medium` preset (about 40 % of the
 # passes reused on the calibration runs), so the sweep lands where this model's own scale puts it.
 MULTIPLIERS = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
 MULTIPLIERS_QUICK = [1.0, 2.0, 4.0]
+# Linear prediction only: shorter warm-ups than the published ones (MagCache's 20 % retention, EasyCache's 10 of
+# 50 steps), which were tuned for reuse. The first full run found them capping linear prediction's speedup
+# (SeaCache, which also extrapolates, computes only its first step), so they are swept too: retention 0.04 and
+# 0.1 keep 1 and 3 of 30 steps, EasyCache 3 steps instead of 6.
+LINEAR_MAGCACHE_WARMUPS = [dict(thresh=t, K=k, retention_ratio=r) for r in (0.04, 0.1) for k in (2, 3)
+                           for t in (0.24, 0.5, 1.0)]
+LINEAR_EASYCACHE_WARMUPS = [{"x_medium": m, "warmup_steps": 3} for m in (1.0, 1.5, 2.0, 3.0)]
 PROTECT_FRACTION = 0.3  # the exploratory "protected warm-up" variants always compute this share of the steps
 
 
@@ -190,10 +198,19 @@ class FixedSkip(_StepcacheBase):
     """Compute one pass in every k after the warm-up, reuse the cached residual in between (per CFG branch).
 
     Built from stepcache's own MagCache runner with a flat ratio table (every ratio 1.0, so the accumulated
-    error stays 0 and only ``K = k - 1`` ends a run of reuses): no new policy, the same reuse mechanics."""
+    error stays 0 and only ``K = k - 1`` ends a run of reuses): no new policy, the same reuse mechanics.
+    ``linear=True`` predicts the skipped passes linearly instead, the floor for stepcache's linear curves: it
+    tells how much of their quality the threshold's choice of steps adds to the prediction itself."""
     method = "magcache"
 
-    def __init__(self):
+    def __init__(self, linear: bool = False):
+        self.linear = linear
+        if linear:
+            full = [{"k": k, "retention_ratio": r} for r in (0.04, 0.2) for k in (2, 3, 4)]
+            super().__init__("floor-fixed-linear", "fixed skip, linear prediction", "floor", full, [],
+                             needs_calibration=True, full_only=True,
+                             note="as the fixed skip, with predict='linear' and the retention (warm-up) given")
+            return
         super().__init__("floor-fixed", "fixed skip (1 of k computed)", "floor",
                          [{"k": k} for k in (2, 3, 4, 5, 6)], [{"k": 2}, {"k": 4}], needs_calibration=True,
                          note="stepcache MagCache runner with a flat ratio table: after the 20 % warm-up it computes "
@@ -203,27 +220,43 @@ class FixedSkip(_StepcacheBase):
         return ctx.calibrations.fixed_profile
 
     def stepcache_params(self, ctx, params):
-        return {"thresh": 1e-6, "K": int(params["k"]) - 1, "retention_ratio": 0.2}
+        p = {"thresh": 1e-6, "K": int(params["k"]) - 1, "retention_ratio": params.get("retention_ratio", 0.2)}
+        if self.linear:
+            p["predict"] = "linear"
+        return p
 
 
 class StepcacheMethod(_StepcacheBase):
-    def __init__(self, method: str, label: str, protect: bool = False):
+    """One of stepcache's methods as published (``variant=None``), with linear residual prediction
+    (``"linear"``: stepcache's ``predict="linear"`` option), or with a protected warm-up (``"protected"``,
+    exploratory: not an option of stepcache, only a question the benchmark asks)."""
+
+    VARIANTS = {None: ("", ""), "linear": ("-linear", " (linear prediction)"),
+                "protected": ("-protected", " (protected warm-up)")}
+
+    def __init__(self, method: str, label: str, variant: str | None = None):
         self.method = method
-        self.protect = protect
+        self.variant = variant
         if method == "magcache":
             full, quick = MAGCACHE_GRID, MAGCACHE_QUICK
         else:
             full = [{"x_medium": m} for m in MULTIPLIERS]
             quick = [{"x_medium": m} for m in MULTIPLIERS_QUICK]
-        key = f"stepcache-{method}" + ("-protected" if protect else "")
+        if variant == "linear":
+            full = full + {"magcache": LINEAR_MAGCACHE_WARMUPS, "easycache": LINEAR_EASYCACHE_WARMUPS}.get(method, [])
+        suffix, label_suffix = self.VARIANTS[variant]
         note = ("calibrated in this session with stepcache's calibration (common/calibrate.py) on the "
                 "calibration prompts, which the benchmark prompts do not include")
         if method != "magcache":
             note += "; threshold = multiple x_medium of the calibrated `medium` preset"
+        if variant == "linear":
+            note = ("predict='linear': a reused pass extrapolates the last two computed residuals by step index "
+                    "(as diffusers' SeaCache and cache-dit's TaylorSeer do) instead of repeating the last one; " + note)
+        protect = variant == "protected"
         if protect:
             note = (f"EXPLORATORY, not in the verdict: the first {PROTECT_FRACTION:.0%} of the steps always computed "
                     f"(the feasibility run saw reuse right after the warm-up change a whole video's layout). " + note)
-        super().__init__(key, label + (" (protected warm-up)" if protect else ""), "stepcache", full, quick,
+        super().__init__(f"stepcache-{method}{suffix}", label + label_suffix, "stepcache", full, quick,
                          note=note, exploratory=protect, full_only=protect, needs_calibration=True,
                          skips_whole_pass=method == "easycache")
 
@@ -232,10 +265,12 @@ class StepcacheMethod(_StepcacheBase):
         if "x_medium" in p:
             section = self.profile(ctx).method(self.method)
             medium = section["presets"]["medium"]["thresh"]
-            p = {"thresh": float(f"{medium * p.pop('x_medium'):.4g}")}
+            p["thresh"] = float(f"{medium * p.pop('x_medium'):.4g}")
         if self.method == "easycache":
-            p["warmup_steps"] = ctx.calibrations.easycache_warmup
-        if self.protect:
+            p.setdefault("warmup_steps", ctx.calibrations.easycache_warmup)
+        if self.variant == "linear":
+            p["predict"] = "linear"
+        if self.variant == "protected":
             if self.method == "magcache":
                 p["retention_ratio"] = PROTECT_FRACTION
             else:
@@ -455,6 +490,7 @@ def all_methods() -> list[Method]:
         Baseline(),
         FewerSteps(),
         FixedSkip(),
+        FixedSkip(linear=True),
         StepcacheMethod("teacache", "stepcache TeaCache"),
         StepcacheMethod("magcache", "stepcache MagCache"),
         StepcacheMethod("easycache", "stepcache EasyCache"),
@@ -466,9 +502,12 @@ def all_methods() -> list[Method]:
         DiffusersFasterCache(),
         CacheDiT(taylorseer=False),
         CacheDiT(taylorseer=True),
-        StepcacheMethod("teacache", "stepcache TeaCache", protect=True),
-        StepcacheMethod("magcache", "stepcache MagCache", protect=True),
-        StepcacheMethod("easycache", "stepcache EasyCache", protect=True),
+        StepcacheMethod("teacache", "stepcache TeaCache", "linear"),
+        StepcacheMethod("magcache", "stepcache MagCache", "linear"),
+        StepcacheMethod("easycache", "stepcache EasyCache", "linear"),
+        StepcacheMethod("teacache", "stepcache TeaCache", "protected"),
+        StepcacheMethod("magcache", "stepcache MagCache", "protected"),
+        StepcacheMethod("easycache", "stepcache EasyCache", "protected"),
     ]
 
 

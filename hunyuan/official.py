@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from ..methods import PARAMETERS, MethodConfig, resolve_method
+from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
 from .resolution import choose_by_resolution, warn_unpublished
@@ -107,6 +107,8 @@ def add_cache_args(parser: argparse.ArgumentParser, method: str) -> argparse.Arg
     group.add_argument("--easycache-thresh", type=float, default=None, metavar="FLOAT",
                        help=f"EasyCache: {_help(PARAMETERS['easycache']['thresh'])} (default {easy['thresh']}; first "
                             f"{easy['warmup_steps']} steps always computed).")
+    group.add_argument("--cache-predict", choices=PREDICTIONS, default=None,
+                       help=f"Any method: {PREDICT_HELP}.")
     group.add_argument("--magcache-calibration", default=None, metavar="PATH",
                        help="Calibrate MagCache instead of caching: run uncached, measure this model's magnitude "
                             "ratios at this --video-size and --infer-steps (one prompt, as the authors did) and "
@@ -175,7 +177,8 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
     if args.magcache_calibration:
         return _plan_calibration(args, given, error)
     if method is None:
-        extra = [*given] + [f for f in ("--cache-profile", "--cache-preset") if getattr(args, _dest(f))]
+        extra = [*given] + [f for f in ("--cache-profile", "--cache-preset", "--cache-predict")
+                            if getattr(args, _dest(f))]
         if extra:
             error(f"argument {extra[0]}: not used with --cache-method none")
         return CachePlan(None)
@@ -220,6 +223,8 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
         except (ProfileError, ParameterError) as exc:
             error(f"argument {flag}: {exc}")
         overrides[parameter] = value
+    if args.cache_predict is not None:
+        overrides["predict"] = args.cache_predict
     try:
         config = resolve_method(method, profile, args.cache_preset, **overrides)
         for branch in (config.profile.magcache_branches() if method == "magcache" else ["cond"]):

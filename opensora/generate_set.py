@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..methods import PARAMETERS, resolve_method
+from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from ..policies import ParameterError
 from ..profiles import ProfileError, load_profile
 from .adapter import MultiGPUNotSupported
@@ -115,6 +115,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                        help="TeaCache/EasyCache: steps always computed at the start (default: the profile's)")
     cache.add_argument("--clamp-polynomial", action="store_true", default=None,
                        help="TeaCache: clamp the rescaling polynomial at 0 (not in the reference)")
+    cache.add_argument("--predict", choices=PREDICTIONS, default=None, help=PREDICT_HELP)
 
     gen = parser.add_argument_group("generation (the published runs: 480p, 9:16, 51 frames, 30 steps, cfg 7.0)")
     gen.add_argument("--resolution", default="480p", help="144p, 240p, 360p, 480p or 720p (default 480p)")
@@ -234,7 +235,8 @@ def resolve_cache(method: str, args) -> tuple[Any, str | None, dict[str, Any], d
     """(profile, preset, parameters for stepcache.enable, resolved parameters for the manifest); nothing loads."""
     if method == "none":
         given = {k: getattr(args, k) for k in ("profile", "preset", "thresh", "K", "retention_ratio",
-                                                "warmup_steps", "clamp_polynomial") if getattr(args, k) is not None}
+                                                "warmup_steps", "clamp_polynomial", "predict")
+                 if getattr(args, k) is not None}
         if given:
             raise PlanError(f"--method none makes the uncached baseline; it takes no cache flags "
                             f"(given: {', '.join('--' + k for k in given)})")
@@ -249,7 +251,7 @@ def resolve_cache(method: str, args) -> tuple[Any, str | None, dict[str, Any], d
     else:
         profile = magcache_profile(args.magcache_rule) if method == "magcache" else load_profile(PROFILE)
     wanted = {"thresh": args.thresh, "K": args.K, "retention_ratio": args.retention_ratio,
-              "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial}
+              "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial, "predict": args.predict}
     params = {k: v for k, v in wanted.items() if v is not None}
     config = resolve_method(method, profile, args.preset, **params)  # raises on any bad value, before loading
     resolved = {k: v for k, v in config.params.items() if k != "coefficients"}
@@ -267,6 +269,8 @@ def _label(method: str, resolved: dict[str, Any], preset: str | None) -> str:
         bits.append(f"K{resolved['K']}")
         if resolved.get("magcache_rule", REFERENCE) != REFERENCE:
             bits.append(resolved["magcache_rule"])
+    if resolved.get("predict", "reuse") != "reuse":
+        bits.append(f"predict {resolved['predict']}")
     if preset:
         bits.append(f"({preset})")
     return f"{LABELS[method]} {' '.join(bits)}"

@@ -7,6 +7,7 @@ test prints that reason; nothing is faked.
 """
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,25 @@ def test_resume_finishes_an_interrupted_folder(folder, tmp_path):
                                       if r.startswith("diffusers-fbc"))
 
 
+def test_runs_added_to_the_plan_later_are_run_on_their_own(folder, tmp_path):
+    out, _ = folder
+    more = tmp_path / "more"
+    shutil.copytree(out, more)
+    before = (more / "results.jsonl").read_text()
+    result = bench(*ARGS[:-1], METHODS + ",floor-fixed", "--out", str(more))
+    assert result.returncode == 0, result.stderr[-3000:]
+    added = {"floor-fixed[k=2]", "floor-fixed[k=4]"}   # the quick sweep of the fixed-skip floor
+    assert "adding 2 run(s)" in result.stdout
+    after = (more / "results.jsonl").read_text()
+    assert after.startswith(before)   # what was measured stays as it was
+    new = [json.loads(line) for line in after[len(before):].splitlines() if line.strip()]
+    assert {r["run"] for r in new if r["kind"] == "quality"} == added
+    assert {r["run"] for r in new if r["kind"] == "timing"} == added
+    assert added <= set(json.loads((more / "settings.json").read_text())["runs"])
+    report = json.loads((more / "report.json").read_text())
+    assert report["complete"] and {r["id"] for r in report["rows"]} >= added
+
+
 def test_folder_made_with_other_settings_is_refused(folder):
     out, _ = folder
     from stepcache.eval.bench import main
@@ -122,6 +142,41 @@ def test_folder_made_with_other_settings_is_refused(folder):
     assert main([*ARGS[:3], "3", *ARGS[4:], "--out", str(out)]) == 2   # 3 prompts instead of 2
     assert main([*ARGS, "--steps", "8", "--out", str(out)]) == 2
     assert (out / "results.jsonl").read_text() == before
+
+
+def test_the_printed_command_parses_back_to_the_same_arguments():
+    import argparse
+    import shlex
+    from stepcache.eval.bench import _command, add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--out", "x", "--profile", "p.json", "--first-prompt", "6", "--num-prompts", "12", "--quick"]
+    args = parser.parse_args(argv)
+    printed = shlex.split(_command(args))
+    assert printed[:2] == ["stepcache", "bench"] and parser.parse_args(printed[2:]) == args
+
+
+def test_same_weights_elsewhere_open_the_folder_other_weights_do_not(tmp_path):
+    from stepcache.eval.bench import BenchError, Store
+    settings = {"model": "demo", "weights": "/one/demo_wan.safetensors", "sha256": "ab", "runs": ["baseline[]"],
+                "stepcache_profile": {"file": "/one/profile.json", "sha256": "ef"}}
+    Store(tmp_path).open(settings)
+    Store(tmp_path).open({**settings, "weights": "/another/checkout/demo_wan.safetensors",
+                          "stepcache_profile": {"file": "/another/profile.json", "sha256": "ef"}})
+    with pytest.raises(BenchError, match="differing: sha256"):
+        Store(tmp_path).open({**settings, "sha256": "cd"})
+    with pytest.raises(BenchError, match="differing: stepcache_profile"):
+        Store(tmp_path).open({**settings, "stepcache_profile": {"file": "/one/profile.json", "sha256": "00"}})
+
+
+def test_first_prompt_gives_other_prompts_and_seeds():
+    from stepcache.eval.bench import BenchError, bench_pairs
+    main, other = bench_pairs(6, 2), bench_pairs(12, 1, first=6)
+    assert len(other) == 12 and not {p for p, _ in main} & {p for p, _ in other}
+    assert not {s for _, s in main} & {s for _, s in other}
+    assert [p for p, _ in bench_pairs(18, 1)][6:] == [p for p, _ in other]   # the same fixed order, further on
+    with pytest.raises(BenchError, match="--first-prompt -1"):
+        bench_pairs(6, 2, first=-1)
 
 
 def test_frontier_and_value_at():

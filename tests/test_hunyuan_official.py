@@ -162,6 +162,14 @@ def test_published_commands_parse(upstream, method, flags, profile, warns):
     assert {k: plan.config.params[k] for k in defaults} == defaults
 
 
+@pytest.mark.parametrize("method", ["magcache", "teacache", "easycache"])
+def test_cache_predict_reaches_every_method(upstream, method):
+    _, plan = upstream.official.parse_args(method, T.tiny_argv("--cache-predict", "linear"))
+    assert plan.config.params["predict"] == "linear"
+    _, plan = upstream.official.parse_args(method, T.tiny_argv())
+    assert plan.config.params["predict"] == "reuse"
+
+
 def _copied_script_run(root: Path, tmp_path: Path, method: str, *argv: str) -> subprocess.Popen:
     """The script as a user runs it: a copy at the root of a checkout (here a symlink to its hyvideo/)."""
     where = tmp_path / method
@@ -178,7 +186,8 @@ def test_help_lists_upstream_flags_and_ours(upstream, tmp_path):
     assert {"--video-size", "--flow-reverse", "--use-cpu-offload", "--use-fp8", "--dit-weight",
             "--embedded-cfg-scale", "--ulysses-degree"} <= upstream_options
     ours = {"--cache-method", "--cache-profile", "--cache-preset", "--cache-stats", "--teacache-thresh",
-            "--magcache-thresh", "--magcache-K", "--retention-ratio", "--easycache-thresh", "--magcache-calibration"}
+            "--magcache-thresh", "--magcache-K", "--retention-ratio", "--easycache-thresh", "--magcache-calibration",
+            "--cache-predict"}
     proc = _copied_script_run(upstream.root, tmp_path, "magcache", "--help")  # as a user runs it
     helps = {m: upstream.official.build_parser(m).format_help() for m in ("teacache", "easycache")}
     helps["magcache"], err = proc.communicate(timeout=120)
@@ -210,7 +219,9 @@ def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path)
            ("magcache", ["--cache-profile", "wan2.1-t2v-1.3b"], "--cache-profile"),
            ("magcache", ["--cache-preset", "E999"], "--cache-preset"),
            ("magcache", ["--infer-steps", "1"], "--infer-steps"),
-           ("easycache", ["--cache-method", "none", "--easycache-thresh", "0.1"], "--easycache-thresh")]
+           ("easycache", ["--cache-method", "none", "--easycache-thresh", "0.1"], "--easycache-thresh"),
+           ("magcache", ["--cache-method", "none", "--cache-predict", "linear"], "--cache-predict"),
+           ("teacache", ["--cache-predict", "cubic"], "--cache-predict")]
     for method, argv, flag in bad:
         with pytest.raises(SystemExit) as exc:
             upstream.official.main(method, T.tiny_argv(*argv), load=never)

@@ -110,6 +110,15 @@ def test_manifest_records_what_was_made(tmp_path, prompts):
                                                                   "CCCCCC...C...C...C...C...C...C")
 
 
+def test_linear_prediction_is_recorded_and_labelled(tmp_path, prompts):
+    out = tmp_path / "magcache-linear"
+    assert main(["--prompts", str(prompts), "--out", str(out), *MAGCACHE, "--predict", "linear"],
+                engine_factory=Factory()) == 0
+    manifest = load_manifest(out)
+    assert manifest.params["predict"] == "linear"
+    assert manifest.label == "MagCache 0.12 K3 predict linear (E012K3R02)"
+
+
 @pytest.mark.parametrize("change, word", [(["--thresh", "0.24"], "thresh"),
                                           (["--magcache-rule", "released"], "magcache_rule"),
                                           (["--num-sampling-steps", "20"], "num_sampling_steps"),
@@ -150,6 +159,7 @@ def test_bad_flags_fail_before_loading(tmp_path, prompts, capsys):
     for argv, message in [(["--method", "magcache", "--K", "0"], "K"),
                           (["--method", "teacache", "--K", "3"], "does not take"),
                           (["--method", "none", "--thresh", "0.1"], "no cache flags"),
+                          (["--method", "none", "--predict", "linear"], "no cache flags"),
                           (["--method", "easycache", "--magcache-rule", "released"], "MagCache only"),
                           (["--method", "magcache", "--seeds", "x"], "--seeds")]:
         assert main(["--prompts", str(prompts), "--out", out, *argv], engine_factory=Factory()) == 2

@@ -107,6 +107,14 @@ def test_wrong_combinations_are_refused(method, flags, args, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("method,flags", [("magcache", ["--use_magcache"]), ("teacache", []), ("easycache", [])])
+def test_cache_predict_reaches_every_method(method, flags):
+    assert plan(method, [*flags, "--cache_predict", "linear"]).params["predict"] == "linear"
+    assert "predict" not in plan(method, flags).params  # the published behaviour: stepcache's default, reuse
+    with pytest.raises(PlanError, match="invalid cache flag value"):
+        plan(method, [*flags, "--cache_predict", "cubic"])
+
+
 def test_magcache_script_without_its_flags_runs_uncached_like_the_published_one():
     p = plan("magcache")
     assert p.method is None and p.profile is None and not p.calibrate

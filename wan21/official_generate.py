@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..methods import resolve_method
+from ..methods import PREDICT_HELP, PREDICTIONS, resolve_method
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, load_profile
 from .official import FAMILY, model_config
@@ -98,6 +98,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         group.add_argument("--end_idx", type=int, default=946, help="accepted for compatibility; unused")
         group.add_argument("--out_dir", type=str, default="./output", help="accepted for compatibility; unused "
                                                                           "(stats go next to the video)")
+    group.add_argument("--cache_predict", choices=PREDICTIONS, default=None,
+                       help=f"stepcache option, any method: {PREDICT_HELP}")
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
                        help="a shipped profile name (`stepcache profiles`) or a profile file, e.g. one written by "
                             "--magcache_calibration (default: chosen from --task and --size)")
@@ -283,6 +285,8 @@ def _method_params(method: str, active: str, ours, profile: Profile, steps: int,
         if ours.ret_steps >= steps:
             raise PlanError(f"--ret_steps {ours.ret_steps} covers all {steps} sampling steps, so nothing could be "
                             f"reused; use fewer than --sample_steps")
+    if ours.cache_predict is not None:
+        params["predict"] = ours.cache_predict
     try:
         config = resolve_method(active, profile, None, **params)
         if active == "magcache":
