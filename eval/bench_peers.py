@@ -206,15 +206,16 @@ class FixedSkip(_StepcacheBase):
     def __init__(self, linear: bool = False):
         self.linear = linear
         if linear:
-            full = [{"k": k, "retention_ratio": r} for r in (0.04, 0.2) for k in (2, 3, 4)]
-            super().__init__("floor-fixed-linear", "fixed skip, linear prediction", "floor", full, [],
-                             needs_calibration=True, full_only=True,
-                             note="as the fixed skip, with predict='linear' and the retention (warm-up) given")
-            return
-        super().__init__("floor-fixed", "fixed skip (1 of k computed)", "floor",
-                         [{"k": k} for k in (2, 3, 4, 5, 6)], [{"k": 2}, {"k": 4}], needs_calibration=True,
-                         note="stepcache MagCache runner with a flat ratio table: after the 20 % warm-up it computes "
-                              "one pass in every k, the same pattern on both CFG branches")
+            grid = [{"k": k, "retention_ratio": r} for r in (0.04, 0.2) for k in (2, 3, 4)]
+            note = "as the fixed skip, with predict='linear' and the retention (warm-up) given"
+        else:
+            grid = [{"k": k} for k in (2, 3, 4, 5, 6)]
+            note = ("stepcache MagCache runner with a flat ratio table: after the 20 % warm-up it computes one pass "
+                    "in every k, the same pattern on both CFG branches")
+        super().__init__("floor-fixed-linear" if linear else "floor-fixed",
+                         "fixed skip, linear prediction" if linear else "fixed skip (1 of k computed)", "floor",
+                         grid, [] if linear else [{"k": 2}, {"k": 4}], needs_calibration=True, full_only=linear,
+                         note=note)
 
     def profile(self, ctx):
         return ctx.calibrations.fixed_profile

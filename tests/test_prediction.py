@@ -3,8 +3,6 @@
 The runner is driven directly with known tensors, so the expected outputs are computed by hand from them; the
 pipeline tests check the invariants every option must keep (threshold 0 bit-identical, no block work on a
 reused pass, published behaviour by default)."""
-import json
-
 import pytest
 import torch
 
@@ -18,15 +16,10 @@ from wan_tiny import BlockWorkCounter, build_t2v, run_t2v
 PROFILE = "wan2.1-t2v-1.3b"
 
 
-def flat_magcache_profile(tmp_path, steps: int):
-    """Every ratio 1.0: the accumulated error stays 0, so only K ends a run of reuses."""
-    data = json.loads(load_profile(PROFILE).path.read_text())
-    data["name"] = "flat"
-    data["magcache"]["ratios"] = [1.0] * (2 * steps)
-    data["magcache"]["steps"] = steps
-    path = tmp_path / "flat.json"
-    path.write_text(json.dumps(data))
-    return str(path)
+def flat_magcache_profile():
+    """Every ratio 1.0 (the bench's fixed-skip table): the accumulated error stays 0, so only K ends a run."""
+    from stepcache.eval.bench_peers import flat_ratio_profile
+    return flat_ratio_profile(load_profile(PROFILE))
 
 
 def tensors(n, seed=0):
@@ -50,9 +43,9 @@ def drive_stack_runner(runner, h0s, outs, steps):
 
 
 @pytest.mark.parametrize("predict", ["reuse", "linear"])
-def test_block_stack_prediction_by_hand(tmp_path, predict):
+def test_block_stack_prediction_by_hand(predict):
     steps = 6
-    config = resolve_method("magcache", flat_magcache_profile(tmp_path, steps), thresh=0.5, K=1,
+    config = resolve_method("magcache", flat_magcache_profile(), thresh=0.5, K=1,
                             retention_ratio=0.0, predict=predict)
     runner = CacheRunner(config)
     h0s, outs = tensors(steps, 1), tensors(steps, 2)
@@ -69,10 +62,10 @@ def test_block_stack_prediction_by_hand(tmp_path, predict):
         torch.testing.assert_close(produced[step], expected, rtol=0, atol=1e-6)
 
 
-def test_linear_prediction_reaches_further_on_longer_runs(tmp_path):
+def test_linear_prediction_reaches_further_on_longer_runs():
     """With K=2 the second reuse of a run is two steps from the last computed one: the slope counts twice."""
     steps = 7
-    config = resolve_method("magcache", flat_magcache_profile(tmp_path, steps), thresh=0.5, K=2,
+    config = resolve_method("magcache", flat_magcache_profile(), thresh=0.5, K=2,
                             retention_ratio=0.0, predict="linear")
     runner = CacheRunner(config)
     h0s, outs = tensors(steps, 3), tensors(steps, 4)
