@@ -743,7 +743,8 @@ def list_methods(args) -> int:
     quick = bool(args.quick)
     for m in select_methods(args.methods, quick):
         grid = m.grid(quick, args.steps or 30)
-        flag = " [exploratory, full mode only]" if m.full_only else ""
+        tags = [tag for tag, on in (("exploratory", m.exploratory), ("full mode only", m.full_only)) if on]
+        flag = f" [{', '.join(tags)}]" if tags else ""
         reason = m.unavailable()
         print(f"{m.key:<32} {m.label}{flag}" + (f"  (unavailable: {reason})" if reason else ""))
         print(f"{'':<32} sweep: {', '.join(json.dumps(p) for p in grid)}")

@@ -169,6 +169,15 @@ def test_same_weights_elsewhere_open_the_folder_other_weights_do_not(tmp_path):
         Store(tmp_path).open({**settings, "stepcache_profile": {"file": "/one/profile.json", "sha256": "00"}})
 
 
+def test_list_marks_exploratory_and_full_only_apart(capsys):
+    from stepcache.eval.bench import main
+    assert main(["--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()}
+    assert lines["floor-fixed-linear"].endswith("[full mode only]")       # in the verdict, only slow to run
+    assert lines["stepcache-magcache-protected"].endswith("[exploratory, full mode only]")
+    assert "[" not in lines["stepcache-magcache-linear"]
+
+
 def test_first_prompt_gives_other_prompts_and_seeds():
     from stepcache.eval.bench import BenchError, bench_pairs
     main, other = bench_pairs(6, 2), bench_pairs(12, 1, first=6)
