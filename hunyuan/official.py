@@ -243,7 +243,7 @@ def _default_profile(args, height: int, width: int, error) -> tuple[Profile, str
 
 
 def _plan_calibration(args, given: dict, error) -> CachePlan:
-    extra = [*given] + [f for f in ("--cache-preset",) if getattr(args, _dest(f))]
+    extra = [*given] + [f for f in ("--cache-preset", "--cache-predict") if getattr(args, _dest(f))]
     if extra:
         error(f"argument {extra[0]}: not used with --magcache-calibration (a calibration run is uncached)")
     if args.ulysses_degree > 1 or args.ring_degree > 1:

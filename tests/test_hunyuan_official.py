@@ -221,6 +221,7 @@ def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path)
            ("magcache", ["--infer-steps", "1"], "--infer-steps"),
            ("easycache", ["--cache-method", "none", "--easycache-thresh", "0.1"], "--easycache-thresh"),
            ("magcache", ["--cache-method", "none", "--cache-predict", "linear"], "--cache-predict"),
+           ("magcache", ["--magcache-calibration", "x.json", "--cache-predict", "linear"], "--cache-predict"),
            ("teacache", ["--cache-predict", "cubic"], "--cache-predict")]
     for method, argv, flag in bad:
         with pytest.raises(SystemExit) as exc:

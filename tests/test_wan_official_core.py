@@ -115,6 +115,13 @@ def test_cache_predict_reaches_every_method(method, flags):
         plan(method, [*flags, "--cache_predict", "cubic"])
 
 
+
+@pytest.mark.parametrize("flags", [[], ["--magcache_calibration"]])
+def test_cache_predict_on_an_uncached_magcache_run_is_refused(flags):
+    with pytest.raises(PlanError, match="--cache_predict has no effect without --use_magcache"):
+        plan("magcache", [*flags, "--cache_predict", "linear"], task="t2v-14B", size="1280*720")
+
+
 def test_magcache_script_without_its_flags_runs_uncached_like_the_published_one():
     p = plan("magcache")
     assert p.method is None and p.profile is None and not p.calibrate

@@ -205,6 +205,8 @@ def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, u
             active = None
             if ours.cache_profile and not calibrate:
                 raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
+            if ours.cache_predict is not None:  # calibration runs uncached too
+                raise PlanError("--cache_predict has no effect without --use_magcache; add --use_magcache")
             if not calibrate:
                 notes.append("neither --use_magcache nor --magcache_calibration: this run is uncached (as with the "
                              "published script); its DiT time is still reported")
