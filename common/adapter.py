@@ -30,6 +30,9 @@ class Adapter(Protocol):
     def pixel_size(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
         """The video's (height, width) in pixels, to choose among profiles that differ only in resolution."""
 
+    def timestep_of(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The timestep tensor of this call (read only when the caller's loop gives no step index)."""
+
     def output_latent(self, output: Any) -> torch.Tensor:
         """The prediction tensor inside whatever the model's forward returns."""
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .distributed import MEASUREMENTS, as_group, resolve_parallel
@@ -61,7 +62,13 @@ class StepClock:
 
     The branch is the name the pipeline gives with ``cache_context``; the step and step count come from that
     context when the pipeline passes them, else from the pipeline's scheduler, else from a per-branch pass
-    counter over ``num_steps`` given by the caller.
+    counter over ``num_steps`` given by the caller (a bare transformer driven by the caller's own loop).
+
+    With the counter, a new generation is recognised without the caller's help when a branch's timestep goes
+    back up (denoising runs it down), so a generation aborted part-way is never continued by the next one.
+    Reading the timestep costs one host synchronisation per pass, in counter mode only. A loop whose timesteps
+    do not fall (or that runs one generation's steps at two different step counts) calls
+    :meth:`CachedModel.start_generation` before each generation instead.
     """
 
     def __init__(self, pipeline: Any = None, num_steps: int | None = None):
@@ -69,6 +76,7 @@ class StepClock:
         self.num_steps = num_steps
         self.context: dict[str, Any] | None = None
         self.counters: dict[str, int] = {}
+        self.last_timestep: dict[str, float] = {}
 
     def install(self, patch: InstalledPatch, model: nn.Module) -> None:
         original = getattr(model, "cache_context", None)
@@ -89,10 +97,12 @@ class StepClock:
     def start_generation(self, num_steps: int | None = None) -> None:
         """Called by entry points that wrap a whole generation (the official-repo scripts)."""
         self.counters.clear()
+        self.last_timestep.clear()
         if num_steps is not None:
             self.num_steps = int(num_steps)
 
-    def now(self, branch_hint: str | None = None) -> tuple[str, int, int]:
+    def now(self, branch_hint: str | None = None,
+            timestep: Callable[[], torch.Tensor | None] = lambda: None) -> tuple[str, int, int]:
         context = self.context or {}
         branch = context.get("name") or branch_hint or "default"
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -109,8 +119,17 @@ class StepClock:
             if step is None:
                 step = getattr(scheduler, "begin_index", None) or 0
         if step is None:
-            step = self.counters.get(branch, 0) % num_steps
+            step = self._counted_step(branch, num_steps, timestep())
         return branch, int(step), int(num_steps)
+
+    def _counted_step(self, branch: str, num_steps: int, timestep: torch.Tensor | None) -> int:
+        if timestep is not None:
+            value = float(timestep.detach().float().max())  # per-token timesteps: the noisiest token's
+            previous = self.last_timestep.get(branch)
+            if previous is not None and value > previous:
+                self.start_generation()  # denoising went back up: a new generation began
+            self.last_timestep[branch] = value
+        return self.counters.get(branch, 0) % num_steps
 
     def tick(self, branch: str) -> None:
         self.counters[branch] = self.counters.get(branch, 0) + 1
@@ -149,6 +168,7 @@ class CachedModel:
             resolve_method(method, self.candidates[0], preset, **params)
         self.patch = InstalledPatch()
         clock.install(self.patch, model)
+        self._install_end_of_call(model)
         try:
             install_forward(self.patch, model, self._forward)
             wired = "teacache" if getattr(self.runner, "wants_signal", False) else self.method
@@ -156,6 +176,19 @@ class CachedModel:
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
+
+    def _install_end_of_call(self, model: nn.Module) -> None:
+        """diffusers pipelines call the denoiser's ``_reset_stateful_cache`` when a call ends (in
+        ``maybe_free_model_hooks``): end the generation there too, so nothing stays cached through VAE decoding."""
+        original = getattr(model, "_reset_stateful_cache", None)
+        if original is None:
+            return
+
+        def _reset_stateful_cache(*args, **kwargs):
+            self.end_generation()
+            return original(*args, **kwargs)
+
+        self.patch.set(model, "_reset_stateful_cache", _reset_stateful_cache)
 
     def _signal_name(self) -> str | None:
         return self.config.teacache_signal if self.config else getattr(self.runner, "signal_name", None)
@@ -179,10 +212,11 @@ class CachedModel:
         if check_parallel is not None:
             check_parallel(self.model)
         branch_of = getattr(self.adapter, "branch_of", None)
-        branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None)
+        branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None,
+                                                 lambda: self.adapter.timestep_of(self.model, args, kwargs))
         runner = self.runner
-        ctx = runner.begin_pass(branch, step, num_steps, latent)
         try:
+            ctx = runner.begin_pass(branch, step, num_steps, latent)
             if ctx.reused_output is not None:
                 output = self.adapter.build_output(self.model, ctx.reused_output, args, kwargs)
                 runner.end_pass(None)
@@ -190,10 +224,18 @@ class CachedModel:
                 output = original(*args, **kwargs)
                 runner.end_pass(self.adapter.output_latent(output))
         except BaseException:
+            # The generation cannot go on: release its tensors now, and let the next call start afresh.
             runner.abort_pass()
+            self.clock.start_generation()
             raise
         self.clock.tick(branch)
         return output
+
+    def end_generation(self) -> None:
+        """The pipeline call ended (diffusers' ``_reset_stateful_cache``), however it went: release the tensors."""
+        if self.runner is not None:
+            self.runner.reset()
+        self.clock.start_generation()
 
     def start_generation(self, num_steps: int | None = None) -> None:
         """Mark the start of a generation explicitly (entry points that wrap upstream's sampling call)."""

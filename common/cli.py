@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import run_cli
+
 # (subcommand, module, one-line help). The module provides `add_arguments(parser)` and `run(args) -> int`.
 # Imported lazily so that `stepcache schedule` never imports torch-heavy modules it does not need.
 SUBCOMMANDS = [
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    return run_cli(lambda: importlib.import_module(args._module).run(args), prog=f"stepcache {args.command}")
 
 
 if __name__ == "__main__":

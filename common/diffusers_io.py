@@ -25,6 +25,9 @@ class DiffusersTransformerAdapter:
         # Image-to-video variants append condition channels after the latent; the output has none of them.
         return call_arg(args, kwargs, 0, "hidden_states")[:, : model.config.out_channels]
 
+    def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return call_arg(args, kwargs, 1, "timestep")
+
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         latent = call_arg(args, kwargs, 0, "hidden_states")
         return latent.shape[-2] * self.vae_spatial_scale, latent.shape[-1] * self.vae_spatial_scale

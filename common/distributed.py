@@ -72,23 +72,38 @@ class SequenceGroup:
         return f"SequenceGroup({self.name})"
 
 
-def share_decision(group: SequenceGroup, decision: Any | None) -> Any:
+def share_decision(group: SequenceGroup, decision: Any | None, device: torch.device) -> Any:
     """CFG parallelism: the one rank of ``group`` that runs the leader branch passes its ``Decision``, the
-    others pass ``None``; every rank gets the leader's decision (one all-reduce of three numbers)."""
+    others pass ``None``; every rank gets the leader's decision (one all-reduce of four numbers, on ``device``,
+    the activation's device, which is the one the group's backend serves whatever its name)."""
     import torch.distributed as dist
 
     from .policies import Decision
     acc = decision.accumulator if decision is not None else None
     packed = torch.tensor([1.0 if decision is not None else 0.0, float(bool(decision and decision.compute)),
-                           0.0 if acc is None else 1.0, 0.0 if acc is None else float(acc)], dtype=torch.float64)
-    if dist.get_backend(group.group) == "nccl":
-        packed = packed.cuda()
+                           0.0 if acc is None else 1.0, 0.0 if acc is None else float(acc)], dtype=torch.float64,
+                          device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group.group)
     sources = int(packed[0])
     if sources != 1:
         raise RuntimeError(f"stepcache: {sources} ranks of the CFG group {group.name} ran the leader branch in this "
                            f"step; CFG parallelism needs exactly one (one branch per rank)")
     return Decision(bool(packed[1] > 0.5), "follow", float(packed[3]) if packed[2] > 0.5 else None)
+
+
+def agree_on_compute(group: SequenceGroup, compute: bool, device: torch.device) -> bool:
+    """Whether any rank of ``group`` computes this pass: one 1-element all-reduce (max) on ``device``.
+
+    Every rank of a sequence-parallel group must skip or compute alike, or ranks wait in different collectives
+    and the job hangs. Rather than trusting each measurement to be rank-invariant, every pass ends with this
+    agreement, so a decision agrees by construction (for example EasyCache under diffusers' context parallelism
+    on ranks whose latents differ because they were not seeded alike)."""
+    import torch.distributed as dist
+    if group.size <= 1:
+        return compute
+    flag = torch.tensor([1.0 if compute else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group.group)
+    return bool(flag.item() > 0.5)
 
 
 def _initialized() -> bool:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
@@ -26,7 +27,7 @@ PIPELINES = {
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-class GenerateError(ValueError):
+class GenerateError(InputError):
     pass
 
 

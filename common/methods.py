@@ -9,11 +9,10 @@ from typing import Any
 
 from .policies import EasyCachePolicy, MagCachePolicy, ParameterError, TeaCachePolicy, check_threshold
 from .profiles import DEFAULT_RESAMPLE, METHODS, RESAMPLE_MODES, Profile, ProfileError, load_profile
-
-# How a reused pass estimates what the skipped work would have produced. "reuse" is what all three papers do;
-# "linear" extrapolates from the last two computed passes (as diffusers' SeaCache and cache-dit's TaylorSeer do),
-# which the published thresholds were not tuned for.
-PREDICTIONS = ("reuse", "linear")
+# How a reused pass estimates what the skipped work would have produced (schema.PREDICTIONS): "reuse" is what all
+# three papers do; "linear" extrapolates from the last two computed passes (as diffusers' SeaCache and cache-dit's
+# TaylorSeer do), which the published thresholds were not tuned for.
+from .schema import PREDICTIONS, check_parameters
 PREDICT_HELP = ("how a reused pass estimates the skipped work: 'reuse' (default, as published: the last computed "
                 "residual) or 'linear' (extrapolated, by step index, from the last two computed residuals)")
 
@@ -107,6 +106,7 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
     if unknown:
         raise ParameterError(f"{method} does not take {', '.join(unknown)}; "
                              f"its parameters are: {', '.join(PARAMETERS[method])}")
+    check_parameters(method, overrides, "")
     params: dict[str, Any] = dict(section.get("defaults", {}))
     if method == "easycache":
         params.update({k: section[k] for k in ("thresh", "warmup_steps", "force_last", "decide_on") if k in section})

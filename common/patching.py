@@ -15,6 +15,12 @@ context parallelism splits ``blocks.0``'s input in such a hook, and the cache mu
 the shard, whether it was enabled before or after ``enable_parallelism`` (a hook registered later wraps
 whatever forward is there, which is then ours). Removing the cache finds the wrapper wherever later hooks have
 moved it and puts the original back in its place.
+
+accelerate's hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) replace ``module.forward``
+by a wrapper that calls ``module._old_forward``, and removing them writes ``_old_forward`` back over
+``module.forward``. diffusers removes and re-adds them after every pipeline call. So on a module with such a hook
+the cache goes into ``_old_forward`` (beneath the hook), where the hook's removal carries it back into
+``forward`` and its re-installation wraps it again, never dropping it.
 """
 from __future__ import annotations
 
@@ -52,20 +58,16 @@ class InstalledPatch:
         ``innermost``: beneath a diffusers hook chain on the module (its hooks keep running around the wrapper),
         else the module's instance ``forward`` itself (outside any such chain).
         """
-        owner, attr = _innermost_slot(module) if innermost else (module, "forward")
-        if owner is module:
-            before = module.__dict__.get("forward", _MISSING)
-            original = module.forward
-        else:
-            before = original = getattr(owner, attr)
+        owner, attr = _innermost_slot(module) if innermost else _outer_slot(module)
+        original = getattr(owner, attr)
         installed = make(original)
         setattr(owner, attr, installed)
-        self._forwards.append((module, installed, original, before))
+        self._forwards.append((module, installed, original))
         self._order.append(("forward", len(self._forwards) - 1))
 
     def restore(self) -> None:
         located = []
-        for module, installed, original, before in self._forwards:
+        for module, installed, original in self._forwards:
             slot = _find_slot(module, installed)
             if slot is None:
                 raise RuntimeError(
@@ -85,12 +87,12 @@ class InstalledPatch:
                 else:
                     setattr(module, name, before)
             else:
-                module, installed, original, before = self._forwards[index]
+                module, installed, original = self._forwards[index]
                 owner, attr = located[index]
-                if owner is module and before is _MISSING:
-                    delattr(module, "forward")
+                if owner is module and attr == "forward" and _is_class_forward(module, original):
+                    delattr(module, "forward")  # the class's own forward again, with no instance attribute left
                 else:
-                    setattr(owner, attr, before if owner is module else original)
+                    setattr(owner, attr, original)
         for handle in self._handles:
             handle.remove()
         self._saved.clear()
@@ -105,19 +107,33 @@ def _registry_refs(module: nn.Module) -> list[Any]:
     return list(getattr(registry, "_fn_refs", None) or [])
 
 
+def _is_class_forward(module: nn.Module, fn: Any) -> bool:
+    return getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward
+
+
+def _outer_slot(module: nn.Module) -> tuple[Any, str]:
+    """Outside any diffusers hooks on the module, beneath an accelerate hook (which removes itself by writing
+    ``_old_forward`` over ``forward``)."""
+    if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+        return module, "_old_forward"
+    return module, "forward"
+
+
 def _innermost_slot(module: nn.Module) -> tuple[Any, str]:
     """Where the module's own forward is called from: the first diffusers hook's stored forward (its
-    ``original_forward`` when that hook replaces the call), or the module's ``forward`` when it has no hooks."""
+    ``original_forward`` when that hook replaces the call), else beneath an accelerate hook, else the module's
+    ``forward``."""
     refs = _registry_refs(module)
     if not refs:
-        return module, "forward"
+        return _outer_slot(module)
     ref = refs[0]
     return (ref, "original_forward") if getattr(ref, "original_forward", None) is not None else (ref, "forward")
 
 
 def _find_slot(module: nn.Module, installed: Any) -> tuple[Any, str] | None:
-    if module.__dict__.get("forward", _MISSING) is installed:
-        return module, "forward"
+    for attr in ("forward", "_old_forward"):
+        if module.__dict__.get(attr, _MISSING) is installed:
+            return module, attr
     for ref in _registry_refs(module):
         for attr in ("forward", "original_forward"):
             if getattr(ref, attr, None) is installed:

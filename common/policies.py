@@ -22,9 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-
-class ParameterError(ValueError):
-    """A method parameter outside its allowed range. The message names the value and the range."""
+from .errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -37,8 +35,8 @@ class Decision:
 def _check_range(name: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):
     if integer and (isinstance(value, bool) or int(value) != value):
         raise ParameterError(f"{name}={value!r} must be an integer")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise ParameterError(f"{name}={value!r} must be a number")
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ParameterError(f"{name}={value!r} must be a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -93,6 +91,10 @@ class TeaCachePolicy:
     def reset(self) -> None:
         self.accumulated = 0.0
 
+    def restart_accumulation(self) -> None:
+        """A pass was computed although this policy would have reused it (another rank computed it)."""
+        self.accumulated = 0.0
+
     def rescale(self, distance: float) -> float:
         value = self.poly(distance)
         return max(value, 0.0) if self.clamp_polynomial else value
@@ -141,6 +143,10 @@ class MagCachePolicy:
         self.accumulated_error = 0.0
         self.accumulated_steps = 0
 
+    def restart_accumulation(self) -> None:
+        """A pass was computed although this policy would have reused it (another rank computed it)."""
+        self.reset()
+
     def decide(self, step: int, num_steps: int, have_cache: bool) -> Decision:
         if len(self.ratios) != num_steps:
             raise ParameterError(
@@ -181,6 +187,10 @@ class EasyCachePolicy:
     def reset(self) -> None:
         self.accumulated = 0.0
         self.rate: float | None = None
+
+    def restart_accumulation(self) -> None:
+        """A pass was computed although this policy would have reused it (another rank computed it)."""
+        self.accumulated = 0.0
 
     def observe_rate(self, rate: float | None) -> None:
         """Called after a computed pass with the freshly measured transformation rate (None when unknown)."""

@@ -15,20 +15,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .policies import ParameterError, compose_resample, nearest_resample
+from .errors import ParameterError, ProfileError
+from .policies import compose_resample, nearest_resample
+from .schema import METHODS, RESAMPLE_MODES, check_profile_data
 
 FORMAT = "stepcache-profile/1"
 PROFILE_DIR = Path(__file__).with_name("profiles")
-METHODS = ("teacache", "magcache", "easycache")
-RESAMPLE_MODES = ("nearest", "compose", "none")
 # Composing predicted the ratios measured at 10, 20, 30 and 75 steps from a 50-step calibration 4-20x better than
 # the reference's nearest resampling on the demo model (docs/calibration/study.md), so it is the default;
 # 'nearest' stays available by name.
 DEFAULT_RESAMPLE = "compose"
-
-
-class ProfileError(ValueError):
-    """An unknown, malformed or unsuitable profile. The message says what is known and how to calibrate."""
 
 
 @dataclass
@@ -37,6 +33,10 @@ class Profile:
     data: dict[str, Any]
     path: Path | None = None
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        # Every profile, from a file or built in memory, passes the one schema check before anything reads it.
+        check_profile_data(self.data, repr(str(self.path)) if self.path else f"{self.name!r}")
 
     @property
     def family(self) -> str:

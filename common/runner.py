@@ -12,8 +12,13 @@ calls the runner at three points of every pass:
 
 State is per CFG branch (keyed by the branch's name, never by call parity) and per runner, and a runner
 belongs to one model instance. A generation starts when a branch's step index goes back (or repeats), when
-the step count changes, or when the latent's shape, dtype or device changes; everything is reset then, and
-when a generation completes its cached tensors are released.
+the step count changes, or when the latent's shape or device changes; everything is reset then, and when a
+generation completes (or a pass raises) its cached tensors are released. A dtype change alone is not a new
+generation: pipelines make one themselves (HunyuanVideo's step-0 latent is fp16, fp32 after its scheduler's
+first step), and a reused residual is cast to the dtype of the pass it is added to.
+
+Under any parallel group every pass ends its decision with one agreement: a 1-element all-reduce (max) of the
+compute flag on the activation's device, so that all ranks skip or compute together whatever their inputs.
 
 Under sequence parallelism each rank has its own runner: the cached residual is that rank's shard (``h_L - h0``
 of the same shard), and the measurements the adapter marks as shards are reduced over the group before any
@@ -27,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from .distributed import LATENT, SIGNAL, SequenceGroup, share_decision
+from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
 from .methods import MethodConfig
 from .policies import Decision
 
@@ -235,7 +240,7 @@ class CacheRunner:
 
     # ------------------------------------------------------------------------------------------------- passes
     def begin_pass(self, branch: str, step: int, num_steps: int, latent: torch.Tensor) -> PassContext:
-        signature = (tuple(latent.shape), latent.dtype, latent.device)
+        signature = (tuple(latent.shape), latent.device)
         previous = self.branches.get(branch)
         if (not self.generation_open or num_steps != self.num_steps or signature != self.signature
                 or (previous is not None and previous.last_step is not None and step <= previous.last_step)):
@@ -272,11 +277,11 @@ class CacheRunner:
             decision = state.policy.decide(ctx.step, ctx.num_steps, distance, have_cache)
         else:
             decision = state.policy.decide(ctx.step, ctx.num_steps, have_cache)
-        ctx.decision = decision
+        decision = ctx.decision = self._agreed(decision, state, h0.device)
         ctx.h0 = h0
         if decision.compute:
             return None
-        return h0 + self._predicted_residual(state, ctx.step)
+        return h0 + self._predicted_residual(state, ctx.step).to(h0.dtype)
 
     def leave_stack(self, h_out: torch.Tensor) -> None:
         ctx = self._require_pass()
@@ -318,8 +323,17 @@ class CacheRunner:
                 self.reset()
 
     def abort_pass(self) -> None:
-        """Forget a pass that raised, so that the next call starts cleanly."""
+        """A pass raised: the generation cannot go on, so end it and release every cached tensor now."""
         self.current = None
+        self.reset()
+
+    def _agreed(self, decision: Decision, state: BranchState, device: torch.device) -> Decision:
+        """The decision every rank of the parallel group takes: compute if any rank computes."""
+        group = self.group_of()
+        if group is None or not agree_on_compute(group, decision.compute, device) or decision.compute:
+            return decision
+        state.policy.restart_accumulation()  # as the policy does itself when it decides to compute
+        return Decision(True, "agreed", decision.accumulator)
 
     def _require_pass(self) -> PassContext:
         if self.current is None:
@@ -335,7 +349,7 @@ class CacheRunner:
         remote = leader is not None and self.cfg_group is not None  # the leader branch runs on another rank
         followed = None
         if remote and ctx.branch != leader:
-            followed = share_decision(self.cfg_group, None)
+            followed = share_decision(self.cfg_group, None, x.device)
         elif leader_state is not None and ctx.step in leader_state.decisions:
             followed = leader_state.decisions[ctx.step]
         if followed is not None:
@@ -348,9 +362,10 @@ class CacheRunner:
                 num, den = self._mean_abs(LATENT, x - state.previous_input, state.computed_output)
                 change = float(num / den)
             ctx.signal = change
-            ctx.decision = state.policy.decide(ctx.step, ctx.num_steps, change, have_cache)
+            ctx.decision = self._agreed(state.policy.decide(ctx.step, ctx.num_steps, change, have_cache), state,
+                                        x.device)
             if remote:
-                share_decision(self.cfg_group, ctx.decision)
+                share_decision(self.cfg_group, ctx.decision, x.device)
         state.previous_input = x.detach()
         if not ctx.decision.compute:
             ctx.reused_output = x + self._predicted_residual(state, ctx.step)

@@ -210,6 +210,9 @@ class STDiT3Adapter:
         # a new generation to the runner after the first step.
         return _call_parts(args, kwargs)[0].float()
 
+    def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return _call_parts(args, kwargs)[1]
+
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         height = args[7] if len(args) > 7 else kwargs.get("height")
         width = args[8] if len(args) > 8 else kwargs.get("width")

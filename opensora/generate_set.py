@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import InputError
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from ..policies import ParameterError
 from ..profiles import ProfileError, load_profile
@@ -64,7 +65,7 @@ manifest) and opensora_set.json (prompt, seed and pass pattern per file) record 
 LABELS = {"none": "Open-Sora 1.2 baseline", "teacache": "TeaCache", "magcache": "MagCache", "easycache": "EasyCache"}
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """Flags or an output folder that cannot run. The message says what to do instead."""
 
 

@@ -156,7 +156,8 @@ def test_ratio_table_that_fits_no_layout_is_refused(tmp_path: Path):
     data["magcache"]["ratios"] = data["magcache"]["ratios"][:-1]  # 99 entries for 2 interleaved branches
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ProfileError, match="99 entries, which does not split into 2 interleaved branch"):
+    with pytest.raises(ProfileError, match=r"broken.json'?: magcache.ratios has 99 values; allowed: steps x branches "
+                                           r"= 50 x 2 = 100"):
         resolve_method("magcache", str(path))
 
 

@@ -1,0 +1,247 @@
+"""What outside tests found in the core: aborted generations continued, dtype changes taken for new generations,
+tensors kept after a failed or finished call, accelerate's offload hooks dropping the cache, profiles and
+parameters accepted silently. Each test here failed on the code before its fix."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import stepcache
+from stepcache.errors import ParameterError, ProfileError
+from stepcache.methods import resolve_method
+from stepcache.profiles import load_profile
+from stepcache.runner import CacheRunner, NothingCachedWarning
+
+import wan_tiny as W
+
+PROFILE = "wan2.1-t2v-1.3b"
+
+
+# ------------------------------------------------------------------ 1. a bare transformer in the caller's loop
+def _own_loop(transformer, prompt_seed: int, steps: int = 8, abort_after: int | None = None):
+    """A caller's own flow-matching loop over a bare transformer, one CFG branch, with cache_context."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(prompt_seed)
+    text = torch.randn(1, 8, 32, generator=g)
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(scheduler.timesteps):
+        if abort_after is not None and i == abort_after:
+            raise KeyboardInterrupt("the user stopped the run")
+        with transformer.cache_context("cond"):
+            v = transformer(x, t.expand(1), text, return_dict=False)[0]
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("method,params", [("magcache", dict(thresh=0.5, K=3, retention_ratio=0.0)),
+                                           ("easycache", dict(thresh=0.5, warmup_steps=1, decide_on=None)),
+                                           ("teacache", dict(thresh=50.0))])
+def test_an_aborted_generation_is_not_continued_by_the_next(method, params):
+    """A generation stopped part-way (the caller's loop raised between passes) leaves step counters behind; the
+    next generation must start afresh, recognised by its timestep going back up, with no help from the caller."""
+    steps = 8
+    cached = W.build_t2v(seed=0).transformer
+    fresh = W.build_t2v(seed=0).transformer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stepcache.enable(cached, method, profile=PROFILE, num_steps=steps, **params)
+        stepcache.enable(fresh, method, profile=PROFILE, num_steps=steps, **params)
+        with pytest.raises(KeyboardInterrupt):
+            _own_loop(cached, prompt_seed=7, steps=steps, abort_after=5)
+        after_abort = _own_loop(cached, prompt_seed=1, steps=steps)
+        alone = _own_loop(fresh, prompt_seed=1, steps=steps)
+    assert torch.equal(after_abort, alone)
+    assert stepcache.stats(cached).pattern() == stepcache.stats(fresh).pattern()
+    assert "." in stepcache.stats(fresh).pattern(), "the setting must reuse something for the test to mean anything"
+
+
+# ------------------------------------------------------------------------- 8. a dtype change the pipeline makes
+def test_a_dtype_change_within_a_generation_is_not_a_new_generation():
+    """HunyuanVideo's step-0 latent is fp16 and fp32 from step 1 on: one generation, all passes in the stats, no
+    NothingCachedWarning, and no tensor kept once it completes."""
+    config = resolve_method("magcache", "hunyuanvideo-t2v-720p", preset="E024K6R02")
+    runner = CacheRunner(config)
+    steps = 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingCachedWarning)
+        for step in range(steps):
+            dtype = torch.float16 if step == 0 else torch.float32
+            x = torch.ones(1, 4, dtype=dtype)
+            runner.begin_pass("cond", step, steps, x)
+            h0 = torch.ones(1, 3, dtype=dtype)
+            if runner.enter_stack(h0) is None:
+                runner.leave_stack(h0 * 2)
+            runner.end_pass(x)
+    assert runner.stats.generation_ids() == [1]
+    assert runner.stats.counts() == (19, 50)  # the published 0.24/K6 pattern, over all 50 passes
+    assert runner.branches == {}
+
+
+def test_a_reused_residual_takes_the_dtype_of_the_pass():
+    config = resolve_method("magcache", "hunyuanvideo-t2v-720p", preset="E024K6R02")
+    runner = CacheRunner(config)
+    for step in range(50):
+        runner.begin_pass("cond", step, 50, torch.ones(1, 4))
+        h0 = torch.ones(1, 3, dtype=torch.float32 if step < 20 else torch.bfloat16)
+        out = runner.enter_stack(h0)
+        if out is None:
+            runner.leave_stack(h0 * 2)
+        else:
+            assert out.dtype == h0.dtype
+        runner.end_pass(None)
+
+
+# ------------------------------------------------------------- 9. tensors released when a call fails or ends
+def _residuals(pipe) -> int:
+    runner = pipe.transformer._stepcache.runner
+    return sum(s.residual is not None for s in runner.branches.values())
+
+
+def test_a_pass_that_raises_releases_the_cache_and_the_next_call_starts_afresh():
+    pipe, fresh = W.build_t2v(), W.build_t2v()
+    for p in (pipe, fresh):
+        stepcache.enable(p, "magcache", profile=PROFILE, thresh=0.5, K=3, retention_ratio=0.0)
+    calls = {"n": 0}
+
+    def fail_on_the_fifth_pass(module, args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("out of memory (simulated)")
+
+    handle = pipe.transformer.blocks[1].register_forward_pre_hook(fail_on_the_fifth_pass)
+    with pytest.raises(RuntimeError, match="simulated"):
+        W.run_t2v(pipe, steps=8)
+    handle.remove()
+    assert _residuals(pipe) == 0, "a failed generation must not keep its residuals on the device"
+    assert torch.equal(W.run_t2v(pipe, steps=8, prompt_seed=3), W.run_t2v(fresh, steps=8, prompt_seed=3))
+
+
+def test_an_interrupted_pipeline_call_releases_the_cache_when_it_returns():
+    """diffusers' own interrupt (``pipe._interrupt``) skips the remaining steps; the call still ends with
+    ``_reset_stateful_cache``, and nothing may stay cached through VAE decoding or until the next call."""
+    pipe = W.build_t2v()
+    stepcache.enable(pipe, "magcache", profile=PROFILE, thresh=0.5, K=3, retention_ratio=0.0)
+
+    def stop_at_step_3(p, step, timestep, kwargs):
+        if step == 3:
+            p._interrupt = True
+        return {}
+
+    pipe(height=32, width=32, num_frames=5, num_inference_steps=8, guidance_scale=5.0, output_type="latent",
+         generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_at_step_3, **W.embeds(1))
+    assert _residuals(pipe) == 0
+
+
+# ------------------------------------------------------------------------- 7. accelerate's model CPU offload
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_model_cpu_offload_keeps_the_cache_across_generations(offload_first):
+    """diffusers removes and re-adds accelerate's hook after every call; the cache must survive it in both
+    orders, cache every generation, and come off cleanly."""
+    pipe, plain = W.build_t2v(), W.build_t2v()
+    stepcache.enable(plain, "magcache", profile=PROFILE, thresh=0.5, K=3, retention_ratio=0.0)
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    stepcache.enable(pipe, "magcache", profile=PROFILE, thresh=0.5, K=3, retention_ratio=0.0)
+    if not offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    for generation in (1, 2, 3):
+        video = W.run_t2v(pipe, steps=8, prompt_seed=generation)
+        assert torch.equal(video, W.run_t2v(plain, steps=8, prompt_seed=generation))
+        stats = stepcache.stats(pipe)
+        assert stats.generation_ids()[-1] == generation
+        assert "." in stats.pattern(), f"generation {generation} reused nothing: the cache was dropped"
+    stepcache.disable(pipe)
+    W.run_t2v(pipe, steps=8)  # still runs, uncached, with the offload hook in place
+    assert not hasattr(pipe.transformer, "_stepcache")
+
+
+# ----------------------------------------------------------------------- 4. one schema check for profiles
+def _profile_file(tmp_path: Path, edit) -> str:
+    data = json.loads(load_profile(PROFILE).path.read_text())
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _set(section, key, value):
+    def edit(data):
+        target = data
+        for part in section:
+            target = target[part]
+        target[key] = value
+    return edit
+
+
+BAD_PROFILES = [
+    ("nan ratio", lambda d: d["magcache"]["ratios"].__setitem__(17, float("nan")), r"magcache.ratios\[17\]=nan"),
+    ("zero ratio", lambda d: d["magcache"]["ratios"].__setitem__(5, 0.0), r"magcache.ratios\[5\]=0.0 is outside"),
+    ("negative ratio", lambda d: d["magcache"]["ratios"].__setitem__(5, -0.9), r"magcache.ratios\[5\]=-0.9"),
+    ("huge ratio", lambda d: d["magcache"]["ratios"].__setitem__(5, 1e30), r"magcache.ratios\[5\]=1e\+30"),
+    ("98 ratios for 50 steps", lambda d: d["magcache"].__setitem__("ratios", d["magcache"]["ratios"][:98]),
+     r"magcache.ratios has 98 values; allowed: steps x branches = 50 x 2 = 100"),
+    ("unknown signal", _set(["teacache", "variants", "default"], "signal", "tmeb"),
+     r"teacache.variants.default.signal='tmeb' is not one of temb, timestep_proj, block0_modulated"),
+    ("missing steps", lambda d: d["magcache"].pop("steps"), r"magcache.steps is missing"),
+    ("missing coefficients", lambda d: d["teacache"]["variants"]["default"].pop("coefficients"),
+     r"teacache.variants.default.coefficients is missing"),
+    ("force_last as a string", _set(["easycache"], "force_last", "no"), r"easycache.force_last='no' is not a boolean"),
+    ("infinite preset threshold", _set(["magcache", "presets", "slow"], "thresh", float("inf")),
+     r"magcache.presets.slow.thresh=inf is outside the allowed range \[0, inf\]"),
+    ("decide_on a number", _set(["easycache"], "decide_on", 5), r"easycache.decide_on=5 is not a branch name"),
+    ("K zero in defaults", _set(["magcache", "defaults"], "K", 0), r"magcache.defaults.K=0 is outside"),
+    ("variant not in the profile", _set(["teacache", "defaults"], "variant", "nope"),
+     r"teacache.defaults.variant='nope' is not one of default, use_ret_steps"),
+]
+
+
+@pytest.mark.parametrize("label,edit,message", BAD_PROFILES, ids=[b[0] for b in BAD_PROFILES])
+def test_a_bad_profile_is_refused_at_load_naming_file_key_and_what_is_allowed(tmp_path, label, edit, message):
+    path = _profile_file(tmp_path, edit)
+    with pytest.raises(ProfileError, match=r"edited.json'?: " + message) as caught:
+        load_profile(path)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ProfileError, match=message):  # and through the front door, before touching the model
+        stepcache.enable(W.build_t2v(), "magcache", profile=path)
+
+
+def test_a_bad_profile_is_one_line_and_exit_2_from_the_command_line(tmp_path, capsys):
+    from stepcache.cli import main
+    path = _profile_file(tmp_path, BAD_PROFILES[0][1])
+    assert main(["schedule", "--profile", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "magcache.ratios[17]=nan" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(force_last="no"), r"easycache force_last='no' is not a boolean"),
+    (dict(thresh=float("inf")), r"easycache thresh=inf is outside the allowed range \[0, inf\]"),
+    (dict(thresh=float("nan")), r"easycache thresh=nan is outside the allowed range"),
+    (dict(decide_on=5), r"easycache decide_on=5 is not a branch name or null"),
+    (dict(warmup_steps=2.5), r"easycache warmup_steps=2.5 is outside the allowed range \[0, inf\] \(an integer\)"),
+    (dict(predict=True), r"easycache predict=True is not one of reuse, linear"),
+])
+def test_bad_parameters_are_refused_when_the_method_is_resolved(params, message):
+    with pytest.raises(ParameterError, match=message):
+        resolve_method("easycache", PROFILE, **params)
+
+
+def test_every_shipped_profile_passes_the_schema():
+    from stepcache.profiles import known_profiles
+    from stepcache.wan21.demo import model as demo_model
+    for name in known_profiles():
+        load_profile(name)
+    load_profile(str(demo_model.WEIGHTS.with_name("wan2.1-demo-tiny.json")))
+
+
+def test_a_finite_check_refuses_infinity_in_policies_too():
+    from stepcache.policies import EasyCachePolicy
+    with pytest.raises(ParameterError, match="inf"):
+        EasyCachePolicy(math.inf, 1)
