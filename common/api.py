@@ -30,6 +30,7 @@ from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
 from .profiles import (Profile, ProfileError, check_profile_family, choose_by_resolution, known_profiles,
                        load_profile, warn_resolution)
+from .methods import VIDEO_MARK
 from .runner import CacheRunner, RunStats
 
 # Model class name -> "module:AdapterClass". Adapters are imported only for the model that needs them.
@@ -140,13 +141,14 @@ class CachedModel:
 
     def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile] | None,
                  preset: str | None, params: dict[str, Any], clock: StepClock, parallel: Any = "auto", runner=None,
-                 cfg_parallel: Any = None):
+                 cfg_parallel: Any = None, per_video: bool = False):
         self.model = model
         self.adapter = adapter
         self.method = method
         self.preset = preset
         self.params = params
         self.clock = clock
+        self.per_video = per_video
         # The group sharded measurements are reduced over, asked at each pass (parallelism may come later).
         self.group_of = resolve_parallel(parallel, model)
         self.cfg_group = as_group(cfg_parallel)  # ranks that run different CFG branches of one step, if any
@@ -200,6 +202,17 @@ class CachedModel:
 
     def _forward(self, original, args, kwargs):
         latent = self.adapter.latent_of(self.model, args, kwargs)
+        videos = getattr(self.adapter, "videos_in_batch", lambda x: x.shape[0])(latent)
+        if not self.per_video or videos == 1:
+            return self._forward_batch(original, args, kwargs, None, videos)
+        # One decision per video: each runs as its own pass with its own state (branch "NAME#i").
+        outputs = [self._forward_batch(original, a, k, i, 1)
+                   for i, (a, k) in enumerate(self.adapter.split_batch(args, kwargs, videos))]
+        latent = torch.cat([self.adapter.output_latent(o) for o in outputs])
+        return self.adapter.build_output(self.model, latent, args, kwargs)
+
+    def _forward_batch(self, original, args, kwargs, video: int | None, videos: int):
+        latent = self.adapter.latent_of(self.model, args, kwargs)
         if self.candidates is not None:
             size = self.adapter.pixel_size(self.model, args, kwargs)
             if size != self._picked_for:  # first pass, or a generation at another size: its own table
@@ -216,7 +229,11 @@ class CachedModel:
                                                  lambda: self.adapter.timestep_of(self.model, args, kwargs))
         runner = self.runner
         try:
-            ctx = runner.begin_pass(branch, step, num_steps, latent)
+            ctx = runner.begin_pass(branch if video is None else f"{branch}{VIDEO_MARK}{video}", step, num_steps,
+                                    latent)
+            if videos > 1:
+                runner.note(f"a batch of {videos} videos takes one decision per pass for all of them, as the "
+                            f"published code does; per_video=True decides for each video")
             if ctx.reused_output is not None:
                 output = self.adapter.build_output(self.model, ctx.reused_output, args, kwargs)
                 runner.end_pass(None)
@@ -228,7 +245,8 @@ class CachedModel:
             runner.abort_pass()
             self.clock.start_generation()
             raise
-        self.clock.tick(branch)
+        if video is None or video == 0:
+            self.clock.tick(branch)
         return output
 
     def end_generation(self) -> None:
@@ -286,7 +304,7 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
 
 
 def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
-           num_steps: int | None = None, parallel: Any = "auto", cfg_parallel: Any = None,
+           num_steps: int | None = None, parallel: Any = "auto", cfg_parallel: Any = None, per_video: bool = False,
            **params) -> CachedModel:
     """Install ``method`` ("teacache", "magcache" or "easycache") on a pipeline or transformer.
 
@@ -302,17 +320,30 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     coordinator, ``"world"``, or ``None`` for no reduction. Rank-invariant decisions (MagCache, TeaCache on Wan,
     EasyCache on the model's unsplit input) use no collective at all. ``cfg_parallel`` is the group of ranks
     that run different CFG branches of the same step, one branch per rank (CFG parallelism): EasyCache's
-    follower branches then take the leader branch's decision from its rank. See the README's multi-GPU section.
+    follower branches then take the leader branch's decision from its rank. See docs/multi-gpu.md.
+
+    A batch of several videos takes one decision per pass for the whole batch, as the published code does (the
+    stats say so). ``per_video=True`` (diffusers models) runs each video of a batch as its own pass with its own
+    state instead, so each video gets the pattern and output it would get alone, at the price of batch-1 passes.
+
+    A bare transformer driven by your own loop: pass ``num_steps=`` and wrap each call in
+    ``transformer.cache_context(BRANCH)``. A new generation is recognised when the timestep goes back up; call
+    ``stepcache.enable(...).start_generation()`` before each generation when your timesteps do not fall.
     """
     model, pipeline = _resolve_target(target)
     adapter = adapter_for(model)
     if num_steps is not None and (int(num_steps) != num_steps or num_steps < 2):
         raise ParameterError(f"num_steps={num_steps!r} must be an integer >= 2")
+    if not isinstance(per_video, bool):
+        raise ParameterError(f"per_video={per_video!r} is not allowed; allowed: True or False")
+    if per_video and not getattr(adapter, "can_split_batch", False):
+        raise ParameterError(f"per_video=True needs a model whose batch stepcache can split (the diffusers "
+                             f"transformers); {type(model).__name__} cannot")
     resolved = _profile_for(adapter, model, profile)
     if getattr(model, "_stepcache", None) is not None:
         disable(model)
     cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps),
-                         parallel, cfg_parallel=cfg_parallel)
+                         parallel, cfg_parallel=cfg_parallel, per_video=per_video)
     model._stepcache = cached
     return cached
 

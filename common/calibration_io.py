@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .patching import BlockIO, InstalledPatch
+from .outputs import write_text
 from .profiles import FORMAT, METHODS, Profile, load_profile
 
 
@@ -245,15 +245,6 @@ def write_profile(path: str | os.PathLike, data: dict[str, Any]) -> Profile:
     path = Path(path).expanduser()
     if path.suffix != ".json":
         raise ValueError(f"a profile file must end in .json (got {str(path)!r})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    Profile(str(data.get("name", path.stem)), data)  # the schema check, before anything is written
+    write_text(path, json.dumps(data, indent=1) + "\n")
     return load_profile(str(path))

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from .cliargs import OneLineParser
 from .errors import run_cli
 
 # (subcommand, module, one-line help). The module provides `add_arguments(parser)` and `run(args) -> int`.
@@ -23,7 +24,7 @@ SUBCOMMANDS = [
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="stepcache",
         description="Training-free step caching (TeaCache, MagCache, EasyCache) for video diffusion transformers.",
     )

@@ -25,6 +25,20 @@ class DiffusersTransformerAdapter:
         # Image-to-video variants append condition channels after the latent; the output has none of them.
         return call_arg(args, kwargs, 0, "hidden_states")[:, : model.config.out_channels]
 
+    can_split_batch = True  # every batch-first tensor argument belongs to one video
+
+    def videos_in_batch(self, latent: torch.Tensor) -> int:
+        return latent.shape[0]
+
+    def split_batch(self, args: tuple, kwargs: dict, videos: int) -> list[tuple[tuple, dict]]:
+        """The call's arguments for each video alone: every tensor with the batch as its first dimension."""
+        def part(value, i):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == videos:
+                return value[i: i + 1]
+            return value
+        return [(tuple(part(a, i) for a in args), {k: part(v, i) for k, v in kwargs.items()})
+                for i in range(videos)]
+
     def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return call_arg(args, kwargs, 1, "timestep")
 

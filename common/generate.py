@@ -8,12 +8,13 @@ and written next to it, with a ``manifest.json`` entry that ``stepcache compare`
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .cliargs import int_at_least
 from .errors import InputError
+from .outputs import atomic_path, check_output_file, write_text
 from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
@@ -25,6 +26,7 @@ PIPELINES = {
     "HunyuanVideoPipeline": ("hunyuanvideo", "HunyuanVideoTransformer3DModel"),
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VIDEO_SUFFIXES = (".mp4",)  # what diffusers' export_to_video writes
 
 
 class GenerateError(InputError):
@@ -54,7 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
     parser.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     parser.add_argument("--frames", type=int, default=81, help="number of frames (default 81)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=int_at_least(2), default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="CFG scale for Wan (default 5.0); embedded guidance for HunyuanVideo (default 6.0)")
     parser.add_argument("--true-cfg", type=float, default=1.0,
@@ -105,6 +107,14 @@ def plan(args) -> dict[str, Any]:
         raise GenerateError("this is an image-to-video pipeline: pass --image FIRST_FRAME")
     if args.image and not Path(args.image).exists():
         raise GenerateError(f"--image {args.image} does not exist")
+    check_output_file(args.out, "--out", VIDEO_SUFFIXES)
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        raise GenerateError(f"--device {args.device!r} is not allowed; allowed: auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise GenerateError(f"--device {args.device}: this machine has no CUDA device (torch "
+                                f"{torch.__version__}); use --device cpu or auto")
     result = {"pipeline_class": pipeline_class, "family": family, "config": None}
     if args.method == "none":
         return result
@@ -193,8 +203,8 @@ def generate(args) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     timer.remove()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(list(frames), str(out), fps=args.fps)
+    with atomic_path(out) as partial:
+        export_to_video(list(frames), str(partial), fps=args.fps)
     record = {"video": out.name, "method": args.method, "seconds": seconds, "dit_seconds": timer.seconds,
               "params": {k: v for k, v in (config.params.items() if config else []) if k != "coefficients"},
               "profile": config.profile.name if config else None}
@@ -207,15 +217,11 @@ def generate(args) -> dict[str, Any]:
                  dit_seconds=timer.seconds, computed_passes=record.get("computed_passes"),
                  total_passes=record.get("total_passes"))
     stats_path = out.with_suffix(".stats.json")
-    stats_path.write_text(json.dumps(record, indent=1))
+    write_text(stats_path, json.dumps(record, indent=1))
     print(f"wrote {out} ({seconds:.1f} s, transformer {timer.seconds:.1f} s) and {stats_path}")
     return record
 
 
 def run(args) -> int:
-    try:
-        generate(args)
-    except (GenerateError, ParameterError, ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    generate(args)  # bad input raises an InputError: one line and exit 2 (stepcache.errors.run_cli)
     return 0

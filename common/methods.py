@@ -45,6 +45,14 @@ PARAMETERS = {
 }
 
 
+# A per-video branch state is "BRANCH#INDEX" (enable(per_video=True)); its table and leader are BRANCH's.
+VIDEO_MARK = "#"
+
+
+def base_branch(branch: str) -> str:
+    return branch.split(VIDEO_MARK, 1)[0]
+
+
 @dataclass
 class MethodConfig:
     method: str
@@ -70,6 +78,7 @@ class MethodConfig:
     def branch_layout(self, branch: str) -> tuple[int, int]:
         """(index, count) of a CFG branch in the profile's MagCache table layout; unknown names use branch 0."""
         names = self.profile.magcache_branches()
+        branch = base_branch(branch)
         return (names.index(branch) if branch in names else 0), len(names)
 
     def make_policy(self, branch: str, num_steps: int):

@@ -47,10 +47,10 @@ def check_output_file(path: str | os.PathLike, flag: str, suffixes: Sequence[str
     """An output file path that can be written: a known suffix (when ``suffixes`` is given), not a folder, in a
     folder that exists or can be made. Creates nothing."""
     path = Path(path).expanduser()
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise OutputError(f"{flag} {str(path)!r} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise OutputError(f"{flag} {str(path)!r} is a folder; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputError(f"{flag} {str(path)!r} must end in {' or '.join(suffixes)}")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{flag} {str(path)!r} exists and is not writable")
     _writable_parent(path, flag)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
-from .methods import MethodConfig
+from .methods import VIDEO_MARK, MethodConfig, base_branch
 from .policies import Decision
 
 
@@ -232,6 +232,12 @@ class CacheRunner:
                     f"the MagCache table of {self.config.profile.name} was measured at {table_steps} steps; "
                     f"resampled to {num_steps} ({self.config.params['resample']})")
 
+    def note(self, text: str) -> None:
+        """Say once per generation what this run did differently (shown in the stats' summary and dict)."""
+        notes = self.stats.notes.setdefault(self.generation, [])
+        if text not in notes:
+            notes.append(text)
+
     def _branch(self, name: str) -> BranchState:
         state = self.branches.get(name)
         if state is None:
@@ -344,6 +350,8 @@ class CacheRunner:
     def _easycache_decide(self, ctx: PassContext, state: BranchState) -> None:
         x = ctx.latent
         leader = self.config.decide_on
+        if leader is not None and VIDEO_MARK in ctx.branch:  # a video follows its own leader branch
+            leader += ctx.branch[len(base_branch(ctx.branch)):]
         leader_state = self.branches.get(leader) if leader and leader != ctx.branch else None
         have_cache = state.residual is not None and state.residual.shape == x.shape
         remote = leader is not None and self.cfg_group is not None  # the leader branch runs on another rank

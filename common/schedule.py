@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from .cliargs import int_at_least
 from .methods import PARAMETERS, resolve_method
-from .policies import ParameterError
-from .profiles import ProfileError
 
 INPUT_DEPENDENT = {
     "teacache": "TeaCache decides from the change of a model activation (the timestep embedding on Wan, the "
@@ -43,7 +42,7 @@ def add_arguments(parser) -> None:
                                                          "profile file")
     parser.add_argument("--method", default="magcache", help="teacache, magcache or easycache (only magcache's "
                                                              "schedule is input-independent)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=int_at_least(2), default=None,
                         help="denoising steps (default: the steps the profile's table was measured at)")
     parser.add_argument("--preset", default=None, help="one of the profile's named settings, e.g. E024K6R02")
     parser.add_argument("--thresh", type=float, default=None, help=PARAMETERS["magcache"]["thresh"])
@@ -81,25 +80,17 @@ def list_presets(profile_name: str, steps: int | None) -> list[str]:
 
 def run(args) -> int:
     if args.list_presets:
-        try:
-            print("\n".join(list_presets(args.profile, args.steps)))
-        except (ParameterError, ProfileError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        print("\n".join(list_presets(args.profile, args.steps)))
         return 0
     if args.method in INPUT_DEPENDENT:
         print(f"error: {INPUT_DEPENDENT[args.method]}; run it (e.g. `stepcache generate`) and read its stats "
               f"instead.", file=sys.stderr)
         return 2
-    try:
-        config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
-                                retention_ratio=args.retention, resample=args.resample)
-        steps = args.steps or int(config.profile.method("magcache")["steps"])
-        branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
-        stats = simulate(config, steps, branches)
-    except (ParameterError, ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
+                            retention_ratio=args.retention, resample=args.resample)
+    steps = args.steps or int(config.profile.method("magcache")["steps"])
+    branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
+    stats = simulate(config, steps, branches)
     computed, total = stats.counts()
     branches = stats.branches()
     print(config.describe())

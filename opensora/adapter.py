@@ -210,6 +210,9 @@ class STDiT3Adapter:
         # a new generation to the runner after the first step.
         return _call_parts(args, kwargs)[0].float()
 
+    def videos_in_batch(self, latent: torch.Tensor) -> int:
+        return max(latent.shape[0] // 2, 1)  # the sampler batches cond and uncond: two rows per video
+
     def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return _call_parts(args, kwargs)[1]
 

@@ -245,3 +245,140 @@ def test_a_finite_check_refuses_infinity_in_policies_too():
     from stepcache.policies import EasyCachePolicy
     with pytest.raises(ParameterError, match="inf"):
         EasyCachePolicy(math.inf, 1)
+
+
+# ---------------------------------------------------------------------------------------- 2. batches of videos
+def _batched_run(pipe, latents, prompt_embeds, negative, steps=10):
+    return pipe(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=32, width=32,
+                num_frames=5, num_inference_steps=steps, guidance_scale=5.0, output_type="latent").frames
+
+
+def test_per_video_decisions_give_each_video_of_a_batch_its_own_run():
+    """One decision per pass for a whole batch is the published behaviour (and stays the default, said in the
+    stats); per_video=True gives every video of a batch the pattern and output it gets alone."""
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(2, 16, 2, 4, 4, generator=g)
+    text, negative = torch.randn(2, 8, 32, generator=g), torch.randn(2, 8, 32, generator=g)
+    text[1] *= 0.2  # another prompt: alone, the second video takes another pattern
+    params = dict(thresh=0.2, warmup_steps=1)
+    alone = []
+    for i in range(2):
+        pipe = W.build_t2v()
+        stepcache.enable(pipe, "easycache", profile=PROFILE, **params)
+        alone.append((_batched_run(pipe, latents[i:i + 1], text[i:i + 1], negative[i:i + 1]),
+                      stepcache.stats(pipe).pattern(branch="cond")))
+    assert alone[0][1] != alone[1][1], "the two videos must take different patterns alone for this test to mean it"
+
+    shared = W.build_t2v()
+    stepcache.enable(shared, "easycache", profile=PROFILE, **params)
+    together = _batched_run(shared, latents, text, negative)
+    assert not torch.equal(together[1:], alone[1][0])  # the reference behaviour: video 2 follows the batch's pattern
+    summary = stepcache.stats(shared).summary()
+    assert "a batch of 2 videos takes one decision per pass" in summary
+
+    split = W.build_t2v()
+    stepcache.enable(split, "easycache", profile=PROFILE, per_video=True, **params)
+    videos = _batched_run(split, latents, text, negative)
+    stats = stepcache.stats(split)
+    for i in range(2):
+        assert torch.allclose(videos[i:i + 1], alone[i][0], rtol=0, atol=1e-6), i
+        assert stats.pattern(branch=f"cond#{i}") == alone[i][1]
+    assert "a batch of" not in stats.summary()
+
+
+def test_per_video_is_refused_where_the_batch_cannot_be_split():
+    from stepcache.api import adapter_for
+    adapter = adapter_for(W.build_t2v().transformer)
+    assert adapter.can_split_batch
+    with pytest.raises(ParameterError, match="per_video='yes' is not allowed"):
+        stepcache.enable(W.build_t2v(), "easycache", profile=PROFILE, per_video="yes")
+
+
+# ------------------------------------------------------------ one line and exit 2 before any model work
+@pytest.mark.parametrize("argv,message", [
+    (["profiles", "nosuch"], "unknown profile 'nosuch'"),
+    (["schedule", "--profile", PROFILE, "--steps", "0"], "argument --steps: 0 is too small; allowed: an integer >= 2"),
+    (["schedule", "--profile", PROFILE, "--steps", "-5"], "argument --steps: -5 is too small"),
+])
+def test_bad_command_lines_are_one_line_and_exit_2(argv, message, capsys):
+    from stepcache.cli import main
+    with pytest.raises(SystemExit) if argv[0] == "schedule" else _no_raise() as caught:
+        code = main(argv)
+    code = caught.value.code if argv[0] == "schedule" else code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe")
+    W.save_t2v_folder(folder)
+    return folder
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--out", "noext"], "--out 'noext' must end in .mp4"),
+    (["--out", "{tmp}/afile/video.mp4"], "is a file, not a folder"),
+    (["--out", "{tmp}"], "is a folder; give a file name"),
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+    (["--device", "tpu"], "--device 'tpu' is not allowed"),
+    (["--steps", "0"], "argument --steps: 0 is too small"),
+])
+def test_generate_refuses_bad_outputs_and_devices_before_loading(pipeline_folder, tmp_path, extra, message, capsys,
+                                                                  monkeypatch):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check is for machines without it")
+    from stepcache import generate
+    from stepcache.cli import main
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setattr(generate, "_load_pipeline", lambda *a: pytest.fail("the model was loaded before the check"))
+    argv = ["generate", "--model", str(pipeline_folder), "--prompt", "a ball", "--method", "none",
+            *[e.replace("{tmp}", str(tmp_path)) for e in extra]]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    from stepcache import schedule
+    from stepcache.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(schedule, "run", interrupted)
+    assert main(["schedule", "--profile", PROFILE]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+
+
+def test_written_profiles_follow_the_umask(tmp_path):
+    import os
+    from stepcache.calibration_io import write_profile
+    data = json.loads(load_profile(PROFILE).path.read_text())
+    old = os.umask(0o022)
+    try:
+        path = write_profile(tmp_path / "mine.json", data).path
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]  # no temporary file left behind
+
+
+def test_a_profile_that_fails_the_schema_is_never_written(tmp_path):
+    from stepcache.calibration_io import write_profile
+    data = json.loads(load_profile(PROFILE).path.read_text())
+    data["magcache"]["ratios"][3] = float("nan")
+    with pytest.raises(ProfileError, match=r"magcache.ratios\[3\]=nan"):
+        write_profile(tmp_path / "bad.json", data)
+    assert list(tmp_path.iterdir()) == []
