@@ -1,6 +1,6 @@
 """Overhead benchmark: wall-clock speedup against ideal speedup, per method, on a small random Wan2.1.
 
-    python -m stepcache.bench_overhead [--steps 50] [--repeats 3]
+    python -m stepcache.eval.bench_overhead [--steps 50] [--repeats 3] [--agreement-rounds 2000]
 
 Ideal speedup is passes / computed passes: what skipping would give if a reused pass cost nothing. Reused passes
 still run the embeddings and the output head (TeaCache, MagCache), and every pass pays the policy's bookkeeping,
@@ -11,6 +11,11 @@ that comparison is the demo model's job.
 
 All runs are interleaved and repeated in one process so that machine drift hits every method alike; the
 median of the repeats is reported.
+
+Under any parallel group every pass ends with one agreement (``stepcache.distributed.agree_on_compute``: a
+1-element all-reduce and a host read). Its cost is measured on two gloo ranks on this machine and printed as a
+share of a baseline pass. On GPUs the collective is NCCL's, and the host read waits for the pass's queued work,
+so there the share is an upper bound on what the agreement adds to the pass's own time.
 """
 from __future__ import annotations
 
@@ -51,8 +56,8 @@ def build_pipeline(seed: int = 0):
 
 def calibrate_small(pipe, embeds, args):
     """A profile measured on this random model (two prompt embeddings, one seed) at the benchmark's size."""
-    from .calibrate import CalibrationRun, build_profile, measure
-    from .profiles import Profile, load_profile
+    from ..calibrate import CalibrationRun, build_profile, measure
+    from ..profiles import Profile, load_profile
     import torch
 
     def generate(prompt_seed, seed):
@@ -69,6 +74,44 @@ def calibrate_small(pipe, embeds, args):
     return Profile("small-random-wan", build_profile(runner, adapter, model, run, "small-random-wan", base))
 
 
+def _agreement_rank(rank: int, port: int, rounds: int, queue) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import SequenceGroup, agree_on_compute
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    group, device = SequenceGroup(None, "world"), torch.device("cpu")
+    for i in range(50):  # warm-up
+        agree_on_compute(group, bool(i % 2), device)
+    dist.barrier()
+    start = time.perf_counter()
+    for i in range(rounds):
+        agree_on_compute(group, bool((i + rank) % 2), device)
+    seconds = (time.perf_counter() - start) / rounds
+    if rank == 0:
+        queue.put(seconds)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def agreement_seconds(rounds: int) -> float:
+    """Seconds per agreement (1-element all-reduce + host read) between two gloo ranks over loopback."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_agreement_rank, args=(port, rounds, queue), nprocs=2, start_method="spawn")
+    return queue.get()
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -80,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=33, help="frames (default 33: 9 latent frames)")
     parser.add_argument("--size", type=int, default=128, help="height and width in pixels (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--agreement-rounds", type=int, default=2000,
+                        help="agreements timed between two gloo ranks (0: skip that measurement)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall-clock time, or this process's CPU time (steadier when other work shares the "
                              "machine; with 1 thread it is the compute this process did)")
@@ -144,6 +189,12 @@ def main(argv=None) -> int:
         print(f"{label:<52} {computed:>3}/{passes:<4} {ideal:>5.2f}x {wall:>5.2f}x {wall / ideal:>11.3f} "
               f"{rel_l2(outputs[i], base):>7.4f} | {f'{fewer} steps':<24} {floor_wall:>5.2f}x "
               f"{rel_l2(floor, base):>7.4f}")
+    if args.agreement_rounds > 0:
+        per_pass = base_time / total
+        agreement = agreement_seconds(args.agreement_rounds)
+        print(f"parallel agreement (1-element all-reduce + host read, 2 gloo ranks on this machine, wall clock, "
+              f"{args.agreement_rounds} rounds): {agreement * 1e6:.0f} us per pass = "
+              f"{100 * agreement / per_pass:.2f}% of a baseline pass ({per_pass * 1e3:.1f} ms)")
     return 0
 
 
