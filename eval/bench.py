@@ -26,6 +26,10 @@ short verdict for the README). ``--quick`` runs 3 prompts, 2-3 points per sweep 
 minutes); the default (full) mode is what the README's figures come from. ``--untrained`` runs a random-weight
 model of the demo's architecture, for checking the plumbing before the trained weights exist; every output is
 then labelled UNTRAINED.
+
+Exit codes: 0 every run finished and the report is written; 2 bad input (one line, nothing run); 3 the report
+is written but runs are missing (``--budget-minutes`` reached: the line on stderr names them; run the same
+command again); 130 interrupted (what was finished stays in results.jsonl); 1 the bench itself failed.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ import uuid
 import warnings
 from pathlib import Path
 
+from ..errors import InputError, run_cli
+from ..outputs import atomic_path, check_output_dir, write_text
+
 FORMAT = "stepcache-bench/1"
 BENCH_SEED = 200_000          # noise seeds used by nothing else (demo calibration 50_000, prompt-match check 100_000)
 CALIBRATION_SEED = 250_000    # the bench's own calibration runs
@@ -49,11 +56,11 @@ UNTRAINED_LABEL = "UNTRAINED (random weights of the demo architecture: plumbing 
 MODES = {"full": dict(prompts=6, seeds=2, repeats=3, calibration_pairs=8),
          "quick": dict(prompts=3, seeds=1, repeats=1, calibration_pairs=2)}
 BASELINE_EVERY = 4            # time the baseline again after this many runs within a round
-EXIT_REFUSED = 2
+EXIT_INCOMPLETE = 3           # the report is written but runs are missing (budget reached): run the command again
 PEER_FAMILIES = ("diffusers", "cache-dit")
 
 
-class BenchError(Exception):
+class BenchError(InputError):
     pass
 
 
@@ -90,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lpips-weights", default=None, help="AlexNet backbone file for LPIPS (see compare)")
     parser.add_argument("--lpips-heads", default=None, help="LPIPS head file (see compare)")
     parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="stop starting new runs after this long; run the same command again to resume")
+                        help="stop starting new runs after this long, write the report (INCOMPLETE) and exit "
+                             "with code 3; run the same command again to resume")
     parser.add_argument("--docs", default=None, metavar="DIR",
                         help="also write the table and plot to DIR/bench-<date>-<name of --out>.md/.png")
     parser.add_argument("--list", action="store_true", help="list the methods and their sweeps, then exit")
@@ -337,8 +345,7 @@ class Calibrations:
         data = {"ratios": ratios, "lists": lists,
                 "source": f"mean of {len(lists)} printed tables: {len(pairs)} calibration runs x "
                           f"{len(lists) // max(len(pairs), 1)} cache contexts"}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
+        write_text(path, json.dumps(data, indent=1))
         return data
 
     def summary(self) -> dict:
@@ -363,8 +370,27 @@ class Calibrations:
 
 
 # ---------------------------------------------------------------------------------------------- the store
+def read_json(path: Path) -> dict:
+    """A JSON object the bench wrote into its folder, or BenchError naming the file and what to do."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f": line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise BenchError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}{where}): it was cut short or "
+                         f"edited; restore it, or delete the folder {path.parent} to start over, or use another "
+                         f"--out folder") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path} holds a JSON {type(data).__name__}, not the bench's record; delete the folder "
+                         f"{path.parent} to start over, or use another --out folder")
+    return data
+
+
 class Store:
-    """``settings.json`` (what the folder's results mean) and ``results.jsonl`` (one line per finished step)."""
+    """``settings.json`` (what the folder's results mean) and ``results.jsonl`` (one line per finished step).
+
+    A step's line is written with one ``write`` call, so a Ctrl-C (raised between Python calls) never splits it;
+    a kill or a power cut can still leave its last line cut, and :meth:`open` drops that line (the step is
+    redone) and truncates the file to its last whole line, so the next record never lands on the cut one."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -373,7 +399,7 @@ class Store:
 
     def open(self, settings: dict) -> None:
         if self.settings_path.exists():
-            existing = json.loads(self.settings_path.read_text())
+            existing = read_json(self.settings_path)
             # A file's content names it, not where it lies (a copied folder, another checkout).
             if existing.get("sha256") and existing.get("sha256") == settings.get("sha256"):
                 existing["weights"] = settings.get("weights")
@@ -381,46 +407,106 @@ class Store:
             if isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("sha256") == theirs.get("sha256"):
                 existing["stepcache_profile"] = theirs
             added = [r for r in settings["runs"] if r not in existing.get("runs", [])]
-            if (added and set(existing.get("runs", [])) <= set(settings["runs"])
-                    and {**existing, "runs": settings["runs"]} == settings):
-                # Same benchmark, more runs (a method or sweep point added later): what was measured stays,
-                # the new runs are scored and timed against baselines timed in their own process.
-                print(f"adding {len(added)} run(s) to the benchmark in {self.folder}: {', '.join(added)}", flush=True)
-                self.settings_path.write_text(json.dumps(settings, indent=1))
-                existing = settings
-            if existing != settings:
+            grows = (added and set(existing.get("runs", [])) <= set(settings["runs"])
+                     and {**existing, "runs": settings["runs"]} == settings)
+            if not grows and existing != settings:
                 keys = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
                 raise BenchError(
                     f"{self.folder} holds a benchmark made with other settings (differing: {', '.join(keys)}); "
                     f"use another --out folder, or delete this one to start over")
+            self.repair()
+            if grows:
+                # Same benchmark, more runs (a method or sweep point added later): what was measured stays,
+                # the new runs are scored and timed against baselines timed in their own process.
+                print(f"adding {len(added)} run(s) to the benchmark in {self.folder}: {', '.join(added)}", flush=True)
+                write_text(self.settings_path, json.dumps(settings, indent=1))
         elif self.results_path.exists():
             raise BenchError(f"{self.folder} has results but no settings.json; use another --out folder")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.settings_path.write_text(json.dumps(settings, indent=1))
+            write_text(self.settings_path, json.dumps(settings, indent=1))
 
-    def records(self) -> list[dict]:
+    def _lines(self) -> tuple[list[dict], int]:
+        """The records, and the length in bytes of the whole lines that hold them. A last line without its newline
+        that is not a whole record was cut by a kill: it is left out. Any other line that is not a record is
+        refused with its line number: dropping it would silently drop a measurement."""
         if not self.results_path.exists():
-            return []
-        out = []
-        for line in self.results_path.read_text().splitlines():
-            line = line.strip()
-            if not line:
+            return [], 0
+        data = self.results_path.read_bytes()
+        records, end = [], 0
+        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+            complete = raw.endswith(b"\n")
+            if not raw.strip():
+                end += len(raw) if complete else 0
                 continue
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:   # a line cut by a kill: that step is redone
-                continue
-        return out
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if not complete and not isinstance(record, dict):
+                break
+            if not isinstance(record, dict):
+                raise BenchError(
+                    f"{self.results_path}, line {number}: not a whole record ({raw[:60]!r}...): a cut line that a "
+                    f"later record was written onto (earlier versions of the bench did that), or an edit; delete "
+                    f"that line (its steps are then redone) or use another --out folder")
+            records.append(record)
+            end += len(raw)
+        return records, end
 
-    def append(self, record: dict) -> None:
-        with open(self.results_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def repair(self) -> None:
+        """Cut the file back to its last whole line, saying what was dropped, and end it with a newline."""
+        if not self.results_path.exists():
+            return
+        _, end = self._lines()
+        size = self.results_path.stat().st_size
+        with open(self.results_path, "r+b") as f:
+            if end < size:
+                f.seek(end)
+                dropped = f.read()
+                print(f"{self.results_path}: dropped a cut last line ({len(dropped)} bytes, "
+                      f"{dropped[:40]!r}...: a run was stopped while writing it); that step is redone", flush=True)
+                f.truncate(end)
+            elif end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":   # a whole last record without its newline
+                    f.write(b"\n")
             f.flush()
             os.fsync(f.fileno())
 
+    def records(self) -> list[dict]:
+        return self._lines()[0]
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.results_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
+                line = b"\n" + line   # never continue a line that someone else left open
+            written = os.write(fd, line)   # one call: a Ctrl-C lands before or after it, never inside
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 # ---------------------------------------------------------------------------------------------- the bench
+def load_reference(path: Path) -> dict:
+    """The baseline's latents saved in the folder, read as plain tensors only: a folder can come from anywhere,
+    and a pickle in it would run code on loading (the default of torch.load before torch 2.6)."""
+    import torch
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors and containers, RuntimeError for a bad zip
+        raise BenchError(f"{path}: not a file of plain tensors, so it is not loaded ({str(exc).splitlines()[0]}); "
+                         f"delete it and run the same command again to redo the baseline") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("latents"), torch.Tensor):
+        raise BenchError(f"{path}: holds no baseline latents; delete it and run the same command again to redo the "
+                         f"baseline")
+    return saved
+
+
 class Run:
     def __init__(self, method, params: dict):
         from .bench_peers import run_id
@@ -517,8 +603,7 @@ class Bench:
         path = self.store.folder / "reference.pt"
         have = any(r.get("kind") == "quality" and r.get("run") == "baseline[]" for r in records)
         if have and path.exists():
-            saved = self.torch.load(path)
-            self.ref_latents = saved["latents"]
+            self.ref_latents = load_reference(path)["latents"]
         else:
             print(f"baseline: {len(self.pairs)} videos, {self.steps} steps", flush=True)
             counter = BlockWork(self.demo.pipe.transformer)
@@ -532,7 +617,8 @@ class Bench:
             finally:
                 counter.remove()
             self.ref_latents = self.torch.cat(latents)
-            self.torch.save({"latents": self.ref_latents, "pairs": self.pairs}, path)
+            with atomic_path(path) as part:
+                self.torch.save({"latents": self.ref_latents, "pairs": self.pairs}, part)
             self.store.append({"kind": "quality", "run": "baseline[]", "method": "baseline", "params": {},
                                "status": "ok", "steps": self.steps,
                                "config": {"num_inference_steps": self.steps, "guidance_scale": self.guidance},
@@ -704,18 +790,33 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------------- command
-def remaining(records: list[dict], runs: list[Run], settings: dict) -> bool:
-    """Whether anything is left to run: a run without its score, or a scored run without a timing round."""
+def unfinished(records: list[dict], runs: list[Run], settings: dict) -> list[str]:
+    """What is left to run, one entry per run: a run without its score, or a scored run without a timing round."""
     scored = {r["run"]: r.get("status") for r in records if r.get("kind") == "quality"}
     timed = {(r["run"], r["round"]) for r in records if r.get("kind") == "timing"}
+    out = []
     for run in runs:
         if run.id not in scored:
             if run.method.key == "baseline" or not run.method.unavailable():
-                return True
+                out.append(f"{run.id} (not scored)")
         elif scored[run.id] == "ok" and run.method.key != "baseline":
-            if any((run.id, i) not in timed for i in range(settings["repeats"])):
-                return True
-    return False
+            rounds = [i + 1 for i in range(settings["repeats"]) if (run.id, i) not in timed]
+            if rounds:
+                out.append(f"{run.id} (timing round{'s' if len(rounds) > 1 else ''} "
+                           f"{', '.join(map(str, rounds))} missing)")
+    return out
+
+
+def remaining(records: list[dict], runs: list[Run], settings: dict) -> bool:
+    """Whether anything is left to run."""
+    return bool(unfinished(records, runs, settings))
+
+
+def incomplete_message(missing: list[str], shown: int = 5) -> str:
+    """One line: how many runs are unfinished, which (the first few), and what to do."""
+    names = ", ".join(missing[:shown]) + (f" and {len(missing) - shown} more" if len(missing) > shown else "")
+    return (f"INCOMPLETE: {len(missing)} run(s) unfinished: {names}; the report covers what is measured; run the "
+            f"same command again to finish")
 
 
 def settings_for(args, identity: dict, runs: list[Run]) -> dict:
@@ -758,6 +859,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
     if args.list:
         return list_methods(args)
+    # bad paths fail here, in a second, before the weights are hashed or a model is built
+    check_output_dir(args.out, "--out")
+    if args.docs:
+        check_output_dir(args.docs, "--docs")
     from stepcache.wan21.demo.model import WeightsMissing
     from . import bench_report
     try:
@@ -770,9 +875,6 @@ def run(args: argparse.Namespace) -> int:
     except WeightsMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
     import torch
     torch.set_num_threads(args.threads)
     label = UNTRAINED_LABEL if args.untrained else ""
@@ -782,32 +884,38 @@ def run(args: argparse.Namespace) -> int:
     info_path = store.folder / "model.json"
     if not remaining(store.records(), runs, settings) and info_path.exists():
         print("every run is finished: rebuilding the report", flush=True)
-        bench = Bench(args, store, settings, runs, None, json.loads(info_path.read_text()))
+        bench = Bench(args, store, settings, runs, None, read_json(info_path))
         bench.setup_lpips()
     else:
         demo, model_info = build_demo(args)
-        info_path.write_text(json.dumps(model_info, indent=1))
+        write_text(info_path, json.dumps(model_info, indent=1))
         bench = Bench(args, store, settings, runs, demo, model_info)
         try:
             bench.run()
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    missing = unfinished(store.records(), runs, settings)
     report = bench_report.build_report(
         settings=settings, records=store.records(), runs=runs, label=label, command=_command(args),
         model_info=bench.model_info, calibration=bench.calibrations.summary(), lpips=bench.lpips_info,
-        seconds=time.perf_counter() - started, complete=not remaining(store.records(), runs, settings))
+        seconds=time.perf_counter() - started, complete=not missing, unfinished=missing)
     written = bench_report.write_outputs(report, store.folder, docs=args.docs)
     print(bench_report.format_console(report))
     for path in written:
         print(f"wrote {path}")
+    if missing:
+        # not a success: a script that loops `stepcache bench --budget-minutes N` until it exits 0 gets there
+        print(f"stepcache bench: {incomplete_message(missing)}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="stepcache bench")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args), prog="stepcache bench")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,20 @@ another process is compared with a baseline timed in that process.
 inside the block stack that ran); for stepcache and fewer steps this is exactly passes / computed passes.
 ``wall / ideal`` is a method's overhead (target for stepcache: at least 0.97).
 
+Placing a run on the wall-clock axis. A run cannot be faster than its ideal speedup (skipping work is all a
+cache does), so a wall-clock speedup above ideal is timing noise (a busy machine slowed the baselines around it):
+the run is placed at min(wall, ideal) and the report says so. And a wall-clock gap smaller than its spread ranks
+nothing: every wall figure is shown with the range over its timing rounds, and at each target the verdict is
+worked out twice, with each run at its median (capped) and at its slowest round (capped); where the two differ
+the ranking there lies within the timing spread, which the verdict says, and the goal does not count as met.
+
 PSNR at a speedup X: per method, the highest PSNR among its runs that are at least X times faster than the
 baseline (a measured run, no interpolation); none when no run of the method is that fast. Ties (within
 0.01 dB, e.g. two implementations of one rule making the same decisions) are reported as ties, not wins.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -20,6 +28,8 @@ import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from ..outputs import atomic_path
 
 TARGETS = (2.0, 2.5, 3.0)
 OVERHEAD_TARGET = 0.97
@@ -65,6 +75,26 @@ def _setting(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def wall_placement(speeds: list[float], ideal: float | None) -> dict:
+    """Where a run stands on the wall-clock axis: its median over rounds and its slowest round, each at most its
+    ideal speedup (a run is never faster than the work it skips allows; above that is noise), the range over
+    rounds, and whether the median came out above ideal."""
+    if not speeds:
+        return {"wall_placed": None, "wall_low": None, "wall_range": None, "wall_above_ideal": False}
+    wall, low = _median(speeds), min(speeds)
+    cap = ideal if ideal else float("inf")
+    return {"wall_placed": min(wall, cap), "wall_low": min(low, cap), "wall_range": [low, max(speeds)],
+            "wall_above_ideal": wall > cap}
+
+
+def _placed(row: dict) -> dict:
+    """A row with its wall-clock placement (rows made before it existed, or by hand, have only the speedups)."""
+    if "wall_placed" in row or row.get("reference"):
+        return row
+    speeds = row.get("wall_speedups") or ([row["wall_speedup"]] if row.get("wall_speedup") is not None else [])
+    return {**row, **wall_placement(speeds, row.get("ideal_speedup"))}
+
+
 def build_rows(settings, records, runs) -> tuple[list[dict], dict]:
     quality, timings = {}, defaultdict(list)
     base_times = defaultdict(list)
@@ -107,7 +137,8 @@ def build_rows(settings, records, runs) -> tuple[list[dict], dict]:
         if m.key == "baseline":
             row.update(status="ok" if base else "pending", config=(base or {}).get("config"),
                        passes=total_passes, computed_passes=total_passes, compute_fraction=1.0, ideal_speedup=1.0,
-                       wall_speedup=1.0 if base_times else None, seconds=baseline_seconds, overhead=None,
+                       wall_speedup=1.0 if base_times else None, wall_placed=1.0 if base_times else None,
+                       wall_low=1.0 if base_times else None, seconds=baseline_seconds, overhead=None,
                        reference=True)
             rows.append(row)
             continue
@@ -130,7 +161,8 @@ def build_rows(settings, records, runs) -> tuple[list[dict], dict]:
             row.update(status="ok", config=q.get("config"), version=q.get("version"), steps=q.get("steps"),
                        passes=sum(v["calls"] for v in pv) / videos, computed_passes=frac * total_passes,
                        compute_fraction=frac, ideal_speedup=ideal, wall_speedup=wall,
-                       wall_speedups=speeds, seconds=_median([t["seconds"] for t in timings.get(run.id, [])]),
+                       wall_speedups=speeds, **wall_placement(speeds, ideal),
+                       seconds=_median([t["seconds"] for t in timings.get(run.id, [])]),
                        overhead=(wall / ideal) if wall and ideal else None,
                        psnr=_mean([v["psnr"] for v in pv]), psnr_video=_mean([v["psnr_video"] for v in pv]),
                        psnr_frame_min=min(v["psnr_frame_min"] for v in pv),
@@ -175,11 +207,15 @@ def value_at(points, x: float) -> float | None:
     return None if best is None else best[1]
 
 
+AXIS_KEYS = {"wall": "wall_placed", "wall_low": "wall_low", "ideal": "ideal_speedup"}
+
+
 def curves(rows, axis: str, include_exploratory=False) -> dict[str, list[tuple]]:
-    """Per method, (speedup, psnr, run id) of every scored run."""
+    """Per method, (speedup, psnr, run id) of every scored run; on the wall axis each run at its median over
+    rounds and on ``wall_low`` at its slowest round, both at most its ideal speedup."""
     out: dict[str, list] = defaultdict(list)
-    key = "wall_speedup" if axis == "wall" else "ideal_speedup"
-    for r in rows:
+    key = AXIS_KEYS[axis]
+    for r in map(_placed, rows):
         if r["status"] != "ok" or r.get("reference") or r.get(key) is None or r.get("psnr") is None:
             continue
         if r["exploratory"] and not include_exploratory:
@@ -194,13 +230,17 @@ TIE_DB = 0.01   # PSNR differences below this are ties (two implementations of o
 def verdict(rows, axis: str) -> dict:
     labels = {r["method"]: r["label"] for r in rows}
     families = {r["method"]: r["family"] for r in rows}
+    wall_of = {r["id"]: {"wall": r.get("wall_speedup"), "wall_range": r.get("wall_range"),
+                         "ideal": r.get("ideal_speedup"), "above_ideal": r.get("wall_above_ideal", False)}
+               for r in map(_placed, rows)} if axis != "ideal" else {}
     c = curves(rows, axis)
     exploratory = {k: v for k, v in curves(rows, axis, True).items() if k not in c}
     at = {}
     for x in TARGETS:
         best = {k: best_at(pts, x) for k, pts in c.items()}
         values = {k: (None if b is None else b[1]) for k, b in best.items()}
-        runs = {k: (None if b is None else {"run": b[2], "speedup": b[0], "psnr": b[1]}) for k, b in best.items()}
+        runs = {k: (None if b is None else {"run": b[2], "speedup": b[0], "psnr": b[1], **wall_of.get(b[2], {})})
+                for k, b in best.items()}
         reached = {k: v for k, v in values.items() if v is not None}
         winner = max(reached, key=reached.get) if reached else None
         stepcache = {k: v for k, v in reached.items() if families[k] == "stepcache"}
@@ -220,7 +260,23 @@ def verdict(rows, axis: str) -> dict:
                       "goal_met": best_sc is not None and not beaten_by and not tied_with,
                       "beaten_by": beaten_by, "tied_with": tied_with,
                       "exploratory": {k: value_at(pts, x) for k, pts in exploratory.items()}}
-    return {"axis": axis, "rule": "per method, the highest PSNR among its runs at least this fast", "at": at}
+    result = {"axis": axis, "rule": "per method, the highest PSNR among its runs at least this fast", "at": at}
+    if axis == "wall":
+        settle(result, verdict(rows, "wall_low"))
+    return result
+
+
+def settle(wall: dict, slowest: dict) -> None:
+    """Mark the targets where the answer changes when every run counts at its slowest timing round instead of its
+    median: the ranking there rests on a wall-clock gap smaller than the spread, so it ranks nothing, and the goal
+    is not counted as met there."""
+    for x, e in wall["at"].items():
+        other = slowest["at"][x]
+        e["within_spread"] = e["winner"] != other["winner"] or e["goal_met"] != other["goal_met"]
+        e["at_slowest_round"] = {"winner": other["winner"], "winner_label": other["winner_label"],
+                                 "winner_run": (other["runs"].get(other["winner"]) or {}).get("run"),
+                                 "stepcache_best": other["stepcache_best"], "goal_met": other["goal_met"]}
+        e["goal_met"] = e["goal_met"] and other["goal_met"]
 
 
 def overhead_summary(rows) -> dict:
@@ -241,6 +297,20 @@ def overhead_summary(rows) -> dict:
             for k, v in out.items()}
 
 
+def _speed(entry: dict) -> str:
+    """A run's speed as the verdict places it, with its spread over timing rounds, and the measured median when
+    that came out above ideal (then the run is placed at ideal)."""
+    if entry.get("wall") is None:
+        return f"{entry['speedup']:.2f}x"
+    text = f"{entry['speedup']:.2f}x"
+    if entry.get("above_ideal"):
+        text += f" = its ideal; measured {entry['wall']:.2f}x, above ideal: timing noise"
+    low, high = entry.get("wall_range") or (None, None)
+    if low is not None and high - low > 0:
+        text += f", rounds {low:.2f}-{high:.2f}x"
+    return text
+
+
 def verdict_text(rows, v: dict, overhead: dict) -> list[str]:
     labels = {r["method"]: r["label"] for r in rows}
     settings = {r["id"]: r.get("setting", "") for r in rows}
@@ -252,19 +322,30 @@ def verdict_text(rows, v: dict, overhead: dict) -> list[str]:
             continue
         w = e["runs"][e["winner"]]
         text = (f"At {x:g}x: highest PSNR {w['psnr']:.2f} dB, {e['winner_label']} ({settings[w['run']]}, "
-                f"{w['speedup']:.2f}x)")
+                f"{_speed(w)})")
         if e["stepcache_best"] is None:
             text += "; no stepcache method reaches this speedup"
         elif e["goal_met"]:
             text += "; stepcache beats every other method of this run here"
+        elif e.get("within_spread") and not e["beaten_by"] and not e["tied_with"]:
+            text += "; stepcache is ahead at the median of the timing rounds only"
         else:
             sc = e["runs"][e["stepcache_best"]]
-            text += f"; stepcache's best: {labels[e['stepcache_best']]} {sc['psnr']:.2f} dB ({settings[sc['run']]})"
+            text += (f"; stepcache's best: {labels[e['stepcache_best']]} {sc['psnr']:.2f} dB "
+                     f"({settings[sc['run']]}{', ' + _speed(sc) if v['axis'] != 'ideal' else ''})")
             if e["beaten_by"]:
                 text += ", beaten by " + ", ".join(f"{b['label']} (+{b['margin_db']:.2f} dB)"
                                                    for b in sorted(e["beaten_by"], key=lambda b: -b["psnr"]))
             if e["tied_with"]:
                 text += ", tied with " + ", ".join(b["label"] for b in e["tied_with"])
+        if e.get("within_spread"):
+            slow = e["at_slowest_round"]
+            text += ("; WITHIN THE TIMING SPREAD: with every run at its slowest round, "
+                     + (f"{slow['winner_label']} ({settings[slow['winner_run']]}) is highest"
+                        if slow["winner"] else "no method reaches this speedup")
+                     + (", and stepcache's best beats every other method" if slow["goal_met"] else
+                        ", and stepcache's best does not beat every other method")
+                     + ", so the wall-clock ranking here is not settled")
         explored = {k: p for k, p in e["exploratory"].items() if p is not None}
         if explored:
             text += "; exploratory: " + ", ".join(f"{labels[k]} {p:.2f} dB" for k, p in explored.items())
@@ -282,7 +363,7 @@ def verdict_text(rows, v: dict, overhead: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- report
 def build_report(settings, records, runs, label, command, model_info, calibration, lpips, seconds,
-                 complete) -> dict:
+                 complete, unfinished=()) -> dict:
     rows, totals = build_rows(settings, records, runs)
     wall = verdict(rows, "wall")
     ideal = verdict(rows, "ideal")
@@ -295,6 +376,7 @@ def build_report(settings, records, runs, label, command, model_info, calibratio
     return {
         "format": "stepcache-bench-report/1", "label": label, "command": command,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "complete": complete,
+        "unfinished": list(unfinished),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "settings": settings, "model": model_info, "calibration": calibration, "lpips": lpips,
@@ -317,6 +399,18 @@ def _ceiling(row) -> str:
     return f" (<={c:.2f})" if c is not None and c < 0.995 else ""
 
 
+def _wall_cell(row) -> str:
+    """The median wall-clock speedup, its range over timing rounds, and '>ideal' when it came out above ideal
+    (the verdict then places the run at its ideal speedup)."""
+    if row.get("wall_speedup") is None:
+        return "-"
+    text = f"{row['wall_speedup']:.2f}x"
+    low, high = row.get("wall_range") or (None, None)
+    if low is not None and high - low > 0:
+        text += f" ({low:.2f}-{high:.2f})"
+    return text + (" >ideal" if row.get("wall_above_ideal") else "")
+
+
 def format_table(report) -> str:
     total = report["totals"]["total_passes"]
     head = ("| method | setting | passes computed | ideal | wall | wall/ideal | PSNR | PSNR video | SSIM | LPIPS |\n"
@@ -337,7 +431,7 @@ def format_table(report) -> str:
         exact = r["family"] in ("stepcache", "floor")
         computed = f"{r['computed_passes']:.0f}/{total}" if exact else f"{r['computed_passes']:.1f}/{total} eq."
         lines.append(
-            f"| {name} | {r['setting']} | {computed} | {r['ideal_speedup']:.2f}x | {_fmt(r['wall_speedup'], '.2f')}x "
+            f"| {name} | {r['setting']} | {computed} | {r['ideal_speedup']:.2f}x | {_wall_cell(r)} "
             f"| {_fmt(r['overhead'], '.3f')}{_ceiling(r)} | {r['psnr']:.2f} | {r['psnr_video']:.2f} | {r['ssim']:.4f} "
             f"| {_fmt(r['lpips'], '.4f')} |")
     return "\n".join(lines)
@@ -358,7 +452,9 @@ def format_markdown(report, plot_name: str | None) -> str:
     title = "stepcache bench" + (f" — {label}" if label else " — demo model")
     out = [f"# {title}", ""]
     if not report["complete"]:
-        out += ["**INCOMPLETE**: stopped before every run finished; run the same command again to resume.", ""]
+        missing = report.get("unfinished") or []
+        out += ["**INCOMPLETE**: stopped before every run finished; run the same command again to resume."
+                + (f" Unfinished ({len(missing)}): " + ", ".join(missing) if missing else ""), ""]
     out += [f"Command: `{report['command']}`  ", f"Date: {report['date']}  ",
             f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
             f"{s['threads']} torch thread(s), {s['clock']} clock, load average {report['machine']['load_average']}  ",
@@ -374,8 +470,10 @@ def format_markdown(report, plot_name: str | None) -> str:
     out += ["PSNR/SSIM/LPIPS: against the uncached video of the same prompt and seed (mean over videos). "
             "passes computed: per video; 'eq.' = the real block work of a method that skips inside the forward, "
             "in full-pass equivalents. ideal = baseline block work / run's block work; wall = measured speedup "
-            "(median over rounds); wall/ideal = overhead, with in brackets the most any method can reach at that "
-            "compute when a skipped pass still runs the embeddings, rope and output head"
+            "(median over rounds, in brackets the range over rounds; '>ideal': above the ideal speedup, which "
+            "no run can be, so timing noise: the verdict places such a run at its ideal); wall/ideal = overhead, "
+            "with in brackets the most any method can reach at that compute when a skipped pass still runs the "
+            "embeddings, rope and output head"
             + (f" (they take {share:.1%} of a pass on this model, measured with every block bypassed)"
                if share is not None else "")
             + ". * = exploratory, not in the verdict.", ""]
@@ -447,8 +545,6 @@ def format_console(report) -> str:
     lines += ["Verdict (ideal speedup, block work):"] + [f"  {t}" for t in report["verdict"]["text_ideal"]]
     for c in report["could_not_run"]:
         lines.append(f"could not run: {c['run']}: {c['reason']}")
-    if not report["complete"]:
-        lines.append("INCOMPLETE: run the same command again to resume")
     return "\n".join(lines)
 
 
@@ -461,6 +557,16 @@ STYLE = {"stepcache-teacache": ("tab:blue", "-", "o"), "stepcache-magcache": ("t
          "diffusers-seacache": ("tab:pink", ":", "D"), "diffusers-pab": ("tab:olive", ":", "D"),
          "diffusers-fastercache": ("tab:grey", ":", "D"), "cachedit-dbcache": ("tab:cyan", ":", "^"),
          "cachedit-dbcache-taylorseer": ("navy", ":", "^")}
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def write_plot(report, path: Path) -> Path | None:
@@ -477,7 +583,8 @@ def write_plot(report, path: Path) -> Path | None:
     finite = [r["psnr"] for r in rows if r["status"] == "ok" and r.get("psnr") is not None and r["psnr"] < 99]
     top = (max(finite) + 2.0) if finite else 100.0
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-    for ax, axis, xlabel in ((axes[0], "wall", "wall-clock speedup against the uncached baseline"),
+    wall_label = "wall-clock speedup against the uncached baseline (median over rounds, at most ideal)"
+    for ax, axis, xlabel in ((axes[0], "wall", wall_label),
                              (axes[1], "ideal", "ideal speedup (baseline block work / run's block work)")):
         for key, points in curves(rows, axis, include_exploratory=True).items():
             label, family, exploratory = labels[key]
@@ -515,26 +622,28 @@ def write_plot(report, path: Path) -> Path | None:
 
 
 def write_outputs(report, folder: Path, docs: str | None = None) -> list[Path]:
+    """report.json, plot.png (with matplotlib), table.md, verdict.md and the --docs copies, each written under a
+    temporary name; only when all of them are complete are they moved into place, so an interrupted or failed
+    write leaves the previous report whole and no file of a half-finished one."""
     folder = Path(folder)
-    written = []
-    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    written.append(folder / "report.json")
-    plot = write_plot(report, folder / "plot.png")
-    if plot:
-        written.append(plot)
-    (folder / "table.md").write_text(format_markdown(report, "plot.png" if plot else None))
-    written.append(folder / "table.md")
-    link = None
-    if docs:
-        docs = Path(docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        name = folder.resolve().name
-        stem = f"bench-{report['date'][:10]}-{name[len('bench-'):] if name.startswith('bench-') else name}"
-        if plot:
-            (docs / f"{stem}.png").write_bytes(Path(plot).read_bytes())
-        (docs / f"{stem}.md").write_text(format_markdown(report, f"{stem}.png" if plot else None))
-        written += [docs / f"{stem}.md"] + ([docs / f"{stem}.png"] if plot else [])
-        link = str(docs / f"{stem}.md")
-    (folder / "verdict.md").write_text(format_readme_verdict(report, link))
-    written.append(folder / "verdict.md")
+    written: list[Path] = []
+    plotting = _can_plot()
+    with contextlib.ExitStack() as stack:
+        def part(path: Path) -> Path:
+            written.append(path)
+            return stack.enter_context(atomic_path(path))
+
+        part(folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        plot = write_plot(report, part(folder / "plot.png")) if plotting else None
+        part(folder / "table.md").write_text(format_markdown(report, "plot.png" if plot else None))
+        link = None
+        if docs:
+            docs = Path(docs)
+            name = folder.resolve().name
+            stem = f"bench-{report['date'][:10]}-{name[len('bench-'):] if name.startswith('bench-') else name}"
+            part(docs / f"{stem}.md").write_text(format_markdown(report, f"{stem}.png" if plot else None))
+            if plot:
+                part(docs / f"{stem}.png").write_bytes(plot.read_bytes())
+            link = str(docs / f"{stem}.md")
+        part(folder / "verdict.md").write_text(format_readme_verdict(report, link))
     return written

@@ -218,8 +218,9 @@ def compare(args: argparse.Namespace) -> dict:
         lpips = LpipsSetup(None, {"status": "skipped", "reason": "LPIPS skipped: --no-lpips"})
     else:
         lpips = load_lpips(args.lpips_net, args.lpips_weights, args.lpips_heads, device)
-        if not lpips.available:
-            print(lpips.description["reason"], file=sys.stderr)  # said now, not only after hours of scoring
+    if not lpips.available:
+        # said once, now, not only after hours of scoring (the table leaves it out; metrics.json keeps it)
+        print(lpips.description["reason"], file=sys.stderr)
 
     labels = _unique_labels([m.display_label if m else Path(g).name
                              for (g, _, _), m in zip(runs, generated_manifests)])

@@ -74,8 +74,6 @@ def format_table(report: dict, per_video: bool | None = None) -> str:
         if timing:
             blocks.append(f"speedup {_fmt('speedup', timing.get('speedup'))}, "
                           f"pass speedup {_fmt('pass_speedup', timing.get('pass_speedup'))}")
-    if report["lpips"]["status"] != "ok":
-        blocks.append(report["lpips"]["reason"])
     return "\n\n".join(blocks)
 
 

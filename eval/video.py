@@ -7,6 +7,7 @@ more than one chunk of frames per video.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,27 +88,41 @@ def _describe_names(title: str, names: list[str], limit: int = 20) -> list[str]:
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """Frame count and size of a video, without decoding it.
+    """Frame count and size of a video, and whether its stream decodes without errors.
 
-    The count comes from ffmpeg's packet count with stream copy (fast, no decode); `paired_chunks` re-checks the
-    decoded count, so a container whose packet count differs from its frame count still cannot slip through.
+    The whole video stream is decoded once (into ffmpeg's null output, which is cheap next to scoring): a damaged
+    stream still yields frames, because the decoder conceals the broken macroblocks, and would be scored as if it
+    were the video, so any error ffmpeg reports while decoding refuses the file, before anything is scored
+    (``-xerror`` also turns a frame the decoder marks corrupt, only a warning otherwise, into an error). Damage
+    that still parses as valid H.264 cannot be seen by any decoder (the stream has no checksums) and is not
+    caught. `paired_chunks` re-checks the count it decodes itself.
     """
     path = Path(path)
     if not path.is_file():
         raise CompareError(f"{path}: no such file")
     import imageio_ffmpeg
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
-           "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
+           "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
     done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     counts = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("frame=")]
-    if done.returncode != 0 or not counts:
+    if not counts:
         raise CompareError(f"{path}: cannot read video ({_ffmpeg_reason(done.stderr)})")
+    errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    if errors or done.returncode != 0:
+        first = _without_address(errors[0]) if errors else f"ffmpeg exit code {done.returncode}"
+        raise CompareError(f"{path}: the video stream is damaged: decoding error {first!r}; its frames would be "
+                           f"scored with the damage concealed, so it is refused: regenerate or re-encode the video")
     frames = int(counts[-1])
     width, height = _frame_size(path)
     if frames <= 0:
         raise CompareError(f"{path}: video has no frames")
     return VideoInfo(path, frames, width, height)
+
+
+def _without_address(line: str) -> str:
+    """ffmpeg's message without its '[h264 @ 0x55d...]' prefixes, which mean nothing to a user."""
+    return re.sub(r"^(\[[^\]]*\]\s*)+", "", line)
 
 
 def _ffmpeg_reason(stderr: str) -> str:

@@ -42,7 +42,7 @@ def test_schedule_no_cfg_simulates_one_branch(capsys):
     (["--K", "0"], "K=0 is outside the allowed range [1, inf]"),
     (["--thresh", "-1"], "thresh=-1.0 is outside the allowed range [0, inf]"),
     (["--retention", "1.5"], "retention_ratio=1.5 is outside the allowed range [0, 1)"),
-    (["--steps", "1"], "steps=1 is too few"),
+    (["--steps", "1"], "argument --steps: 1 is too small; allowed: an integer >= 2"),
 ])
 def test_schedule_errors_exit_nonzero_with_the_reason(args, message):
     result = stepcache("schedule", "--profile", "wan2.1-t2v-1.3b", *args)
