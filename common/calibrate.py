@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import InputError
 from .calibration_io import (MAGCACHE_RULE, calibrated_source, interleave_with_padding, residual_ratio_stats,
                              write_profile)
 from .policies import Decision, EasyCachePolicy, ParameterError, Polynomial, TeaCachePolicy
@@ -47,7 +48,7 @@ RATE_SETTLED = 0.1
 SETTLED_RUN = 3
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError):
     pass
 
 
@@ -636,6 +637,12 @@ def describe_calibration(profile: Profile) -> str:
     lines.append(f"            presets {tea['presets']}")
     lines.append(f"  easycache: rate settles from step {easy['suggested_warmup_steps']} (warm-up used: "
                  f"{easy['warmup_steps']} steps)")
-    lines.append(f"use it with: stepcache generate --profile {profile.path} ...   or   "
-                 f"stepcache schedule --profile {profile.path} --list-presets")
+    measured = profile.data.get("measured_on", {})  # the demo target alone records its weight file
+    if measured.get("weights"):  # `stepcache generate` refuses the demo model; `stepcache demo` runs it
+        from .wan21.demo.model import WEIGHTS
+        runner = f"stepcache demo --profile {profile.path} --steps {measured['steps']}" + (
+            "" if Path(measured["weights"]) == WEIGHTS else f" --weights {measured['weights']}")
+    else:
+        runner = f"stepcache generate --profile {profile.path} ..."
+    lines.append(f"use it with: {runner}   or   stepcache schedule --profile {profile.path} --list-presets")
     return "\n".join(lines)

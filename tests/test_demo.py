@@ -157,9 +157,10 @@ def test_quick_demo_writes_report(tiny_run, tmp_path):
         pytest.skip(f"no demo profile at {profile} yet (made by calibrate_demo on the trained model)")
     weights = tiny_run[0] / "full" / demo_train.EXPORT
     out = tmp_path / "demo"
-    assert main(["--out", str(out), "--weights", str(weights), "--num-prompts", "1", "--steps", "6",
-                 "--presets", "medium", "--repeats", "1", "--no-progress"]) == 0
+    code = main(["--out", str(out), "--weights", str(weights), "--num-prompts", "1", "--steps", "6",
+                 "--presets", "medium", "--repeats", "1", "--no-progress"])
     report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["medium_check"]["ok"] else 1)  # a 3-step model may well fail the check
     assert set(report["methods"]) == {"teacache", "magcache", "easycache"}
     for method, by_preset in report["methods"].items():
         entry = by_preset["medium"]

@@ -1,26 +1,41 @@
 """`stepcache demo`: step caching on a small trained video model that ships with stepcache, in about a minute.
 
 The demo model is a 6-layer diffusers ``WanTransformer3DModel`` trained on CPU on procedural clips (a coloured
-square or disc moving over a grey background, 8 frames of 32x32), run through the real ``WanPipeline`` and
-its scheduler, so every method goes through the same adapter as on a real Wan2.1. The demo generates a few
-prompts uncached and with TeaCache, MagCache and EasyCache at each of the demo profile's presets (slow,
-medium, fast), and beside each cached run the same pipeline with fewer steps at the same number of
-transformer passes. It prints a table (wall-clock speedup, ideal speedup = passes / computed passes, PSNR and
-SSIM against the uncached video, and the share of videos whose colour and direction still read back as
-prompted) and writes to ``--out``: ``report.json``, every video (``videos/``, 8x
-upscaled mp4), ``side_by_side.mp4`` (uncached, each method at ``medium``, and its fewer-steps twin) and
-``patterns.png`` (which passes each method computed).
+square or disc moving over a dark, light or gradient background (near-grey), 8 frames of 32x32), run
+through the real ``WanPipeline`` and its scheduler, so every method goes through the same adapter as on a real
+Wan2.1.
+The demo generates a few prompts uncached and with TeaCache, MagCache and EasyCache at each of the demo
+profile's presets (slow, medium, fast), and beside each cached run the same pipeline with fewer steps at the
+same number of transformer passes. Passes are counted as they run (2 per step with classifier-free guidance,
+1 without). It prints a table (wall-clock or CPU-time speedup with the spread of its repeats, ideal speedup =
+passes / computed passes, PSNR and SSIM against the uncached video, and the share of videos whose colour and
+direction still read back as prompted) and writes to ``--out``, replacing what was there only once the run
+is done: ``report.json``, every video (``videos/``, 8x upscaled mp4; a fewer-steps twin with as many steps as
+the uncached run is that run and is written once, as uncached.mp4), ``side_by_side.mp4`` (uncached, each
+method at ``medium`` and its fewer-steps twin, each labelled with its PSNR and passes, above its difference
+from uncached amplified 8x) and ``patterns.png`` (which passes each method computed).
+
+The check (at medium: reuse >= 25% of passes and PSNR > 25 dB against uncached) prints, for each method
+that misses it, the rule it missed and the measured numbers. Exit status: 0 when the check passed or did not
+run (no medium preset chosen), 1 when it failed (the outputs are still complete), 2 for bad input, 130 on
+Ctrl-C (nothing is written).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
+
+from ...errors import InputError
+from ...outputs import atomic_dir, check_output_dir
 
 DEFAULT_PROMPTS = (
     "a red disc moving right on a dark background",
@@ -31,24 +46,41 @@ DEMO_SEED = 0
 METHOD_NAMES = ("teacache", "magcache", "easycache")
 PRESET_NAMES = ("slow", "medium", "fast")
 CHECK_PRESET, CHECK_REUSE, CHECK_PSNR = "medium", 0.25, 25.0
+MIN_STEPS = 2
+EXIT_CHECK_FAILED = 1
+# The two clocks of `stepcache bench --clock`: wall-clock time, or this process's CPU time (steadier on a shared
+# machine, since time spent waiting for a core is not counted).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_NAMES = {"wall": "wall-clock time", "cpu": "CPU time of this process"}
+
+
+class DemoError(InputError):
+    """A `stepcache demo` argument that cannot be run."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", default="stepcache-demo", help="output folder (default: ./stepcache-demo)")
+    parser.add_argument("--out", default="stepcache-demo",
+                        help="output folder (default: ./stepcache-demo); an earlier run's folder there is replaced "
+                             "as a whole when the run is done")
     parser.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
                         help="prompts, e.g. 'a blue square moving down on a dark background' (colours red, green, "
                              "blue, yellow, cyan, magenta; square or disc; right, left, up, down; dark, light or "
-                             f"gradient background). Default: {len(DEFAULT_PROMPTS)} built-in prompts")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+                             "gradient background); each must name a colour and a direction, which the demo reads "
+                             f"back from the video. Default: {len(DEFAULT_PROMPTS)} built-in prompts")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts (N >= 1)")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated (default: all three)")
-    parser.add_argument("--presets", default=",".join(PRESET_NAMES), help="comma-separated (default: slow,medium,fast)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 2.5)")
+    parser.add_argument("--presets", default=",".join(PRESET_NAMES),
+                        help="comma-separated presets of the profile (default: slow,medium,fast)")
+    parser.add_argument("--steps", type=int, default=None, help=f"denoising steps, at least {MIN_STEPS} (default 30)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, 1.0 = off (default 2.5)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the first prompt (then +1, +2, ...)")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="timed repeats of every run; the fastest is reported (default 2)")
+                        help="timed repeats of every run; the fastest is reported and the spread printed (default 2)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall-clock time (default), or this process's CPU time on a shared machine")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this "
                                                                "model size, and steady on a shared machine)")
     parser.add_argument("--weights", default=None, help="demo model file (default: the one shipped in stepcache)")
@@ -57,48 +89,127 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# --------------------------------------------------------------------------------------------------- arguments
+def _comma_list(text: str, flag: str) -> list[str]:
+    items = list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+    if not items:
+        raise DemoError(f"{flag} {text!r} names nothing")
+    return items
+
+
+def _at_least(value, low: int, flag: str, what: str) -> None:
+    if value is not None and value < low:
+        raise DemoError(f"{flag} {value}: {what}")
+
+
+def check_arguments(args: argparse.Namespace) -> dict:
+    """Every argument checked, and resolved to what will run, before any model work and before any output."""
+    from ...profiles import load_profile
+    from .model import GUIDANCE, PROFILE, STEPS, WEIGHTS
+    from .scenes import COLOUR_NAMES, DIRECTION_NAMES
+
+    _at_least(args.steps, MIN_STEPS, "--steps", f"give at least {MIN_STEPS} denoising steps")
+    _at_least(args.num_prompts, 1, "--num-prompts", "give at least 1")
+    _at_least(args.threads, 1, "--threads", "give at least 1 torch CPU thread")
+    _at_least(args.repeats, 1, "--repeats", "give at least 1 timed repeat")
+    guidance = GUIDANCE if args.guidance is None else args.guidance
+    if not math.isfinite(guidance) or guidance < 1.0:
+        raise DemoError(f"--guidance {args.guidance}: give a scale >= 1.0 (1.0 turns classifier-free guidance off)")
+    methods = _comma_list(args.methods, "--methods")
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise DemoError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHOD_NAMES)}")
+    prompts = list(args.prompts or DEFAULT_PROMPTS)
+    if args.num_prompts is not None and args.num_prompts > len(prompts):
+        raise DemoError(f"--num-prompts {args.num_prompts}: there are only {len(prompts)} prompts")
+    prompts = prompts[: args.num_prompts]
+    for prompt in prompts:
+        words = prompt.lower().replace(",", " ").split()
+        if not any(w in COLOUR_NAMES for w in words) or not any(w in DIRECTION_NAMES for w in words):
+            raise DemoError(f"--prompts {prompt!r} must name a colour ({', '.join(COLOUR_NAMES)}) and a direction "
+                            f"({', '.join(DIRECTION_NAMES)}): the demo checks both in the video")
+    weights = Path(args.weights) if args.weights else WEIGHTS
+    if not weights.is_file():
+        raise DemoError(f"--weights {str(weights)!r}: no demo model file there; train one with "
+                        f"`python -m stepcache.wan21.demo.train --out DIR` and pass DIR/demo_wan.safetensors")
+    profile_path = Path(args.profile) if args.profile else PROFILE
+    if not profile_path.is_file():
+        raise DemoError(f"--profile {str(profile_path)!r}: no profile file there; make one with "
+                        f"`stepcache calibrate --model demo ... --out FILE.json`")
+    profile = load_profile(str(profile_path))
+    presets = _comma_list(args.presets, "--presets")
+    for method in methods:
+        allowed = list(profile.method(method).get("presets") or {})
+        missing = [p for p in presets if p not in allowed]
+        if missing:
+            raise DemoError(f"--presets: unknown preset {missing[0]!r} for {method} in {profile_path.name}; "
+                            f"choose from {', '.join(allowed) or '(none)'}")
+    out = check_output_dir(args.out, "--out")
+    return {"prompts": prompts, "seeds": [args.seed + i for i in range(len(prompts))], "methods": methods,
+            "presets": presets, "steps": args.steps or STEPS, "guidance": guidance, "weights": weights,
+            "profile": str(profile_path), "out": out, "repeats": args.repeats, "threads": args.threads,
+            "clock": args.clock}
+
+
+# -------------------------------------------------------------------------------------------------- the runs
+def _is_stepcache_warning(category: type) -> bool:
+    return category.__module__.split(".")[0] == "stepcache"
+
+
 class Plan:
     """Every generation the demo makes. A run is one configuration over all prompts; its time is the sum over
     prompts of the fastest repeat of each, and the repeats of all runs are interleaved so that machine drift
-    hits every run alike."""
+    hits every run alike. Passes are counted at the transformer as they run, never assumed."""
 
-    def __init__(self, demo, prompts, seeds, guidance, bar):
+    def __init__(self, demo, prompts, seeds, guidance, clock, bar):
         self.demo, self.prompts, self.seeds, self.guidance, self.bar = demo, prompts, seeds, guidance, bar
+        self.clock = clock
         self.runs: dict[str, tuple] = {}
         self.videos: dict[str, list] = {}
-        self.seconds: dict[str, float] = {}
-        self.best: dict[str, list[float]] = {}  # per prompt, the fastest repeat
+        self.times: dict[str, list[list[float]]] = {}  # per repeat, per prompt
         self.stats: dict[str, list[dict]] = {}
+        self.warnings: dict[str, Counter] = {}  # stepcache warnings of the first repeat, per message
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {label: sum(map(min, zip(*repeats))) for label, repeats in self.times.items()}
 
     def run(self, label: str, steps: int, method: str | None = None, preset: str | None = None,
             profile: str | None = None) -> None:
         import stepcache
         self.runs[label] = (steps, method, preset, profile)
+        first = label not in self.videos
+        passes = [0]
+        hook = self.demo.pipe.transformer.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
         if method:
             stepcache.enable(self.demo.pipe, method, profile=profile, preset=preset)
-        times, videos, stats = [], [], []
+        times, videos, stats, caught = [], [], [], Counter()
         try:
             for prompt, seed in zip(self.prompts, self.seeds):
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                passes[0] = 0
+                with warnings.catch_warnings(record=True) as records:
+                    warnings.simplefilter("always")
+                    start = self.clock()
                     video = self.demo([prompt], [seed], steps=steps, guidance=self.guidance)[0]
-                times.append(time.perf_counter() - start)
+                    times.append(self.clock() - start)
+                caught.update(str(w.message) for w in records if _is_stepcache_warning(w.category))
                 videos.append(video)
                 if method:
-                    stats.append(stepcache.stats(self.demo.pipe).to_dict())
+                    st = stepcache.stats(self.demo.pipe).to_dict()
+                    if st["total_passes"] != passes[0]:
+                        raise RuntimeError(f"{label}: stepcache counted {st['total_passes']} passes, the "
+                                           f"transformer ran {passes[0]}")
+                    stats.append(st)
                 else:
-                    stats.append({"computed_passes": 2 * steps, "total_passes": 2 * steps,
-                                  "pattern": "C" * 2 * steps})
+                    stats.append({"computed_passes": passes[0], "total_passes": passes[0], "pattern": "C" * passes[0]})
                 self.bar.update(1)
         finally:
+            hook.remove()
             if method:
                 stepcache.disable(self.demo.pipe)
-        if label not in self.videos:
-            self.videos[label], self.stats[label] = videos, stats
-        best = self.best.get(label)
-        self.best[label] = times if best is None else [min(a, b) for a, b in zip(best, times)]
-        self.seconds[label] = sum(self.best[label])
+        if first:
+            self.videos[label], self.stats[label], self.warnings[label] = videos, stats, caught
+        self.times.setdefault(label, []).append(times)
 
     def repeat_all(self) -> None:
         for label, (steps, method, preset, profile) in list(self.runs.items()):
@@ -109,69 +220,92 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def twin_label(steps: int, uncached_steps: int) -> str:
+    """The fewer-steps run with ``steps`` steps; with as many steps as the uncached run, it is that run."""
+    return "uncached" if steps == uncached_steps else f"steps-{steps}"
+
+
 def run(args: argparse.Namespace) -> int:
+    settings = check_arguments(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm import tqdm
 
-    from .model import GUIDANCE, PROFILE, STEPS, DemoPipeline, WeightsMissing, load
-    from .quality import psnr_ssim
-    from .scenes import parse_prompt, read_back
+    from .model import DemoPipeline, load
 
-    torch.set_num_threads(args.threads)
+    prompts, methods, presets, repeats = (settings[k] for k in ("prompts", "methods", "presets", "repeats"))
+    torch.set_num_threads(settings["threads"])
     try:
-        model = load(args.weights)
-    except WeightsMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    profile = str(args.profile or PROFILE)
-    if not Path(profile).exists():
-        print(f"error: no demo profile at {profile}; make one with "
-              f"`python -m stepcache.wan21.demo.calibrate_demo`", file=sys.stderr)
-        return 1
-    methods = [m for m in args.methods.split(",") if m]
-    presets = [p for p in args.presets.split(",") if p]
-    for m in methods:
-        if m not in METHOD_NAMES:
-            print(f"error: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}", file=sys.stderr)
-            return 2
-    prompts = list(args.prompts or DEFAULT_PROMPTS)[: args.num_prompts or None]
-    seeds = [args.seed + i for i in range(len(prompts))]
-    steps = args.steps or STEPS
-    guidance = GUIDANCE if args.guidance is None else args.guidance
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+        model = load(settings["weights"])
+    except ValueError as exc:  # a safetensors file that is not a demo model
+        raise DemoError(f"--weights: {exc}") from None
     demo = DemoPipeline(model)
     cached_runs = [(m, p) for m in methods for p in presets]
-    repeats = max(1, args.repeats)
     estimate = len(prompts) * repeats * (1 + 2 * len(cached_runs))
     bar = tqdm(total=estimate, desc="stepcache demo", unit="video", disable=args.no_progress, dynamic_ncols=True)
     wall_start = time.perf_counter()
+    try:
+        plan, twins = generate_all(demo, settings, cached_runs, bar)
+    finally:
+        bar.close()  # also on Ctrl-C, so that the one-line message starts a line of its own
+
+    report = build_report(plan, settings, model, cached_runs, twins)
+    out = settings["out"]
+    with atomic_dir(out) as folder:
+        written = [] if args.no_videos else write_media(folder, plan, prompts, cached_runs, twins, report)
+        report["seconds_total"] = time.perf_counter() - wall_start
+        (folder / "report.json").write_text(json.dumps(report, indent=1))
+        written.append(folder / "report.json")
+    print(format_table(report))
+    for label, messages in plan.warnings.items():
+        for message, count in messages.items():
+            print(f"stepcache demo: warning: {label}: {message} ({count} of {len(prompts)} videos)", file=sys.stderr)
+    for path in written:
+        print(f"wrote {out / path.relative_to(folder)}")
+    if report["medium_check"]["ok"] is False:
+        print(f"stepcache demo: the check failed (exit status {EXIT_CHECK_FAILED}); the outputs in {out} are "
+              f"complete", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+def generate_all(demo, settings: dict, cached_runs, bar) -> tuple[Plan, dict[str, int]]:
+    """Uncached, every cached run, then the fewer-steps twins, then the other repeats of all of them."""
+    prompts, seeds, steps, guidance = settings["prompts"], settings["seeds"], settings["steps"], settings["guidance"]
+    repeats = settings["repeats"]
     for _ in range(2):  # warm-up: the first calls in a process pay one-off kernel set-up
-        demo([prompts[0]], [seeds[0]], steps=min(steps, 10), guidance=guidance)
-    plan = Plan(demo, prompts, seeds, guidance, bar)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            demo([prompts[0]], [seeds[0]], steps=min(steps, 10), guidance=guidance)
+    plan = Plan(demo, prompts, seeds, guidance, CLOCKS[settings["clock"]], bar)
     plan.run("uncached", steps)
+    # Passes per step, as the uncached run ran them: 2 with classifier-free guidance, 1 without.
+    passes_per_step = sum(s["total_passes"] for s in plan.stats["uncached"]) / (len(prompts) * steps)
     for method, preset in cached_runs:
-        plan.run(f"{method}-{preset}", steps, method, preset, profile)
-    # Fewer steps at the same cost: as many passes as the cached run computed (two passes per step with CFG).
+        plan.run(f"{method}-{preset}", steps, method, preset, settings["profile"])
+    # Fewer steps at the same cost: as many passes as the cached run computed.
     twins: dict[str, int] = {}
     for method, preset in cached_runs:
         computed = sum(s["computed_passes"] for s in plan.stats[f"{method}-{preset}"]) / len(prompts)
-        twins[f"{method}-{preset}"] = max(2, round(computed / 2))
+        twins[f"{method}-{preset}"] = max(1, round(computed / passes_per_step))
     unique = sorted(set(twins.values()) - {steps}, reverse=True)
     bar.total = len(prompts) * repeats * (1 + len(cached_runs) + len(unique))
     bar.refresh()
     for n in unique:
-        plan.run(f"steps-{n}", n)
+        plan.run(twin_label(n, steps), n)
     for _ in range(repeats - 1):
         plan.repeat_all()
-    plan.videos[f"steps-{steps}"], plan.seconds[f"steps-{steps}"] = plan.videos["uncached"], plan.seconds["uncached"]
-    plan.stats[f"steps-{steps}"] = plan.stats["uncached"]
-    bar.close()
+    return plan, twins
 
+
+def build_report(plan: Plan, settings: dict, model, cached_runs, twins) -> dict:
+    from .quality import psnr_ssim
+    from .scenes import parse_prompt, read_back
+    prompts, seeds, steps = settings["prompts"], settings["seeds"], settings["steps"]
     reference = plan.videos["uncached"]
-    base_seconds = plan.seconds["uncached"]
+    seconds = plan.seconds
+    base_seconds = seconds["uncached"]
+    uncached_passes = sum(s["total_passes"] for s in plan.stats["uncached"])
 
     def row(label: str) -> dict:
         st = plan.stats[label]
@@ -179,79 +313,141 @@ def run(args: argparse.Namespace) -> int:
         total = sum(s["total_passes"] for s in st)
         quality = [psnr_ssim(ref, vid) for ref, vid in zip(reference, plan.videos[label])]
         matches = [read_back(vid).matches(parse_prompt(p)) for p, vid in zip(prompts, plan.videos[label])]
+        repeat_totals = [sum(r) for r in plan.times[label]]
+        wall, ideal = base_seconds / seconds[label], uncached_passes / computed
+        reasons = Counter(p["reason"] for s in st for p in s.get("passes", []) if p["computed"])
         return {"computed_passes": computed, "total_passes": total, "reused_fraction": 1 - computed / total,
-                "seconds": plan.seconds[label], "wall_speedup": base_seconds / plan.seconds[label],
-                "ideal_speedup": 2 * steps * len(prompts) / computed,
+                "seconds": seconds[label], "seconds_per_repeat": repeat_totals, "wall_speedup": wall,
+                "ideal_speedup": ideal, "wall_is_noise": wall > ideal,
+                "computed_by_reason": dict(reasons.most_common()),
+                "warnings": dict(plan.warnings.get(label, {})),
                 "psnr": sum(q[0] for q in quality) / len(quality), "ssim": sum(q[1] for q in quality) / len(quality),
                 "prompt_match": sum(matches) / len(matches),
-                "per_prompt": [{"prompt": p, "seed": s, "psnr": q[0], "ssim": q[1], "pattern": x.get("pattern"),
-                                "computed_passes": x["computed_passes"], "total_passes": x["total_passes"]}
-                               for p, s, q, x in zip(prompts, seeds, quality, st)]}
+                "per_prompt": [{"prompt": p, "seed": s, "psnr": q[0], "ssim": q[1], "match": m,
+                                "pattern": x.get("pattern"), "computed_passes": x["computed_passes"],
+                                "total_passes": x["total_passes"],
+                                "video": f"videos/{i}-{_slug(p)}/{label}.mp4"}
+                               for i, (p, s, q, m, x) in enumerate(zip(prompts, seeds, quality, matches, st))]}
 
+    uncached = row("uncached")
     report = {
-        "model": {"weights": model.metadata.get("path"), "profile": profile,
+        "model": {"weights": model.metadata.get("path"), "profile": settings["profile"],
                   "trained": json.loads(model.metadata.get("info", "{}")).get("trained_steps")},
-        "settings": {"prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
-                     "repeats": repeats, "threads": args.threads},
-        "uncached": {"seconds": base_seconds, "total_passes": 2 * steps * len(prompts),
-                     "prompt_match": row("uncached")["prompt_match"]},
+        "settings": {"prompts": prompts, "seeds": seeds, "steps": steps, "guidance": settings["guidance"],
+                     "repeats": settings["repeats"], "threads": settings["threads"], "clock": settings["clock"]},
+        "uncached": {"seconds": base_seconds, "seconds_per_repeat": uncached["seconds_per_repeat"],
+                     "total_passes": uncached_passes, "passes_per_step": uncached_passes / (len(prompts) * steps),
+                     "prompt_match": uncached["prompt_match"], "match": [p["match"] for p in uncached["per_prompt"]]},
         "methods": {},
     }
     for method, preset in cached_runs:
         label = f"{method}-{preset}"
         entry = row(label)
-        entry["fewer_steps"] = {"steps": twins[label], **row(f"steps-{twins[label]}")}
+        twin = twin_label(twins[label], steps)
+        entry["fewer_steps"] = {"steps": twins[label], **row(twin)}
+        if twin == "uncached":
+            entry["fewer_steps"]["same_run_as"] = "uncached"
         report["methods"].setdefault(method, {})[preset] = entry
     check = {}
-    for method in methods:
-        if CHECK_PRESET in report["methods"].get(method, {}):
-            e = report["methods"][method][CHECK_PRESET]
-            check[method] = {"reused_fraction": e["reused_fraction"], "psnr": e["psnr"],
-                             "ok": e["reused_fraction"] >= CHECK_REUSE and e["psnr"] > CHECK_PSNR}
+    for method in settings["methods"]:
+        e = report["methods"].get(method, {}).get(CHECK_PRESET)
+        if e is None:
+            continue
+        reuse_ok, psnr_ok = e["reused_fraction"] >= CHECK_REUSE, e["psnr"] > CHECK_PSNR
+        check[method] = {"reused_fraction": e["reused_fraction"], "psnr": e["psnr"], "ok": reuse_ok and psnr_ok,
+                         "why": None if reuse_ok and psnr_ok else check_failure(e, reuse_ok, psnr_ok)}
     report["medium_check"] = {"rule": f"at {CHECK_PRESET}: reuse >= {CHECK_REUSE:.0%} of passes and PSNR > "
                                       f"{CHECK_PSNR} dB against uncached", "methods": check,
-                              "ok": bool(check) and all(c["ok"] for c in check.values())}
-    written = []
-    if not args.no_videos:
-        written = write_media(out, plan, prompts, cached_runs, twins, report)
-    report["seconds_total"] = time.perf_counter() - wall_start
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(format_table(report))
-    for path in written + [out / "report.json"]:
-        print(f"wrote {path}")
-    return 0
+                              "ok": all(c["ok"] for c in check.values()) if check else None}
+    return report
+
+
+def check_failure(entry: dict, reuse_ok: bool, psnr_ok: bool) -> str:
+    """One line: which part of the rule a method missed, with the measured numbers and, when it reused nothing,
+    why its passes were computed."""
+    parts = []
+    if not reuse_ok:
+        reused = entry["total_passes"] - entry["computed_passes"]
+        parts.append(f"reused {entry['reused_fraction']:.0%} of the passes ({reused} of {entry['total_passes']}; "
+                     f"the rule needs >= {CHECK_REUSE:.0%})")
+    if not psnr_ok:
+        parts.append(f"PSNR {entry['psnr']:.2f} dB against uncached (the rule needs > {CHECK_PSNR} dB)")
+    line = " and ".join(parts)
+    reasons = entry.get("computed_by_reason") or {}
+    if entry["computed_passes"] == entry["total_passes"]:
+        # warm-up, the forced last step and branches that follow them: no pass was ever free to be reused
+        line += (": it reused nothing, because its warm-up covers the whole run"
+                 if reasons and set(reasons) <= {"warmup", "forced-last", "follow"} else ": it reused nothing")
+    if reasons and not reuse_ok:
+        line += "; computed passes by reason: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
+    return line
+
+
+def _speedup_cell(entry: dict) -> str:
+    return f"{'noise':>6}" if entry["wall_is_noise"] else f"{entry['wall_speedup']:>5.2f}x"
 
 
 def format_table(report: dict) -> str:
     s = report["settings"]
+    u = report["uncached"]
+    clock = CLOCK_NAMES[s.get("clock", "wall")]
+    repeats = u["seconds_per_repeat"]
+    spread = f"; repeats {min(repeats):.2f}-{max(repeats):.2f} s" if len(repeats) > 1 else ""
     lines = [f"stepcache demo: {len(s['prompts'])} prompt(s), {s['steps']} steps, CFG {s['guidance']}, "
-             f"uncached {report['uncached']['seconds']:.2f} s for {report['uncached']['total_passes']} passes",
+             f"uncached {u['seconds']:.2f} s for {u['total_passes']} passes "
+             f"({u['passes_per_step']:g} per step{spread})",
              "PSNR/SSIM: against the uncached video of the same prompt and seed (mean over prompts)", ""]
-    head = (f"{'method':<10} {'preset':<7} {'passes':>8} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} "
+    timed = s.get("clock", "wall")  # the speedup column: wall-clock or CPU time
+    head = (f"{'method':<10} {'preset':<7} {'passes':>8} {timed:>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} "
             f"{'match':>5}  | "
-            f"{'fewer steps, same passes':<25} {'wall':>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} {'match':>5}")
+            f"{'fewer steps, same passes':<25} {timed:>6} {'ideal':>6} {'PSNR':>6} {'SSIM':>6} {'match':>5}")
     lines += [head, "-" * len(head)]
+    entries = []
     for method, by_preset in report["methods"].items():
         for preset, e in by_preset.items():
             f = e["fewer_steps"]
-            lines.append(
-                f"{method:<10} {preset:<7} {e['computed_passes']:>4}/{e['total_passes']:<3} "
-                f"{e['wall_speedup']:>5.2f}x {e['ideal_speedup']:>5.2f}x {e['psnr']:>6.2f} {e['ssim']:>6.3f} "
-                f"{e['prompt_match']:>5.0%}  | "
-                f"{f['steps']:>3} steps {f['computed_passes']:>4}/{report['uncached']['total_passes']:<9} "
-                f"{f['wall_speedup']:>5.2f}x {f['ideal_speedup']:>5.2f}x {f['psnr']:>6.2f} {f['ssim']:>6.3f} "
-                f"{f['prompt_match']:>5.0%}")
+            entries += [e] + ([] if f.get("same_run_as") else [f])
+            left = (f"{method:<10} {preset:<7} {e['computed_passes']:>4}/{e['total_passes']:<3} "
+                    f"{_speedup_cell(e)} {e['ideal_speedup']:>5.2f}x {e['psnr']:>6.2f} {e['ssim']:>6.3f} "
+                    f"{e['prompt_match']:>5.0%}  | ")
+            if f.get("same_run_as"):
+                right = f"{f['steps']:>3} steps {f['computed_passes']:>4}/{u['total_passes']:<9} = the uncached run"
+            else:
+                right = (f"{f['steps']:>3} steps {f['computed_passes']:>4}/{u['total_passes']:<9} "
+                         f"{_speedup_cell(f)} {f['ideal_speedup']:>5.2f}x {f['psnr']:>6.2f} {f['ssim']:>6.3f} "
+                         f"{f['prompt_match']:>5.0%}")
+            lines.append(left + right)
     lines += ["", f"match: share of videos whose colour and direction read back as prompted (uncached "
-                  f"{report['uncached']['prompt_match']:.0%})"]
+                  f"{u['prompt_match']:.0%})"]
+    # timing: how steady the clock was, and figures it could not have measured
+    if len(repeats) > 1:
+        spreads = [max(r) / min(r) - 1 for r in [repeats] + [e["seconds_per_repeat"] for e in entries]]
+        lines.append(f"timing: {clock}, fastest of {len(repeats)} repeats per video; the repeats of one run "
+                     f"differed by up to {max(spreads):.0%} (median {statistics.median(spreads):.0%})")
+    else:
+        lines.append(f"timing: {clock}, one repeat per video, so its spread is not measured (--repeats 3 shows it)")
+    noisy = [e for e in entries if e["wall_is_noise"]]
+    if noisy:
+        worst = max(noisy, key=lambda e: e["wall_speedup"] / e["ideal_speedup"])
+        lines.append(f"noise: {len(noisy)} measured speedup(s) came out above the ideal one (up to "
+                     f"{worst['wall_speedup']:.2f}x against {worst['ideal_speedup']:.2f}x), which fewer passes "
+                     f"cannot give: that is timing noise from a busy machine, not a speed; --clock cpu or more "
+                     f"--repeats steadies it")
     mc = report["medium_check"]
-    verdict = "passed" if mc["ok"] else "FAILED"
+    verdict = {True: "passed", False: "FAILED", None: f"not run (it needs the {CHECK_PRESET} preset)"}[mc["ok"]]
     lines += ["", f"check ({mc['rule']}): {verdict}"]
+    for method, c in mc["methods"].items():
+        if not c["ok"]:
+            lines.append(f"  {method} at {CHECK_PRESET}: {c['why']}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- media
 UPSCALE = 8
 FPS = 4
+PANEL = 5          # side_by_side: each 32x32 video upscaled 5x, to 160x160 ...
+GAP = 4            # ... with a white gap of 4 px on its right
+DIFF_GAIN = 8      # side_by_side: |video - uncached| amplified this much, so small differences show
 
 
 def _upscale(video, factor: int = UPSCALE):
@@ -270,65 +466,83 @@ def _write_mp4(path: Path, frames) -> Path:
     return path
 
 
-def _label_strip(text: str, width: int, height: int = 22):
+def _text_strip(lines: list[str], width: int):
+    """White strip with black text in Pillow's built-in bitmap font (6x11 px per character, no font files)."""
     import numpy as np
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    ImageDraw.Draw(img).text((4, 5), text, fill=(0, 0, 0))
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default_imagefont()
+    img = Image.new("RGB", (width, 4 + 12 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + 12 * i), line, fill=(0, 0, 0), font=font)
     return np.asarray(img)
+
+
+def side_by_side_frames(plan: Plan, prompts, cached_runs, twins, report) -> list:
+    """Per prompt: a caption; the uncached video, each method at medium and its fewer-steps twin, each labelled
+    with its PSNR and passes; below each, its difference from the uncached video amplified DIFF_GAIN times."""
+    import numpy as np
+    steps = plan.runs["uncached"][0]
+    preset = CHECK_PRESET if any(p == CHECK_PRESET for _, p in cached_runs) else cached_runs[0][1]
+    columns = [("uncached", "uncached", report["uncached"])]
+    for method, p in cached_runs:
+        if p == preset:
+            entry = report["methods"][method][p]
+            label = twin_label(twins[f"{method}-{p}"], steps)
+            columns.append((f"{method}-{p}", f"{method} {p}", entry))
+            columns.append((label, f"{twins[f'{method}-{p}']} steps" + (" (=uncached)" if label == "uncached" else ""),
+                            entry["fewer_steps"]))
+    cell = 32 * PANEL + GAP
+    width = cell * len(columns)
+
+    def gap(video):
+        return np.pad(video, ((0, 0), (0, 0), (0, GAP), (0, 0)), constant_values=255)
+
+    blocks = []
+    for i, prompt in enumerate(prompts):
+        reference = np.asarray(plan.videos["uncached"][i]).astype(np.int16)
+        labels, tops, bottoms = [], [], []
+        for label, name, entry in columns:
+            video = np.asarray(plan.videos[label][i])
+            st = plan.stats[label][i]
+            psnr = ("reference" if label == "uncached" else "identical" if np.array_equal(video, reference)
+                    else f"{entry['per_prompt'][i]['psnr']:.1f} dB")
+            passes = f"{st['computed_passes']}/{plan.stats['uncached'][i]['total_passes']} passes"  # as the table
+            labels.append(_text_strip([name, f"{psnr}, {passes}"], cell))
+            diff = (np.abs(video.astype(np.int16) - reference) * DIFF_GAIN).clip(0, 255).astype(np.uint8)
+            tops.append(gap(_upscale(video, PANEL)))
+            bottoms.append(gap(_upscale(diff, PANEL)))
+        caption = _text_strip([f"prompt {i}: {prompt}"], width)
+        label_row = np.concatenate(labels, 1)
+        diff_caption = _text_strip([f"difference from uncached, amplified {DIFF_GAIN}x (black: identical)"], width)
+        blocks.append([np.concatenate([caption, label_row, np.concatenate([t[f] for t in tops], 1), diff_caption,
+                                       np.concatenate([b[f] for b in bottoms], 1)], 0)
+                       for f in range(len(tops[0]))])
+    frames = [np.concatenate([b[f] for b in blocks], 0) for f in range(len(blocks[0]))]
+    pad_h, pad_w = (-frames[0].shape[0]) % 16, (-frames[0].shape[1]) % 16
+    return [np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255) for f in frames]
 
 
 def write_media(out: Path, plan: Plan, prompts, cached_runs, twins, report) -> list[Path]:
     written: list[Path] = []
     try:
         import imageio  # noqa: F401
-        import numpy as np
     except ImportError:
         print("note: imageio is not installed, so no videos are written (pip install 'stepcache[video]')")
         return written
-    from .scenes import parse_prompt, read_back
     for label, videos in plan.videos.items():
-        if label == "uncached" or label.startswith("steps-") or label in dict.fromkeys(
-                f"{m}-{p}" for m, p in cached_runs):
-            for i, video in enumerate(videos):
-                _write_mp4(out / "videos" / f"{i}-{_slug(prompts[i])}" / f"{label}.mp4", _upscale(video))
+        for i, video in enumerate(videos):
+            _write_mp4(out / "videos" / f"{i}-{_slug(prompts[i])}" / f"{label}.mp4", _upscale(video))
     written.append(out / "videos")
-    # prompt match of every video (colour and direction read back from the frames)
-    for method, by_preset in report["methods"].items():
-        for preset, e in by_preset.items():
-            for entry, label in ((e, f"{method}-{preset}"), (e["fewer_steps"], f"steps-{e['fewer_steps']['steps']}")):
-                for i, p in enumerate(entry["per_prompt"]):
-                    p["match"] = read_back(plan.videos[label][i]).matches(parse_prompt(prompts[i]))
-    report["uncached"]["match"] = [read_back(v).matches(parse_prompt(p))
-                                   for v, p in zip(plan.videos["uncached"], prompts)]
-    # side by side: rows are prompts; columns uncached, then each method at medium and its fewer-steps twin
-    preset = CHECK_PRESET if any(p == CHECK_PRESET for _, p in cached_runs) else cached_runs[0][1]
-    columns = [("uncached", "uncached")]
-    for method, p in cached_runs:
-        if p == preset:
-            label = f"{method}-{p}"
-            columns.append((label, f"{method} {p}"))
-            columns.append((f"steps-{twins[label]}", f"{twins[label]} steps"))
-    cell = 32 * 4
-    rows = []
-    for i in range(len(prompts)):
-        strips = [_label_strip(name, cell) for _, name in columns]
-        big = [_upscale(plan.videos[label][i], 4) for label, _ in columns]
-        caption = _label_strip(prompts[i], cell * len(columns))
-        rows.append([np.concatenate([caption, np.concatenate([np.concatenate([s, b[t]], 0)
-                                                              for s, b in zip(strips, big)], 1)], 0)
-                     for t in range(len(big[0]))])
-    frames = [np.concatenate([r[t] for r in rows], 0) for t in range(len(rows[0]))]
-    pad_h, pad_w = (-frames[0].shape[0]) % 16, (-frames[0].shape[1]) % 16
-    frames = [np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255) for f in frames]
-    written.append(_write_mp4(out / "side_by_side.mp4", frames))
-    plot = plot_patterns(out / "patterns.png", plan, cached_runs, twins)
+    written.append(_write_mp4(out / "side_by_side.mp4", side_by_side_frames(plan, prompts, cached_runs, twins,
+                                                                             report)))
+    plot = plot_patterns(out / "patterns.png", plan, cached_runs)
     if plot:
         written.append(plot)
     return written
 
 
-def plot_patterns(path: Path, plan: Plan, cached_runs, twins) -> Path | None:
+def plot_patterns(path: Path, plan: Plan, cached_runs) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -341,7 +555,7 @@ def plot_patterns(path: Path, plan: Plan, cached_runs, twins) -> Path | None:
     rows = []
     for method, preset in cached_runs:
         passes = plan.stats[f"{method}-{preset}"][0].get("passes") or []
-        for branch in ("cond", "uncond"):
+        for branch in dict.fromkeys(p["branch"] for p in passes):  # the branches that ran: cond, and uncond with CFG
             line = np.full(steps, np.nan)
             for p in passes:
                 if p["branch"] == branch:
@@ -361,9 +575,11 @@ def plot_patterns(path: Path, plan: Plan, cached_runs, twins) -> Path | None:
 
 
 def main(argv=None) -> int:
+    from ...errors import run_cli
     parser = argparse.ArgumentParser(prog="stepcache demo")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args), prog="stepcache demo")
 
 
 if __name__ == "__main__":

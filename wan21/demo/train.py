@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from ...errors import InputError, run_cli
 from . import codec as codec_mod
 from .model import TRANSFORMER_CONFIG, build_transformer, save_weights
 from .scenes import make_batch
@@ -125,7 +126,7 @@ class Trainer:
                 "text": self.text.state_dict(), "ema_model": self.ema_model.state_dict(),
                 "ema_text": self.ema_text.state_dict(), "opt": self.opt.state_dict(),
                 "codec": self.codec.state_dict(), "torch_rng": torch.get_rng_state(),
-                "threads": torch.get_num_threads(), "versions": {"torch": torch.__version__}}
+                "threads": torch.get_num_threads(), "versions": {"torch": str(torch.__version__)}}
 
     def save(self, out: Path) -> None:
         tmp = out / (CHECKPOINT + ".tmp")
@@ -133,7 +134,7 @@ class Trainer:
         os.replace(tmp, out / CHECKPOINT)
 
     def load(self, out: Path) -> None:
-        ck = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(out)
         self.model.load_state_dict(ck["model"])
         self.text.load_state_dict(ck["text"])
         self.ema_model.load_state_dict(ck["ema_model"])
@@ -152,8 +153,25 @@ class Trainer:
         return save_weights(path, self.ema_model, self.ema_text, self.codec, info)
 
 
+class CheckpointError(InputError):
+    """A checkpoint that holds more than tensors and plain containers, or is no checkpoint at all."""
+
+
+def load_checkpoint(out: Path) -> dict:
+    """The checkpoint in ``out``, loaded with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only (everything :meth:`Trainer.state` writes), so a crafted file cannot run code when loaded."""
+    import pickle
+    path = Path(out) / CHECKPOINT
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"refusing to load {path}: it is not a checkpoint of tensors and plain containers "
+                              f"({first})") from None
+
+
 def read_hparams(out: Path) -> dict:
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["hparams"]
+    return load_checkpoint(out)["hparams"]
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -254,6 +272,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="end this sitting after this many minutes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    return run_cli(lambda: _main(a), prog="python -m stepcache.wan21.demo.train")
+
+
+def _main(a: argparse.Namespace) -> int:
     if a.export:
         torch.set_num_threads(a.threads)
         out = Path(a.out)
