@@ -47,6 +47,7 @@ from pathlib import Path
 
 from ..errors import InputError, run_cli
 from ..outputs import atomic_path, check_output_dir, write_text
+from ..timing import CLOCKS, add_clock_argument
 
 FORMAT = "stepcache-bench/1"
 BENCH_SEED = 200_000          # noise seeds used by nothing else (demo calibration 50_000, prompt-match check 100_000)
@@ -92,8 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-pairs", type=int, default=None,
                         help="prompt-seed pairs for the in-session calibrations (default: 8, quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall-clock time (default), or this process's CPU time on a shared machine")
+    add_clock_argument(parser)
     parser.add_argument("--lpips-weights", default=None, help="AlexNet backbone file for LPIPS (see compare)")
     parser.add_argument("--lpips-heads", default=None, help="LPIPS head file (see compare)")
     parser.add_argument("--budget-minutes", type=float, default=None,
@@ -552,7 +552,7 @@ class Bench:
                                          settings["calibration_pairs"], args.profile_file)
         self.ctx = Context(demo, self.steps, self.calibrations)
         self.pipe_class = type(demo.pipe) if demo is not None else None
-        self.clock = time.perf_counter if settings["clock"] == "wall" else time.process_time
+        self.clock = CLOCKS[settings["clock"]]
         self.session = uuid.uuid4().hex[:8]
         self.started = time.perf_counter()
         self.stopped = False

@@ -24,6 +24,8 @@ import os
 import statistics
 import time
 
+from ..timing import CLOCKS, add_clock_argument
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SMALL_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
@@ -125,11 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--agreement-rounds", type=int, default=2000,
                         help="agreements timed between two gloo ranks (0: skip that measurement)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall-clock time, or this process's CPU time (steadier when other work shares the "
-                             "machine; with 1 thread it is the compute this process did)")
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
 
     pipe = build_pipeline()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...outputs import atomic_dir, check_output_dir
+from ...timing import CLOCK_NAMES, CLOCKS, add_clock_argument
 
 DEFAULT_PROMPTS = (
     "a red disc moving right on a dark background",
@@ -48,10 +49,6 @@ PRESET_NAMES = ("slow", "medium", "fast")
 CHECK_PRESET, CHECK_REUSE, CHECK_PSNR = "medium", 0.25, 25.0
 MIN_STEPS = 2
 EXIT_CHECK_FAILED = 1
-# The two clocks of `stepcache bench --clock`: wall-clock time, or this process's CPU time (steadier on a shared
-# machine, since time spent waiting for a core is not counted).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK_NAMES = {"wall": "wall-clock time", "cpu": "CPU time of this process"}
 
 
 class DemoError(InputError):
@@ -79,8 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the first prompt (then +1, +2, ...)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed repeats of every run; the fastest is reported and the spread printed (default 2)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall-clock time (default), or this process's CPU time on a shared machine")
+    add_clock_argument(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this "
                                                                "model size, and steady on a shared machine)")
     parser.add_argument("--weights", default=None, help="demo model file (default: the one shipped in stepcache)")
