@@ -19,7 +19,6 @@ the sweeps beside it, and a plot of the magnitude ratios beside the published Wa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,6 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ...cliargs import OneLineParser, float_at_least, int_at_least
+from ...errors import run_cli
+from ...outputs import check_output_file, write_text
 from .model import GUIDANCE, PROFILE, STEPS, DemoPipeline, load
 from .quality import psnr_ssim
 from .scenes import ALL_SCENES
@@ -186,7 +188,7 @@ def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidanc
             print(f"{method}: " + "; ".join(f"{name} {p['params']} reuse {p['reuse']:.0%} PSNR {p['psnr']:.1f} dB"
                                              for name, p in chosen.items()))
         profile = write_profile(out, data)
-    (out.parent / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(out.parent / "calibration.json", json.dumps(report, indent=1) + "\n")
     print(describe_calibration(profile))
     if plot:
         print(f"plot: {plot_ratios(data, Path(plot))}")
@@ -194,20 +196,25 @@ def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidanc
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepcache.wan21.demo.calibrate_demo",
+    p = OneLineParser(prog="python -m stepcache.wan21.demo.calibrate_demo",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="model file (default: the shipped one)")
     p.add_argument("--out", default=str(PROFILE), help="profile file to write")
-    p.add_argument("--n", type=int, default=8, help="calibration prompts (default 8)")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--guidance", type=float, default=GUIDANCE)
+    p.add_argument("--n", type=int_at_least(1), default=8, help="calibration prompts (default 8)")
+    p.add_argument("--steps", type=int_at_least(2), default=STEPS, help=f"denoising steps (default {STEPS})")
+    p.add_argument("--guidance", type=float_at_least(1.0), default=GUIDANCE, help=f"CFG scale (default {GUIDANCE})")
     p.add_argument("--plot", default=str(Path(__file__).parent / "assets" / "magcache_ratios.png"))
     p.add_argument("--no-sweep", action="store_true", help="skip the preset sweep")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads (default 1)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    calibrate(a.weights, a.out, a.n, a.steps, a.guidance, Path(a.plot) if a.plot else None, not a.no_sweep)
-    return 0
+
+    def body():
+        check_output_file(a.out, "--out", (".json",))
+        if a.plot:
+            check_output_file(a.plot, "--plot", (".png",))
+        torch.set_num_threads(a.threads)
+        calibrate(a.weights, a.out, a.n, a.steps, a.guidance, Path(a.plot) if a.plot else None, not a.no_sweep)
+    return run_cli(body, prog="python -m stepcache.wan21.demo.calibrate_demo")
 
 
 if __name__ == "__main__":

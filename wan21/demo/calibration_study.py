@@ -12,13 +12,14 @@ It writes ``study.json`` and ``study.md`` (a table a person can check) into ``--
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from ...cliargs import OneLineParser, float_at_least, int_at_least
+from ...errors import run_cli
+from ...outputs import check_output_dir, write_text
 from .calibrate_demo import CALIBRATION_SEED, calibration_profile, calibration_prompts
 from .model import GUIDANCE, DemoPipeline, load
 
@@ -133,26 +134,25 @@ def render(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepcache.wan21.demo.calibration_study",
+    p = OneLineParser(prog="python -m stepcache.wan21.demo.calibration_study",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="model file (default: the shipped one)")
     p.add_argument("--out", default="calibration-study", help="folder for study.json and study.md")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per calibration (default 8)")
+    p.add_argument("--prompts", type=int_at_least(1), default=8, help="prompts per calibration (default 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[CALIBRATION_SEED])
-    p.add_argument("--guidance", type=float, default=GUIDANCE)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--guidance", type=float_at_least(1.0), default=GUIDANCE, help=f"CFG scale (default {GUIDANCE})")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads (default 1)")
     a = p.parse_args(argv)
-    if a.prompts < 1:
-        p.error(f"--prompts {a.prompts}: need at least 1")
-    torch.set_num_threads(a.threads)
-    result = study(a.weights, a.prompts, a.seeds, a.guidance)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = render(result)
-    (out / "study.md").write_text(text)
-    print(text)
-    return 0
+
+    def body():
+        out = check_output_dir(a.out, "--out")
+        torch.set_num_threads(a.threads)
+        result = study(a.weights, a.prompts, a.seeds, a.guidance)
+        write_text(out / "study.json", json.dumps(result, indent=1) + "\n")
+        text = render(result)
+        write_text(out / "study.md", text)
+        print(text)
+    return run_cli(body, prog="python -m stepcache.wan21.demo.calibration_study")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ moves in the prompt's direction. The pairs cycle through all 144 prompts; their 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 
 import torch
 
+from ...cliargs import OneLineParser, float_at_least, int_at_least
+from ...errors import run_cli
+from ...outputs import check_output_file, write_text
 from .scenes import ALL_SCENES, Scene, read_back
 
 HELD_OUT_SEED = 100_000
@@ -66,21 +68,24 @@ def prompt_match(weights=None, n: int = 240, steps: int | None = None, guidance:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepcache.wan21.demo.check", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m stepcache.wan21.demo.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="model file (default: the one shipped in the package)")
-    p.add_argument("--n", type=int, default=240, help="held-out prompt-seed pairs (default 240)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n", type=int_at_least(1), default=240, help="held-out prompt-seed pairs (default 240)")
+    p.add_argument("--steps", type=int_at_least(2), default=None, help="denoising steps (default: the demo's)")
+    p.add_argument("--guidance", type=float_at_least(1.0), default=None, help="CFG scale (default: the demo's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the per-video results here")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    summary = prompt_match(a.weights, a.n, a.steps, a.guidance)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(summary, f, indent=1)
-    return 0
+
+    def body():
+        if a.json:
+            check_output_file(a.json, "--json", (".json",))
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        summary = prompt_match(a.weights, a.n, a.steps, a.guidance)
+        if a.json:
+            write_text(a.json, json.dumps(summary, indent=1))
+    return run_cli(body, prog="python -m stepcache.wan21.demo.check")
 
 
 if __name__ == "__main__":

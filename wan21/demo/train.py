@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from ...cliargs import OneLineParser, int_at_least
 from ...errors import InputError, run_cli
 from . import codec as codec_mod
 from .model import TRANSFORMER_CONFIG, build_transformer, save_weights
@@ -194,13 +195,13 @@ def train(out, steps: int | None = None, resume: bool = False, checkpoint_every:
     if resume and (out / CHECKPOINT).exists():
         h = read_hparams(out)
         if steps is not None and steps != h["steps"]:
-            raise SystemExit(f"{out / CHECKPOINT} is a run of {h['steps']} steps; resume it without --steps, "
+            raise InputError(f"{out / CHECKPOINT} is a run of {h['steps']} steps; resume it without --steps, "
                              f"or pass --steps {h['steps']} (the learning-rate schedule depends on it)")
         trainer = Trainer(h)
         trainer.load(out)
     else:
         if (out / CHECKPOINT).exists() and not resume:
-            raise SystemExit(f"{out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+            raise InputError(f"{out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
         h = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
         if steps is not None:
             h["steps"] = steps
@@ -254,14 +255,15 @@ def train(out, steps: int | None = None, resume: bool = False, checkpoint_every:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stepcache.wan21.demo.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m stepcache.wan21.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.csv, demo_wan.safetensors")
-    p.add_argument("--steps", type=int, default=None, help=f"total optimisation steps (default {DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help=f"total optimisation steps (default {DEFAULTS['steps']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--batch", type=int, default=None, help=f"clips per step (default {DEFAULTS['batch']})")
+    p.add_argument("--batch", type=int_at_least(1), default=None, help=f"clips per step (default {DEFAULTS['batch']})")
     p.add_argument("--seed", type=int, default=None, help="seed of the run (default 0)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULTS['lr']})")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int_at_least(1), default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine one thread was 2.5x faster than two)")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--check", type=int, default=240,
