@@ -15,7 +15,15 @@ upstream does stays upstream's: its argument groups (``hyvideo.config``), its ``
 * MagCache at any ``--video-size``: 720 and 544 use their published tables, any other height the nearest one
   with a warning, or a calibrated profile given with ``--cache-profile`` (``--magcache-calibration PATH``
   measures one in an uncached run, with the authors' rule);
-* per-pass stats, printed and written next to each video.
+* per-pass stats, printed and written next to each video;
+* checks before anything is loaded: every output path (``--save-path``, ``--cache-stats``,
+  ``--magcache-calibration``) and every file upstream's loader will open (``--model-base``, ``--dit-weight``, the
+  fp8 map, the VAE and both text encoders), so that a command without weights stops in a second with one line
+  instead of building the 13B transformer first;
+* outputs that appear only whole: the videos, stats and profile are written under a temporary name and moved
+  into place, and ``--save-path`` is created only once the generation has succeeded.
+
+Bad input ends the script with one line ``<script>: error: ...`` and exit status 2 (:func:`stepcache.errors.run_cli`).
 
 Classifier-free guidance with ``--cfg-scale > 1`` is batched by upstream's pipeline into one call holding both
 halves, so it is one branch with one decision, as in the reference.
@@ -32,9 +40,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..policies import ParameterError
+from ..outputs import atomic_path, check_output_dir, check_output_file, write_text
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
+from .official_adapter import BRANCH
 from .resolution import choose_by_resolution, warn_unpublished
 
 FAMILY = "hunyuanvideo"
@@ -50,6 +61,23 @@ METHOD_FLAGS = {
     "--retention-ratio": ("magcache", "retention_ratio"),
     "--easycache-thresh": ("easycache", "thresh"),
 }
+
+
+class CacheFlagError(InputError):
+    """A value of the script's flags (ours or upstream's) that cannot run; the message names the flag."""
+
+
+class MissingCheckpointError(InputError):
+    """A weight file or folder upstream's loader would open does not exist."""
+
+
+class UpstreamImportError(InputError):
+    """Upstream's package, or one of its requirements, cannot be imported."""
+
+
+def refuse(message: str):
+    """The ``error`` callback of :func:`plan_cache`: one line, exit status 2 (through :func:`run_cli`)."""
+    raise CacheFlagError(message)
 
 
 class SequenceParallelWarning(UserWarning):
@@ -68,10 +96,26 @@ def _import_upstream_config():
     try:
         from hyvideo import config as upstream_config
     except ImportError as exc:
-        raise SystemExit(
-            f"error: cannot import upstream HunyuanVideo ({exc}). Copy this script into the root of a "
-            f"Tencent/HunyuanVideo checkout and run it from there, with that repo's requirements installed.")
+        missing = getattr(exc, "name", None) or ""
+        if missing == "hyvideo" or missing.startswith("hyvideo."):
+            raise UpstreamImportError(
+                "upstream HunyuanVideo's hyvideo package is not importable: copy this script into the root of a "
+                "Tencent/HunyuanVideo checkout and run it from there") from exc
+        if missing:
+            raise UpstreamImportError(
+                f"upstream HunyuanVideo needs the Python module {missing!r}, which is not installed: pip install "
+                f"{pip_name(missing)} (or pip install -r requirements.txt in the HunyuanVideo checkout)") from exc
+        raise UpstreamImportError(f"upstream HunyuanVideo cannot be imported: {exc}") from exc
     return upstream_config
+
+
+# Import names whose pip package has another name (what the "pip install" in the messages must say).
+PIP_NAMES = {"PIL": "pillow", "cv2": "opencv-python", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def pip_name(module: str) -> str:
+    top = module.split(".")[0]
+    return PIP_NAMES.get(top, top)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -263,23 +307,81 @@ def _plan_calibration(args, given: dict, error) -> CachePlan:
 
 
 def parse_args(method: str, argv: list[str] | None = None):
-    """(upstream args namespace, CachePlan). Exits with status 2 and a message on any bad value of ours."""
+    """(upstream args namespace, CachePlan). A malformed flag exits through argparse (status 2); a value that
+    cannot run raises :class:`CacheFlagError`."""
     cfg = _import_upstream_config()
     parser = build_parser(method)
     args = parser.parse_args(argv)
-    args = cfg.sanity_check_args(args)
-    return args, plan_cache(args, parser.error)
+    try:
+        args = cfg.sanity_check_args(args)
+    except ValueError as exc:  # upstream's own check of --vae / --latent-channels
+        raise CacheFlagError(str(exc)) from exc
+    return args, plan_cache(args, refuse)
+
+
+def save_folder(args) -> str:
+    """Where upstream's sample_video.py saves the videos."""
+    return args.save_path if args.save_path_suffix == "" else f"{args.save_path}_{args.save_path_suffix}"
+
+
+def check_outputs(args, plan: CachePlan) -> None:
+    """Every output path can be written; nothing is created (the save folder appears with the first video)."""
+    check_output_dir(save_folder(args), "--save-path")
+    if args.cache_stats:
+        check_output_file(args.cache_stats, "--cache-stats", (".json",))
+    if plan.calibrate:
+        check_output_file(plan.calibrate, "--magcache-calibration", (".json",))
+
+
+def check_checkpoints(args, constants=None) -> None:
+    """Every file and folder upstream's ``sample_video.py`` and ``HunyuanVideoSampler.from_pretrained`` will open
+    exists, before anything is built (upstream builds the 13B transformer before it looks for its weights).
+
+    ``constants`` is upstream's ``hyvideo.constants``: the VAE and text encoders are found through its tables,
+    which are rooted at the ``MODEL_BASE`` environment variable (default ``./ckpts``), not at ``--model-base``.
+    """
+    if constants is None:
+        from hyvideo import constants
+    if not Path(args.model_base).exists():
+        raise MissingCheckpointError(f"--model-base {args.model_base!r} does not exist (upstream's sample_video.py "
+                                     f"requires it)")
+    dit_weight = Path(args.dit_weight)
+    if dit_weight.is_dir():
+        if not any(dit_weight.glob("*_model_states.pt")):
+            raise MissingCheckpointError(
+                f"--dit-weight {args.dit_weight!r} is a folder without a *_model_states.pt file (upstream loads "
+                f"the first one in it); give the weight file itself")
+    elif not dit_weight.is_file():
+        raise MissingCheckpointError(f"--dit-weight {args.dit_weight!r} does not exist")
+    if getattr(args, "use_fp8", False):
+        fp8_map = str(args.dit_weight).replace(".pt", "_map.pt")  # how upstream's convert_fp8_linear names it
+        if not os.path.isfile(fp8_map):
+            raise MissingCheckpointError(f"--use-fp8 needs the fp8 map of --dit-weight, {fp8_map!r}, which does "
+                                         f"not exist")
+    where = (f"(upstream looks under the MODEL_BASE environment variable, now "
+             f"{getattr(constants, 'MODEL_BASE', './ckpts')!r}, not under --model-base)")
+    vae = Path(constants.VAE_PATH[args.vae])
+    for needed in (vae / "config.json", vae / "pytorch_model.pt"):
+        if not needed.is_file():
+            raise MissingCheckpointError(f"--vae {args.vae}: {str(needed)!r} does not exist {where}")
+    folders = [("--text-encoder", args.text_encoder, constants.TEXT_ENCODER_PATH, "config.json"),
+               ("--tokenizer", args.tokenizer, constants.TOKENIZER_PATH, None)]
+    if getattr(args, "text_encoder_2", None) is not None:
+        folders += [("--text-encoder-2", args.text_encoder_2, constants.TEXT_ENCODER_PATH, "config.json"),
+                    ("--tokenizer-2", args.tokenizer_2, constants.TOKENIZER_PATH, None)]
+    for flag, name, table, needed in folders:
+        folder = Path(table[name])
+        path = folder / needed if needed else folder
+        if not (path.is_file() if needed else path.is_dir()):
+            raise MissingCheckpointError(f"{flag} {name}: {str(path)!r} does not exist {where}")
 
 
 # ------------------------------------------------------------------------------------------------ running
 def load_sampler(args):
-    """Upstream's loading, exactly as its sample_video.py does it."""
+    """Upstream's loading, exactly as its sample_video.py does it (after :func:`check_checkpoints`)."""
     from hyvideo.inference import HunyuanVideoSampler
 
-    models_root_path = Path(args.model_base)
-    if not models_root_path.exists():
-        raise ValueError(f"`models_root` not exists: {models_root_path}")
-    return HunyuanVideoSampler.from_pretrained(models_root_path, args=args)
+    return HunyuanVideoSampler.from_pretrained(Path(args.model_base), args=args)
 
 
 def save_video(sample, path: str) -> None:
@@ -317,17 +419,23 @@ def stats_record(cached, plan: CachePlan, args, seconds: float, video: str | Non
 def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], Any] | None = None,
          save: Callable[[Any, str], None] | None = None) -> int:
     """Run one seed script: ``method`` is its default method. ``load``/``save`` replace upstream's model loading
-    and video writing (tests drive a tiny model through upstream's own sampler this way)."""
+    and video writing (tests drive a tiny model through upstream's own sampler this way); with ``load`` given,
+    the checkpoint files are not looked for. Returns the exit status: 0, or 2 after one line for bad input."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return run_cli(lambda: _run(method, argv, load, save), prog=f"{method}_sample_video.py")
+
+
+def _run(method: str, argv, load, save) -> int:
     args, plan = parse_args(method, argv)
+    check_outputs(args, plan)
+    if load is None:
+        check_checkpoints(args)
     print(args)
     warn_unpublished(plan.warning)
     for note in plan.notes:
         _log(f"stepcache: {note}")
-
-    save_path = args.save_path if args.save_path_suffix == "" else f"{args.save_path}_{args.save_path_suffix}"
-    os.makedirs(save_path, exist_ok=True)
+    save_path = save_folder(args)  # created with the first video, once the generation has succeeded
 
     sampler = (load or load_sampler)(args)
     args = sampler.args
@@ -346,7 +454,7 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
         transformer = sampler.pipeline.transformer
         # CFG is batched into one pass here: a single branch.
         calibration = ResidualRatioRecorder(transformer, [*transformer.double_blocks, *transformer.single_blocks],
-                                            stack_io(), lambda args, kwargs: "cond").install()
+                                            stack_io(), lambda args, kwargs: BRANCH).install()
 
     height, width = video_size(args)
     start = time.time()
@@ -377,7 +485,8 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
         time_flag = datetime.fromtimestamp(time.time()).strftime("%Y-%m-%d-%H:%M:%S")
         prompt = outputs["prompts"][i % len(outputs["prompts"])]
         cur_save_path = f"{save_path}/{time_flag}_seed{outputs['seeds'][i]}_{prompt[:100].replace('/', '')}.mp4"
-        (save or save_video)(sample, cur_save_path)
+        with atomic_path(cur_save_path) as partial:
+            (save or save_video)(sample, str(partial))
         _log(f"Sample save to: {cur_save_path}")
         videos.append(cur_save_path)
 
@@ -389,7 +498,7 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
             name=name, description=f"{base.data.get('description', base.name)}; MagCache table calibrated at "
                                    f"{height}x{width}, {steps} steps",
             model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=calibration,
-            branches=["cond"], steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
+            branches=[BRANCH], steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
             measured_on={"model": args.model, "dit_weight": Path(args.dit_weight).name, "prompt": args.prompt,
                          "seed": args.seed, "infer_steps": args.infer_steps, "flow_shift": args.flow_shift,
                          "embedded_cfg_scale": args.embedded_cfg_scale, "video_size": [height, width],
@@ -407,8 +516,7 @@ def main(method: str, argv: list[str] | None = None, *, load: Callable[[Any], An
             record = stats_record(cached, plan, args, seconds, videos[i] if not args.cache_stats else None)
             if args.cache_stats:
                 record["videos"] = videos
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_text(json.dumps(record, indent=1), encoding="utf-8")
+            write_text(target, json.dumps(record, indent=1) + "\n")
             _log(f"stepcache stats saved to: {target}")
     return 0
 

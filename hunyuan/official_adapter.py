@@ -10,6 +10,10 @@ last single block and its final layer reads only that.
 
 Blocks are called positionally by upstream (``block(*double_block_args)``); keyword calls are also understood.
 
+Every pass is the branch ``cond``: upstream's sampler runs either CFG-distilled (one call per step, guidance
+embedded) or true CFG with cond and uncond batched into one call, so there is one decision per step either way,
+as in the reference. The name is the one the diffusers pipeline and the docs use for the conditional branch.
+
 The TeaCache signal is the reference's (TC-HY:82-97): ``modulate(img_norm1(img), shift1, scale1)`` with the
 first two of the six chunks of ``double_blocks[0].img_mod(vec)``, computed from block 0's call arguments.
 
@@ -31,6 +35,7 @@ from ..patching import BlockIO, install_stack
 from ..profiles import match_profiles
 
 VAE_SPATIAL_SCALE = 8  # the "884" VAE: 8x in height and width
+BRANCH = "cond"  # the one branch of every pass (see the module docstring)
 
 
 def _is_single(args: tuple, kwargs: dict) -> bool:
@@ -104,8 +109,17 @@ class HYVideoAdapter:
 
         install_stack(patch, runner_of, blocks, stack_io(), signal_of=signal_of)
 
+    def branch_of(self, model, args: tuple, kwargs: dict) -> str:
+        return BRANCH
+
     def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
         return args[0] if args else kwargs["x"]
+
+    def videos_in_batch(self, latent: torch.Tensor) -> int:
+        return 1  # one video per upstream call; true CFG batches cond and uncond in it (one branch)
+
+    def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return args[1] if len(args) > 1 else kwargs.get("t")
 
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         x = self.latent_of(model, args, kwargs)

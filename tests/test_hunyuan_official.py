@@ -112,18 +112,36 @@ def model(upstream):
     stepcache.disable(m)
 
 
+def write_sample(sample, path):
+    """Stands in for upstream's save_videos_grid: writes the sample's bytes to the file it is given."""
+    Path(path).write_bytes(sample.numpy().tobytes())
+
+
+def _videos(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.mp4")} if folder.is_dir() else {}
+
+
 def _main(upstream, method, argv, model, tmp_path, sampler=None, **kw):
-    """Run a seed script's main() in-process on the tiny model; returns (stats or None, saved video paths)."""
+    """Run a seed script's main() in-process on the tiny model; returns (stats or None, the videos it saved)."""
     import stepcache
-    saved = []
     sampler_of = sampler or (lambda args: T.build_sampler(args, model))
+    before = _videos(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NothingCachedWarning)
         rc = upstream.official.main(method, [*argv, "--save-path", str(tmp_path)], load=sampler_of,
-                                    save=lambda sample, path: saved.append(path), **kw)
+                                    save=write_sample, **kw)
     assert rc == 0
+    saved = sorted(str(p) for p, stamp in _videos(tmp_path).items() if before.get(p) != stamp)
     cached = getattr(model, "_stepcache", None)
     return (stepcache.stats(model) if cached else None), saved
+
+
+def exit_status(call) -> int:
+    """A main()'s exit status, whether it returned it or argparse exited with it."""
+    try:
+        return call()
+    except SystemExit as exc:
+        return exc.code
 
 
 def _upstream_parser_options(upstream) -> set[str]:
@@ -199,7 +217,7 @@ def test_help_lists_upstream_flags_and_ours(upstream, tmp_path):
         assert f"default: {method}" in text
 
 
-def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path):
+def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path, capsys):
     proc = _copied_script_run(upstream.root, tmp_path, "magcache", "--magcache-thresh", "-1", "--model-base",
                               str(tmp_path / "missing"), "--prompt", "x")
     out, err = proc.communicate(timeout=120)
@@ -224,9 +242,9 @@ def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path)
            ("magcache", ["--magcache-calibration", "x.json", "--cache-predict", "linear"], "--cache-predict"),
            ("teacache", ["--cache-predict", "cubic"], "--cache-predict")]
     for method, argv, flag in bad:
-        with pytest.raises(SystemExit) as exc:
-            upstream.official.main(method, T.tiny_argv(*argv), load=never)
-        assert exc.value.code == 2, (method, argv)
+        assert exit_status(lambda: upstream.official.main(method, T.tiny_argv(*argv), load=never)) == 2, \
+            (method, argv)
+        assert flag in capsys.readouterr().err, (method, argv)
 
 
 @pytest.mark.parametrize("extra", [[], ["--cfg-scale", "4.0"]], ids=["distilled", "batched_cfg"])
@@ -425,5 +443,153 @@ def test_magcache_calibration_writes_a_usable_profile(upstream, model, tmp_path)
         stats, _ = _main(upstream, "magcache", T.tiny_argv("--cache-profile", str(target), "--magcache-thresh",
                                                            "0.5", steps=12), model, tmp_path)
     assert stats.counts()[1] == 12
-    with pytest.raises(SystemExit):
+    with pytest.raises(upstream.official.CacheFlagError, match="--magcache-K: not used with --magcache-calibration"):
         upstream.official.parse_args("magcache", T.tiny_argv("--magcache-calibration", "x.json", "--magcache-K", "2"))
+
+
+# ---------------------------------------------------------------------------- failed runs and missing inputs
+def test_seed_command_without_weights_stops_before_building_the_model(upstream, tmp_path):
+    """The published command verbatim where nothing was downloaded: one line naming the flag and the path, exit
+    2, and no --save-path folder, where upstream would build the 13B transformer before looking for weights."""
+    where = tmp_path / "run"
+    where.mkdir()
+    (where / "hyvideo").symlink_to(upstream.root / "hyvideo")
+    (where / SCRIPTS["teacache"]).write_text((HUNYUAN_DIR / SCRIPTS["teacache"]).read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MODEL_BASE", None)
+
+    def run():
+        return subprocess.run([sys.executable, SCRIPTS["teacache"], *shlex.split(PUBLISHED_COMMANDS[0][1])],
+                              cwd=where, capture_output=True, text=True, env=env, timeout=300)
+    result = run()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "teacache_sample_video.py: error: --model-base 'ckpts' does not exist (upstream's sample_video.py "
+        "requires it)"]
+    (where / "ckpts").mkdir()
+    result = run()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "teacache_sample_video.py: error: --dit-weight 'ckpts/hunyuan-video-t2v-720p/transformers/"
+        "mp_rank_00_model_states.pt' does not exist"]
+    weight = where / "ckpts" / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt"
+    weight.parent.mkdir(parents=True)
+    weight.write_bytes(b"")
+    result = run()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "teacache_sample_video.py: error: --vae 884-16c-hy: 'ckpts/hunyuan-video-t2v-720p/vae/config.json' does "
+        "not exist (upstream looks under the MODEL_BASE environment variable, now './ckpts', not under "
+        "--model-base)"]
+    assert not (where / "teacache_results").exists()
+
+
+def test_a_failed_run_leaves_no_save_folder(upstream, model, tmp_path, capsys):
+    save_path = tmp_path / "results"
+    argv = T.tiny_argv("--save-path", str(save_path))
+
+    def out_of_memory(args):
+        raise RuntimeError("CUDA out of memory")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    with pytest.raises(RuntimeError, match="out of memory"):
+        upstream.official.main("magcache", argv, load=out_of_memory)
+    assert not save_path.exists()
+    assert upstream.official.main("magcache", argv, load=interrupted) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "magcache_sample_video.py: interrupted; no partial output was kept"]
+    assert not save_path.exists()
+
+    def half_written(sample, path):
+        Path(path).write_bytes(b"\x00" * 16)
+        raise OSError(28, "No space left on device")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(OSError, match="No space left"):
+            upstream.official.main("magcache", argv, load=lambda args: T.build_sampler(args, model),
+                                   save=half_written)
+    assert list(save_path.iterdir()) == []  # no half-written video under any name, and no stats
+
+
+def test_bad_output_paths_fail_before_loading(upstream, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+
+    def never(args):
+        raise AssertionError("a model was loaded")
+    for flags, message in [
+            (["--save-path", str(tmp_path / "taken")], f"--save-path '{tmp_path}/taken' is a file; give a folder"),
+            (["--save-path", str(tmp_path / "r"), "--cache-stats", str(tmp_path / "taken" / "s.json")],
+             "--cache-stats"),
+            (["--save-path", str(tmp_path / "r"), "--cache-stats", str(tmp_path / "s.txt")], "must end in .json"),
+            (["--save-path", str(tmp_path / "r"), "--magcache-calibration", str(tmp_path / "taken" / "c.json")],
+             "--magcache-calibration")]:
+        assert upstream.official.main("magcache", T.tiny_argv(*flags), load=never) == 2
+        line, = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("magcache_sample_video.py: error: ") and message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_stats_name_the_one_branch_cond(upstream, model, tmp_path):
+    for method in SCRIPTS:
+        _main(upstream, method, T.tiny_argv("--cache-stats", str(tmp_path / f"{method}.json")), model, tmp_path)
+        record = json.loads((tmp_path / f"{method}.json").read_text())
+        assert list(record["branches"]) == ["cond"] and record["branches"]["cond"]["total"] == 8
+        assert {p["branch"] for p in record["passes"]} == {"cond"}
+
+
+class HalfTextEncoder(T.StubTextEncoder):
+    """Upstream's text encoders at their default precision (--text-encoder-precision fp16): the pipeline casts
+    the prompt embeddings to the encoder's dtype and prepares the step-0 latent in that dtype."""
+
+    def __init__(self, dim, seq):
+        super().__init__(dim, seq)
+        self.dtype = torch.float16
+
+    def encode(self, tokens, data_type="video", device=None, **kwargs):
+        out = super().encode(tokens, data_type, device, **kwargs)
+        out.hidden_state = out.hidden_state.half()
+        return out
+
+
+def autocast_on_cpu(model):
+    """What CUDA autocast does for upstream on a GPU (it is disabled on the CPU): each layer with weights gets
+    its floating inputs in its weights' dtype. Hooks on the layers, inside the cache's forward."""
+    def cast(module, args):
+        dtype = next(module.parameters(recurse=False)).dtype
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return [m.register_forward_pre_hook(cast) for m in model.modules() if any(True for _ in m.parameters(False))]
+
+
+@pytest.mark.parametrize("method, flags, steps", [
+    ("magcache", ["--cache-profile", "hunyuanvideo-t2v-720p"], 50),
+    ("teacache", ["--teacache-thresh", "5"], 12),
+    ("easycache", ["--easycache-thresh", "5"], 12)])
+def test_fp16_step0_latent_is_one_generation(upstream, model, tmp_path, method, flags, steps):
+    """Upstream's pipeline prepares the step-0 latent in the text encoder's dtype (fp16) and its scheduler returns
+    fp32 from step 1: one generation all the same, whose stats cover every pass, that reuses passes, and after
+    which the cache holds no tensor."""
+    def load(args):
+        sampler = T.build_sampler(args, model)
+        sampler.pipeline.text_encoder = HalfTextEncoder(T.TEXT_DIM, T.TEXT_LEN)
+        sampler.text_encoder = sampler.pipeline.text_encoder
+        return sampler
+    dtypes = []
+    hooks = autocast_on_cpu(model)
+    hooks.append(model.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype)))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert upstream.official.main(method, T.tiny_argv(*flags, "--save-path", str(tmp_path), steps=steps),
+                                          load=load, save=write_sample) == 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes[0] == torch.float16 and set(dtypes[1:]) == {torch.float32}  # as upstream runs
+    assert not [w for w in caught if issubclass(w.category, NothingCachedWarning)]
+    import stepcache
+    stats = stepcache.stats(model)
+    assert [(r.generation, r.step) for r in stats.of()] == [(1, s) for s in range(steps)]
+    assert 0 < stats.counts()[0] < steps
+    runner = model._stepcache.runner
+    assert not runner.generation_open and runner.branches == {}  # the end-of-generation reset fired

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from wan_official_tiny import (TINY_SIZE, BlockWork, bare_sampler, cpu_attention, fake_constructors, load,
-                               repo_or_skip, run_i2v, run_t2v, make_image, tiny_model)
+from wan_official_tiny import (TINY_SIZE, BlockWork, bare_sampler, checkpoint_layout, cpu_attention,
+                               fake_constructors, load, make_image, repo_or_skip, run_i2v, run_t2v, tiny_model)
 
 REPO = repo_or_skip()
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -232,8 +232,10 @@ def script(up, monkeypatch, tmp_path):
         monkeypatch.setitem(g.SUPPORTED_SIZES, task, tuple(g.SUPPORTED_SIZES[task]) + (TINY_SIZE,))
 
     def save(tensor, save_file, **kwargs):
+        """Upstream's cache_video contract: write the file, return its name."""
         os.makedirs(os.path.dirname(save_file) or ".", exist_ok=True)
         torch.save(tensor.clone(), save_file)
+        return save_file
 
     monkeypatch.setattr(g, "cache_video", save)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # upstream calls it under offload_model
@@ -246,6 +248,8 @@ def script(up, monkeypatch, tmp_path):
     for name, build in fake_constructors(up, made, wrap=count).items():
         monkeypatch.setattr(up.wan, name, build, raising=False)
     monkeypatch.chdir(tmp_path)
+    for folder in ("ckpt", "Wan2.1-T2V-1.3B"):  # the checkpoint folders the commands below name
+        checkpoint_layout(folder, up.configs.WAN_CONFIGS["i2v-14B"])
     for name in ("wan_i2v_2.png", "wan_i2v.png", "i2v_input.JPG", "grogu.png"):
         os.makedirs("examples", exist_ok=True)
         make_image(os.path.join("examples", name))
@@ -365,3 +369,77 @@ def test_calibration_writes_a_profile_that_a_second_run_loads(up, script, capsys
     assert stats["pattern"] == expected.pattern() and "." in stats["pattern"]
     # Every entry point takes the file: TeaCache from its copied table.
     assert script("teacache", common + ["--cache_profile", "cal/t2v.json", "--save_file", "out/tea.mp4"]) == 0
+
+
+# ---------------------------------------------------------------------------- failed runs and missing inputs
+TINY_T2V = ["--task", "t2v-1.3B", "--size", TINY_SIZE, "--ckpt_dir", "./ckpt", "--frame_num", "5", "--sample_steps",
+            "8"]
+
+
+def test_a_video_upstream_could_not_write_fails_without_stats(up, script, capsys, monkeypatch):
+    """Upstream's own cache_video failing inside its try (no torchvision here, or its writer finds no room):
+    upstream prints the error and returns None. The script exits 1 with one line, and leaves neither a video nor
+    a stats file naming one."""
+    import sys
+    utils = sys.modules["wan.utils.utils"]
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(up.generate, "cache_video", utils.cache_video)
+    monkeypatch.setattr(utils.imageio, "get_writer", no_room)
+    assert script("teacache", TINY_T2V + ["--save_file", "out/v.mp4"]) == 1
+    out, err = capsys.readouterr()
+    assert "cache_video failed, error:" in out  # upstream's own message
+    lines = [line for line in err.splitlines() if "it/s]" not in line and line.strip()]  # not tqdm's bar
+    assert lines == ["teacache_generate.py: error: upstream's cache_video did not write 'out/v.mp4' (its message is "
+                     "above); no video and no stats were written"]
+    assert not os.path.exists("out") or os.listdir("out") == []
+    assert script.counters[0].passes > 0  # the generation itself ran
+
+
+def test_seed_command_without_weights_stops_before_upstream_builds_anything(script, capsys):
+    """The published command run verbatim where its --ckpt_dir was never downloaded: one line, exit 2, and no
+    sampler constructed (upstream would build umt5-xxl first)."""
+    argv = command_argv(TEACACHE_COMMANDS[1])
+    assert script("teacache", argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "teacache_generate.py: error: --ckpt_dir './Wan2.1-T2V-14B' does not exist; give the folder of the "
+        "downloaded --task t2v-14B checkpoint"]
+    assert script.made == []
+    os.remove("ckpt/Wan2.1_VAE.pth")
+    assert script("teacache", TINY_T2V) == 2
+    assert "--ckpt_dir './ckpt' has no Wan2.1_VAE.pth (the VAE checkpoint upstream loads for --task t2v-1.3B)" in \
+        capsys.readouterr().err
+    assert script.made == []
+
+
+def test_bad_output_path_fails_before_loading(script, capsys):
+    open("taken", "w").close()
+    assert script("teacache", TINY_T2V + ["--save_file", "taken/v.mp4"]) == 2
+    assert "--save_file 'taken/v.mp4': 'taken' is a file, not a folder" in capsys.readouterr().err
+    assert script("magcache", TINY_T2V + ["--magcache_calibration", "--save_file", "v.mp4", "--calibration_file",
+                                          "taken/c.json"]) == 2
+    assert "--calibration_file 'taken/c.json'" in capsys.readouterr().err
+    assert script.made == []
+
+
+def test_copied_script_without_easydict_names_what_to_install(tmp_path):
+    """The script copied into a checkout (here: a folder with links to upstream's generate.py and wan/), run
+    where easydict cannot be imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import stepcache.wan21
+    for name in ("generate.py", "wan"):
+        (tmp_path / name).symlink_to(Path(REPO) / name)
+    script_file = Path(stepcache.wan21.__file__).with_name("magcache_generate.py")
+    (tmp_path / "magcache_generate.py").write_text(script_file.read_text())
+    code = ("import runpy, sys; sys.modules['easydict'] = None; sys.argv = ['magcache_generate.py', '--task', "
+            "'t2v-1.3B']; runpy.run_path('magcache_generate.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "magcache_generate.py: error: upstream Wan2.1 needs the Python module 'easydict', which is not installed: "
+        "pip install easydict (or pip install -r requirements.txt in the Wan2.1 checkout)")
+    assert "Traceback" not in result.stderr

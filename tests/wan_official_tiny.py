@@ -237,6 +237,23 @@ class BlockWork:
             h.remove()
 
 
+def checkpoint_layout(folder, config) -> str:
+    """The files and folders a downloaded checkpoint for ``config`` (upstream's WAN_CONFIGS entry) has, as empty
+    placeholders: what the scripts look for before upstream's loaders run (the tiny samplers load none of them)."""
+    os.makedirs(folder, exist_ok=True)
+    files = [config.t5_checkpoint, config.vae_checkpoint, "config.json", "diffusion_pytorch_model.safetensors"]
+    folders = [config.t5_tokenizer]
+    if "clip_checkpoint" in config:
+        files.append(config.clip_checkpoint)
+        folders.append(config.clip_tokenizer)
+    for name in folders:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+    for name in files:
+        with open(os.path.join(folder, name), "wb"):
+            pass
+    return str(folder)
+
+
 def fake_constructors(up: Upstream, made: list, seed: int = 0, wrap=None):
     """Stand-ins for ``wan.WanT2V(config=..., checkpoint_dir=..., ...)`` / ``wan.WanI2V(...)`` that build the tiny
     samplers (each a fresh model with the same weights) and remember them in ``made``."""

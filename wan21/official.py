@@ -144,6 +144,9 @@ class WanOfficialAdapter:
     def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
         return stack_latents(_x_of(args, kwargs))
 
+    def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return args[1] if len(args) > 1 else kwargs.get("t")
+
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         latent = _x_of(args, kwargs)[0]
         return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE

@@ -15,7 +15,12 @@ The cache flags keep the published scripts' names and defaults, so that their co
   hard-codes 10 steps, this one honours it)
 
 plus ``--cache_profile NAME_OR_FILE``, ``--cache_stats PATH`` and (MagCache) ``--calibration_file PATH``. Every
-value is checked before a model loads; a wrong one stops the script with a message and exit status 2.
+value is checked before a model loads, and so are the output paths and every checkpoint file upstream's samplers
+will open (T5, its tokenizer, the VAE, CLIP for I2V/FLF2V, the DiT folder): a wrong one stops the script with one
+line and exit status 2, instead of after umt5-xxl has been built. The video goes through upstream's own
+``cache_video`` / ``cache_image``, to a temporary name moved into place only when it was written: upstream's
+savers report a failure only by printing it, so the script checks, and a video that was not written ends the run
+with one line and exit status 1 and no stats file naming it.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, run_cli
 from ..methods import PREDICT_HELP, PREDICTIONS, resolve_method
+from ..outputs import atomic_path, check_output_dir, check_output_file, write_text
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, load_profile
 from .official import FAMILY, model_config
@@ -50,8 +57,24 @@ MAGCACHE_CLI_DEFAULTS = {"thresh": 0.12, "K": 2, "retention_ratio": 0.2}
 EASYCACHE_UNUSED = {"alpha": 0.0, "beta": 1.0}
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A flag combination that cannot run. The message says which flags and what to do instead."""
+
+
+class VideoNotSavedError(RuntimeError):
+    """Upstream's saver did not write the video (it prints why and returns None instead of raising)."""
+
+
+EXIT_NOT_SAVED = 1
+# What upstream's savers can write: cache_video is imageio-ffmpeg with libx264; cache_image is torchvision's
+# save_image, i.e. PIL by the file's suffix (upstream lists these).
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tiff", ".gif", ".webp")
+# Import names whose pip package has another name (what the "pip install" in the message must say).
+PIP_NAMES = {"PIL": "pillow", "cv2": "opencv-python", "yaml": "pyyaml"}
+# The files diffusers' ModelMixin.from_pretrained(ckpt_dir) reads the DiT from: one file, or a sharded index.
+DIT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+               "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 
 
 # ------------------------------------------------------------------------------------------------------- flags
@@ -317,10 +340,15 @@ def import_upstream(name: str = "generate"):
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
-        if getattr(exc, "name", None) != name:
-            raise
-        raise PlanError("upstream Wan2.1's generate.py is not importable: copy this script into the root of a "
-                        "Wan-Video/Wan2.1 checkout and run it from there") from exc
+        missing = getattr(exc, "name", None)
+        if missing == name:
+            raise PlanError("upstream Wan2.1's generate.py is not importable: copy this script into the root of a "
+                            "Wan-Video/Wan2.1 checkout and run it from there") from exc
+        if missing:
+            package = PIP_NAMES.get(missing.split(".")[0], missing.split(".")[0])
+            raise PlanError(f"upstream Wan2.1 needs the Python module {missing!r}, which is not installed: pip "
+                            f"install {package} (or pip install -r requirements.txt in the Wan2.1 checkout)") from exc
+        raise PlanError(f"upstream Wan2.1's generate.py cannot be imported: {exc}") from exc
     if not all(hasattr(module, n) for n in ("_parse_args", "generate", "wan", "WAN_CONFIGS", "SIZE_CONFIGS")):
         raise PlanError(f"{getattr(module, '__file__', name)} is not upstream Wan2.1's generate.py: copy this script "
                         f"into the root of a Wan-Video/Wan2.1 checkout")
@@ -339,6 +367,70 @@ def upstream_args(upstream, prog: str, rest: list[str]) -> argparse.Namespace:
         sys.argv = saved
 
 
+def check_checkpoints(args: argparse.Namespace, upstream) -> None:
+    """Every file upstream's sampler constructor opens for ``--task`` exists under ``--ckpt_dir``, in the order
+    it opens them (``WanT2V/WanI2V/WanFLF2V/WanVace.__init__``: T5 and its tokenizer, the VAE, CLIP and its
+    tokenizer for I2V/FLF2V, then the DiT through ``from_pretrained(ckpt_dir)``), named by upstream's config for
+    the task. Upstream builds umt5-xxl before it opens the first of them."""
+    root = args.ckpt_dir
+    if not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise PlanError(f"--ckpt_dir {root!r} {what}; give the folder of the downloaded --task {args.task} "
+                        f"checkpoint")
+    cfg = upstream.WAN_CONFIGS[args.task]
+    needed = [("the T5 checkpoint", cfg.t5_checkpoint, os.path.isfile),
+              ("the T5 tokenizer folder", cfg.t5_tokenizer, os.path.isdir),
+              ("the VAE checkpoint", cfg.vae_checkpoint, os.path.isfile)]
+    if task_kind(args.task) in ("i2v", "flf2v"):
+        needed += [("the CLIP checkpoint", cfg.clip_checkpoint, os.path.isfile),
+                   ("the CLIP tokenizer folder", cfg.clip_tokenizer, os.path.isdir)]
+    needed.append(("the DiT config", "config.json", os.path.isfile))
+    for what, name, exists in needed:
+        if not exists(os.path.join(root, name)):
+            raise PlanError(f"--ckpt_dir {root!r} has no {name} ({what} upstream loads for --task {args.task})")
+    weights = [n for n in DIT_WEIGHTS if os.path.isfile(os.path.join(root, n))]
+    if not weights:
+        raise PlanError(f"--ckpt_dir {root!r} has no DiT weights ({' or '.join(DIT_WEIGHTS[:2])}) for --task "
+                        f"{args.task}")
+    if weights[0].endswith(".index.json"):
+        index = os.path.join(root, weights[0])
+        try:
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise PlanError(f"--ckpt_dir {root!r}: {weights[0]} is not a weight index ({exc})") from exc
+        absent = [n for n in shards if not os.path.isfile(os.path.join(root, n))]
+        if absent:
+            raise PlanError(f"--ckpt_dir {root!r} has no {absent[0]} (a DiT shard listed in {weights[0]}"
+                            f"{f', and {len(absent) - 1} more' if len(absent) > 1 else ''})")
+
+
+def output_paths(args: argparse.Namespace, plan: Plan) -> tuple[str | None, str | None]:
+    """(stats file, calibration file) this run will write, from the flags; None where upstream names the video
+    (no --save_file) and the path follows from that name."""
+    video = getattr(args, "save_file", None)
+    stem = os.path.splitext(video)[0] if video else None
+    stats = plan.stats_path or (stem + ".stats.json" if stem else None)
+    calibration = None
+    if plan.calibrate:
+        calibration = plan.calibration_file or (stem + ".magcache-profile.json" if stem else None)
+    return stats, calibration
+
+
+def check_outputs(args: argparse.Namespace, plan: Plan) -> None:
+    """Every output path can be written, before anything is loaded; nothing is created."""
+    video = getattr(args, "save_file", None)
+    if video:
+        check_output_file(video, "--save_file", IMAGE_SUFFIXES if task_kind(args.task) == "t2i" else VIDEO_SUFFIXES)
+    else:  # upstream names the file itself, in the current folder
+        check_output_dir(os.getcwd(), "--save_file (not given: upstream saves in the current folder)")
+    stats, calibration = output_paths(args, plan)
+    if stats:
+        check_output_file(stats, "--cache_stats", (".json",))
+    if calibration:
+        check_output_file(calibration, "--calibration_file", (".json",))
+
+
 class Session:
     """One run of upstream's generate(): installs the plan on each sampler upstream builds, then reports."""
 
@@ -352,18 +444,45 @@ class Session:
     @contextlib.contextmanager
     def installed(self):
         """Upstream's generate() builds its sampler with ``wan.WanT2V(...)`` etc.; for the run those names return
-        the very same sampler, with the cache attached to that instance."""
+        the very same sampler, with the cache attached to that instance. Its ``cache_video`` / ``cache_image``
+        write to a temporary name that is moved into place only when the file was written."""
         wan = self.upstream.wan
         saved = {name: wan.__dict__[name] for name in SAMPLERS if name in wan.__dict__}
+        savers = {name: getattr(self.upstream, name) for name in ("cache_video", "cache_image")
+                  if callable(getattr(self.upstream, name, None))}
         for name, cls in saved.items():
             setattr(wan, name, self._builder(cls))
+        for name, saver in savers.items():
+            setattr(self.upstream, name, self._checked_saver(name, saver))
         try:
             yield self
         finally:
             for name, cls in saved.items():
                 setattr(wan, name, cls)
+            for name, saver in savers.items():
+                setattr(self.upstream, name, saver)
             for attachment in self.attachments:
                 attachment.remove()
+
+    @staticmethod
+    def _checked_saver(name: str, saver):
+        """Upstream's saver, writing to a temporary name beside ``save_file``: on success (it returns the file
+        name and the file has content) the file takes its real name, else the run fails and nothing is left."""
+        @functools.wraps(saver)
+        def save(tensor, save_file=None, *args, **kwargs):
+            if not save_file:  # upstream always names the file; without one its savers pick a name in /tmp
+                return saver(tensor, save_file, *args, **kwargs)
+            target = save_file
+            try:
+                with atomic_path(target) as partial:
+                    if saver(tensor, str(partial), *args, **kwargs) is None:
+                        raise VideoNotSavedError(f"upstream's {name} did not write {target!r} (its message is "
+                                                 f"above); no video and no stats were written")
+            except OSError as exc:
+                raise VideoNotSavedError(f"upstream's {name} did not write {target!r}: {exc}; no video and no "
+                                         f"stats were written") from exc
+            return target
+        return save
 
     def _builder(self, cls):
         @functools.wraps(cls, updated=())
@@ -423,19 +542,16 @@ class Session:
         print(f"[stepcache] {summary}")
         print(f"[stepcache] DiT forward time {record.dit_seconds:.2f} s over {record.dit_calls} transformer calls "
               f"(generate() {record.generate_seconds:.2f} s)")
+        path, calibration = output_paths(args, plan)
         if plan.calibrate:
-            stats["calibration_file"] = self._write_calibration(attachment, record, video)
-        path = plan.stats_path or (os.path.splitext(video)[0] + ".stats.json" if video else None)
+            stats["calibration_file"] = self._write_calibration(attachment, record, calibration)
         if path:
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(stats, handle, indent=1, default=str)
-                handle.write("\n")
+            write_text(Path(path).expanduser(), json.dumps(stats, indent=1, default=str) + "\n")
             stats["stats_file"] = path
             print(f"[stepcache] stats written to {path}")
         return stats
 
-    def _write_calibration(self, attachment, record, video: str | None) -> str:
+    def _write_calibration(self, attachment, record, path: str | None) -> str:
         from ..calibration_io import calibrated_source, magcache_profile_data, write_profile
         args, plan = self.args, self.plan
         recorder = attachment.recorder
@@ -463,8 +579,7 @@ class Session:
                 "pixel_size": [height, width], "device": device,
                 "world_size": int(os.getenv("WORLD_SIZE", "1")),
                 "upstream": _upstream_commit(self.upstream)})
-        path = plan.calibration_file or (os.path.splitext(video)[0] + ".magcache-profile.json" if video else
-                                         f"{data['name']}.json")
+        path = path or f"{data['name']}.json"
         profile = write_profile(path, data)
         print(f"[stepcache] wrote MagCache profile {profile.name} ({steps} steps x {len(branches)} branches) to "
               f"{path}\n[stepcache] use it with: python magcache_generate.py ... --use_magcache --cache_profile "
@@ -498,25 +613,28 @@ def _version() -> str:
 
 
 def main(method: str, argv: list[str] | None = None, upstream=None) -> int:
-    """Run one script: ``method`` is the script's method; ``argv`` defaults to ``sys.argv[1:]``."""
+    """Run one script: ``method`` is the script's method; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit
+    status: 0; 2 after one line for bad input; 1 after one line when upstream did not write the video."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"{method}_generate.py"
-    try:
-        upstream = upstream or import_upstream()
-        if "-h" in argv or "--help" in argv:
-            try:
-                upstream_args(upstream, prog, ["-h"])
-            except SystemExit:
-                pass
-            print()
-            print(build_parser(method).format_help())
-            return 0
-        ours, rest = split_argv(method, argv)
-        args = upstream_args(upstream, prog, rest)
-        plan = make_plan(method, ours, args, upstream)
-    except PlanError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(method, argv, upstream, prog), prog)
+
+
+def _run(method: str, argv: list[str], upstream, prog: str) -> int:
+    upstream = upstream or import_upstream()
+    if "-h" in argv or "--help" in argv:
+        try:
+            upstream_args(upstream, prog, ["-h"])
+        except SystemExit:
+            pass
+        print()
+        print(build_parser(method).format_help())
+        return 0
+    ours, rest = split_argv(method, argv)
+    args = upstream_args(upstream, prog, rest)
+    plan = make_plan(method, ours, args, upstream)
+    check_checkpoints(args, upstream)
+    check_outputs(args, plan)
     for note in plan.notes:
         print(f"[stepcache] note: {note}")
     if plan.method:
@@ -524,7 +642,14 @@ def main(method: str, argv: list[str] | None = None, upstream=None) -> int:
               + ", ".join(f"{k}={v}" for k, v in plan.params.items()))
     session = Session(method, plan, args, upstream)
     with session.installed():
-        upstream.generate(args)
+        try:
+            upstream.generate(args)
+            if int(os.getenv("RANK", "0")) == 0 and args.save_file and not os.path.isfile(args.save_file):
+                raise VideoNotSavedError(f"upstream's generate() finished but {args.save_file!r} does not exist; "
+                                         f"no stats were written")
+        except VideoNotSavedError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return EXIT_NOT_SAVED
         session.report()
     return 0
 
