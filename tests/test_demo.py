@@ -4,6 +4,8 @@ import json
 import socket
 
 import pytest
+
+from stepcache.errors import InputError
 import torch
 
 from stepcache.wan21.demo import codec, scenes, text
@@ -110,9 +112,9 @@ def test_training_resumes_bit_exactly(tiny_run):
 
 def test_training_refuses_to_overwrite_or_change_the_schedule(tiny_run):
     root, _, _ = tiny_run
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(InputError, match="--resume"):
         demo_train.train(root / "full", steps=3, **TINY)
-    with pytest.raises(SystemExit, match="3 steps"):
+    with pytest.raises(InputError, match="3 steps"):
         demo_train.train(root / "full", steps=5, resume=True, progress=False)
 
 
