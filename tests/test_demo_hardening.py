@@ -172,8 +172,9 @@ def _interrupt(cmd: list[str], cwd: Path, started: str) -> subprocess.CompletedP
 @needs_weights
 @pytest.mark.parametrize("command, started, product", [
     (["demo", "--steps", "30", "--num-prompts", "1", "--out", "demo"], "stepcache demo:", "demo"),
-    (["calibrate", "--model", "demo", "--prompt", PROMPT, "--seeds", "0", "1", "--steps", "30", "--out", "p.json"],
-     "calibrating:", "p.json"),
+    # enough pairs that the run is still calibrating when the interrupt comes, however fast the machine is
+    (["calibrate", "--model", "demo", "--prompt", PROMPT, "--seeds", *map(str, range(12)), "--steps", "50",
+      "--out", "p.json"], "calibrating:", "p.json"),
 ])
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(command, started, product, tmp_path):
     result = _interrupt([sys.executable, "-m", "stepcache.cli", *command], tmp_path, started)
