@@ -8,6 +8,7 @@ from setuptools import setup
 
 PACKAGES = {
     "stepcache": "common",
+    "stepcache.methods": "common/methods",
     "stepcache.wan21": "wan21",
     "stepcache.hunyuan": "hunyuan",
     "stepcache.opensora": "opensora",

@@ -16,10 +16,10 @@ from .patching import InstalledPatch
 class Adapter(Protocol):
     family: str  # matches a profile's model.family ("wan2.1", "hunyuanvideo", "opensora")
 
-    def install(self, patch: InstalledPatch, model: nn.Module, runner_of: Callable[[], Any], method: str,
+    def install(self, patch: InstalledPatch, model: nn.Module, runner_of: Callable[[], Any], wants_signal: bool,
                 signal_name: Callable[[], str | None]) -> None:
-        """Wrap the block stack with :func:`stepcache.patching.install_stack` (blocks in call order) and, for
-        TeaCache, make the signal reach the runner: either as ``signal_of`` to ``install_stack`` (computed from
+        """Wrap the block stack with :func:`stepcache.patching.install_stack` (blocks in call order) and, when
+        the method ``wants_signal`` (TeaCache), make the signal reach the runner: either as ``signal_of`` to ``install_stack`` (computed from
         the first block's call) or by setting ``runner_of().current.signal_tensor`` from a forward hook.
         ``signal_name()`` is the profile variant's signal name (e.g. "temb"). Everything set goes through
         ``patch`` so that it can be restored exactly."""

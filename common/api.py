@@ -1,18 +1,19 @@
 """The front door: enable a method on a loaded pipeline or transformer, read its stats, disable it.
 
     import stepcache
-    stepcache.enable(pipe, "magcache")                 # profile detected from the model's config
-    stepcache.enable(pipe, "teacache", profile="wan2.1-t2v-1.3b", thresh=0.08)
+    stepcache.enable(pipe, METHOD)                     # profile detected from the model's config
+    stepcache.enable(pipe, METHOD, profile=NAME_OR_FILE, thresh=...)   # or a profile and single values
     video = pipe(...).frames[0]
     print(stepcache.stats(pipe).summary())
     stepcache.disable(pipe)                            # the original forward, exactly
 
-The cache state belongs to the model instance it is enabled on (``model._stepcache``), never to its class.
+``METHOD`` is one of ``stepcache.methods.names()``; docs/diffusers.md has real commands. The cache state belongs
+to the model instance it is enabled on (``model._stepcache``), never to its class.
 
 Under sequence parallelism (``torchrun``, diffusers' ``enable_parallelism`` with a ``ContextParallelConfig``)
 enable it on every rank, before or after ``enable_parallelism``: each rank caches its own shard, and decisions
-that depend on a shard are agreed over the context-parallel group, found on the model at each pass
-(``parallel="auto"``). See :mod:`stepcache.distributed`.
+that depend on a shard are reduced over the context-parallel group, found on the model at each pass
+(``parallel="auto"``), and every pass ends with one agreement over it. See :mod:`stepcache.distributed`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .distributed import MEASUREMENTS, as_group, resolve_parallel
+from . import methods
 from .methods import MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
@@ -173,8 +175,8 @@ class CachedModel:
         self._install_end_of_call(model)
         try:
             install_forward(self.patch, model, self._forward)
-            wired = "teacache" if getattr(self.runner, "wants_signal", False) else self.method
-            adapter.install(self.patch, model, lambda: self.runner, wired, self._signal_name)
+            wants_signal = self.runner.wants_signal if self.runner is not None else methods.get(method).wants_signal
+            adapter.install(self.patch, model, lambda: self.runner, wants_signal, self._signal_name)
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
@@ -193,7 +195,7 @@ class CachedModel:
         self.patch.set(model, "_reset_stateful_cache", _reset_stateful_cache)
 
     def _signal_name(self) -> str | None:
-        return self.config.teacache_signal if self.config else getattr(self.runner, "signal_name", None)
+        return self.config.signal_name if self.config else getattr(self.runner, "signal_name", None)
 
     def _build(self, profile: Profile) -> None:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
@@ -306,7 +308,7 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
 def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
            num_steps: int | None = None, parallel: Any = "auto", cfg_parallel: Any = None, per_video: bool = False,
            **params) -> CachedModel:
-    """Install ``method`` ("teacache", "magcache" or "easycache") on a pipeline or transformer.
+    """Install ``method`` (one of ``stepcache.methods.names()``) on a pipeline or transformer.
 
     ``profile`` is a shipped profile name or a profile file; without it the profile is matched on the model's
     config. ``preset`` picks one of the profile's published settings; keyword ``params`` override single values
@@ -317,10 +319,11 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     (a sum and a count per rank, one all-reduce), so that every rank takes the same decision: ``"auto"`` (the
     default) finds diffusers' context-parallel group on the model at each pass, so the cache may be enabled
     before or after ``enable_parallelism``; or a ``torch.distributed`` process group, an xfuser group
-    coordinator, ``"world"``, or ``None`` for no reduction. Rank-invariant decisions (MagCache, TeaCache on Wan,
-    EasyCache on the model's unsplit input) use no collective at all. ``cfg_parallel`` is the group of ranks
-    that run different CFG branches of the same step, one branch per rank (CFG parallelism): EasyCache's
-    follower branches then take the leader branch's decision from its rank. See docs/multi-gpu.md.
+    coordinator, ``"world"``, or ``None`` for no reduction. Measurements the adapter says are whole on every
+    rank need no reduction; every pass under a group still ends with one 1-element agreement on the compute
+    flag. ``cfg_parallel`` is the group of ranks that run different CFG branches of the same step, one branch
+    per rank (CFG parallelism): a method's follower branches (``decide_on``) then take the leader branch's
+    decision from its rank. See docs/multi-gpu.md.
 
     A batch of several videos takes one decision per pass for the whole batch, as the published code does (the
     stats say so). ``per_video=True`` (diffusers models) runs each video of a batch as its own pass with its own

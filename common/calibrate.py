@@ -31,21 +31,19 @@ from typing import Any, Sequence
 
 import torch
 
+from . import methods
+from .calibration_io import calibrated_source, write_profile
 from .errors import InputError
-from .calibration_io import (MAGCACHE_RULE, calibrated_source, interleave_with_padding, residual_ratio_stats,
-                             write_profile)
-from .policies import Decision, EasyCachePolicy, ParameterError, Polynomial, TeaCachePolicy
+from .methods.base import Method
+from .methods.easycache import change_ratio
+from .methods.magcache import residual_ratio_stats
+from .methods.teacache import relative_l1
+from .policies import Decision, ParameterError, Polynomial
 from .profiles import FORMAT, Profile, ProfileError, check_profile_family, load_profile
-from .runner import CacheRunner, NothingCachedWarning, PassContext, RunStats, mean_abs
+from .runner import CacheRunner, PassContext, RunStats, mean_abs
 
-TEACACHE_DEGREE = 4
-# Reuse fractions that name the TeaCache speed levels of a calibrated profile.
+# Reuse fractions that name the speed levels (presets) of a calibrated profile.
 SPEED_LEVELS = {"slow": 0.25, "medium": 0.4, "fast": 0.5}
-# MagCache's speed levels also allow longer runs of reuse, as the published settings do (K2 ... K6).
-MAGCACHE_K = {"slow": 2, "medium": 3, "fast": 4}
-# EasyCache's rate counts as settled once it changes by less than this from step to step, SETTLED_RUN times.
-RATE_SETTLED = 0.1
-SETTLED_RUN = 3
 
 
 class CalibrationError(InputError):
@@ -78,6 +76,12 @@ class _Previous:
 _COMPUTE = Decision(True, "calibrate", None)
 
 
+class _Measuring(Method):
+    """Not a cache method: a calibration pass computes everything (it skips neither the stack nor the model)."""
+    name = "calibrate"
+    skips = None
+
+
 class CalibrationRunner(CacheRunner):
     """Takes the place of a cache runner: every pass computes, and the runner measures.
 
@@ -89,6 +93,8 @@ class CalibrationRunner(CacheRunner):
     wants_signal = True
 
     def __init__(self, signal_name: str | None):
+        self.spec = _Measuring()
+        self.config = None
         self.signal_name = signal_name
         # Calibration runs on one process: every measurement is over the whole sequence.
         self.group_of = lambda: None
@@ -116,8 +122,8 @@ class CalibrationRunner(CacheRunner):
             self.previous[name] = _Previous()
         return state
 
-    def _rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        return float(self.reduce_mean(mean_abs(current - previous)) / self.reduce_mean(mean_abs(previous)))
+    def _mean_abs_of(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [self.reduce_mean(mean_abs(t)) for t in tensors]
 
     def begin_pass(self, branch, step, num_steps, latent):
         ctx = super().begin_pass(branch, step, num_steps, latent)
@@ -131,7 +137,7 @@ class CalibrationRunner(CacheRunner):
         previous = self.previous[ctx.branch]
         if signal is not None:
             if previous.signal is not None and previous.signal.shape == signal.shape:
-                ctx.measure.signal_change = self._rel_l1(signal, previous.signal)
+                ctx.measure.signal_change = relative_l1(self._mean_abs_of, signal, previous.signal)
             previous.signal = signal.detach()
         return None
 
@@ -154,11 +160,9 @@ class CalibrationRunner(CacheRunner):
         if output is not None:
             ctx.measure.output_mean = float(self.reduce_mean(mean_abs(output)))
         if output is not None and previous.output is not None and previous.output.shape == output.shape:
-            ctx.measure.output_change = self._rel_l1(output, previous.output)
-            input_change = float(self.reduce_mean(mean_abs(latent - previous.latent)))
-            ctx.measure.input_change = input_change
-            if input_change > 0:
-                ctx.measure.rate = float(self.reduce_mean(mean_abs(output - previous.output))) / input_change
+            ctx.measure.output_change = relative_l1(self._mean_abs_of, output, previous.output)
+            ctx.measure.input_change = float(self.reduce_mean(mean_abs(latent - previous.latent)))
+            ctx.measure.rate = change_ratio(self._mean_abs_of, output - previous.output, latent - previous.latent)
         previous.output = output.detach() if output is not None else None
         previous.latent = latent.detach()
         self.measures.append(ctx.measure)
@@ -166,134 +170,50 @@ class CalibrationRunner(CacheRunner):
 
 
 # ------------------------------------------------------------------------------------------------- analysis
-def _stats(values: Sequence[float]) -> dict[str, float]:
+@dataclass
+class Calibration:
+    """What a method's ``calibration_section`` reads: the measurements and the run's shape."""
+    measures: list[PassMeasure]
+    branches: list[str]
+    steps: int
+    base: Profile | None
+    signal_name: str | None
+
+    def grouped(self, attr: str) -> dict[tuple[str, int], list[float]]:
+        """Values of one measurement, per (branch, step), over every prompt and seed."""
+        out: dict[tuple[str, int], list[float]] = {}
+        for m in self.measures:
+            value = getattr(m, attr)
+            if value is not None:
+                out.setdefault((m.branch, m.step), []).append(value)
+        return out
+
+    def runs(self, measures: list[PassMeasure] | None = None) -> dict[tuple[int, str], list[PassMeasure]]:
+        """The measurements of each (generation, branch), in order."""
+        out: dict[tuple[int, str], list[PassMeasure]] = {}
+        for m in self.measures if measures is None else measures:
+            out.setdefault((m.generation, m.branch), []).append(m)
+        return out
+
+
+def summary_stats(values: Sequence[float]) -> dict[str, float]:
     values = [float(v) for v in values]
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
     return {"mean": mean, "std": math.sqrt(var), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _grouped(measures: list[PassMeasure], attr: str) -> dict[tuple[str, int], list[float]]:
-    out: dict[tuple[str, int], list[float]] = {}
-    for m in measures:
-        value = getattr(m, attr)
-        if value is not None:
-            out.setdefault((m.branch, m.step), []).append(value)
-    return out
-
-
-def magcache_section(measures, branches, steps, base: Profile | None) -> dict[str, Any]:
-    grouped = _grouped(measures, "ratio")
-    per = {b: [_stats(grouped[(b, s)]) for s in range(1, steps)] for b in branches}
-    for b in branches:
-        if len(per[b]) != steps - 1:
-            raise CalibrationError(f"branch {b!r} is missing ratios; every run must have {steps} steps")
-    stds = _grouped(measures, "ratio_std")
-    coss = _grouped(measures, "cos_distance")
-
-    def table(pick, pad=1.0):
-        return interleave_with_padding({b: [round(pick(b, s, st), 5) for s, st in enumerate(per[b], start=1)]
-                                        for b in branches}, branches, pad=pad)
-
-    rule = base.data.get("magcache", {}) if base is not None and base.has("magcache") else {}
-    section = {
-        "ratios": table(lambda b, s, st: st["mean"]),
-        "steps": steps,
-        "branches": list(branches),
-        **{key: rule.get(key, default) for key, default in MAGCACHE_RULE.items()},
-        "spread": {"std": table(lambda b, s, st: st["std"], 0.0), "min": table(lambda b, s, st: st["min"]),
-                   "max": table(lambda b, s, st: st["max"]), "runs": per[branches[0]][0]["n"]},
-        "token_std": table(lambda b, s, st: _stats(stds[(b, s)])["mean"], 0.0),
-        "cos_distance": table(lambda b, s, st: _stats(coss[(b, s)])["mean"], 0.0),
-        "defaults": dict(rule.get("defaults", {"thresh": 0.12, "K": 2, "retention_ratio": 0.2})),
-    }
-    # Published presets keep their names; the speed levels are measured on this table, since the published
-    # thresholds were chosen for another one.
-    presets = {name: p for name, p in rule.get("presets", {}).items() if name not in SPEED_LEVELS}
-    notes = {}
-    retention = section["defaults"].get("retention_ratio", 0.2)
-    for level, fraction in SPEED_LEVELS.items():
-        k = MAGCACHE_K[level]
-        reuse = _magcache_reuse(section, steps, k, retention)
-        target = min(fraction, reuse(1e6))
-        presets[level] = {"thresh": _threshold_for(target, reuse) if target > 0 else 0.12, "K": k,
-                          "retention_ratio": retention}
-        notes[level] = f"reuses {reuse(presets[level]['thresh']):.0%} of the passes at {steps} steps"
-    section["presets"] = presets
-    section["preset_notes"] = notes
-    if "defaults" not in rule:
-        section["defaults"] = dict(presets["medium"])
-    return section
-
-
-def _magcache_reuse(section, steps, K, retention):
-    """MagCache's reuse fraction at a threshold: its schedule follows from the table alone, so it is the one
-    `stepcache schedule` simulates."""
-    from .methods import resolve_method
-    from .schedule import simulate
-    profile = Profile("calibrated", {"format": FORMAT, "name": "calibrated", "magcache": section})
-
-    def reuse(thresh):
-        config = resolve_method("magcache", profile, None, thresh=thresh, K=K, retention_ratio=retention)
-        with warnings.catch_warnings():  # probing thresholds that reuse nothing is the point here
-            warnings.simplefilter("ignore", NothingCachedWarning)
-            computed, total = simulate(config, steps).counts()
-        return 1 - computed / total
-    return reuse
-
-
-def _fit(x: list[float], y: list[float], degree: int) -> list[float]:
+def fit_polynomial(x: list[float], y: list[float], degree: int) -> list[float]:
     import numpy as np
     return [float(c) for c in np.polyfit(np.asarray(x), np.asarray(y), degree)]
 
 
-def _rmse(coefficients, x, y) -> float:
+def rmse(coefficients, x, y) -> float:
     poly = Polynomial(coefficients)
     return math.sqrt(sum((poly(a) - b) ** 2 for a, b in zip(x, y)) / len(x))
 
 
-def _by_run(measures):
-    runs: dict[tuple[int, str], list[PassMeasure]] = {}
-    for m in measures:
-        runs.setdefault((m.generation, m.branch), []).append(m)
-    return runs
-
-
-def _teacache_reuse(coefficients, warmup, force_last, steps, measures):
-    """TeaCache's reuse fraction at a threshold, on the measured (uncached) trajectories: its signal changes
-    do not depend on what was skipped, only the trajectory drifts a little."""
-    def reuse(thresh):
-        reused = total = 0
-        for items in _by_run(measures).values():
-            policy = TeaCachePolicy(coefficients, thresh, warmup, force_last)
-            for m in items:
-                reused += not policy.decide(m.step, steps, m.signal_change, have_cache=m.step > 0).compute
-                total += 1
-        return reused / max(total, 1)
-    return reuse
-
-
-def _easycache_reuse(warmup, force_last, steps, measures):
-    """EasyCache's reuse fraction at a threshold, replayed on the measured trajectories with the rate of the
-    last computed step standing in for the rate between the last two computed steps."""
-    def reuse(thresh):
-        reused = total = 0
-        for items in _by_run(measures).values():
-            policy = EasyCachePolicy(thresh, warmup, force_last)
-            last_output = None
-            for m in items:
-                change = (m.input_change / last_output if m.input_change is not None and last_output else None)
-                decision = policy.decide(m.step, steps, change, have_cache=last_output is not None)
-                if decision.compute:
-                    policy.observe_rate(m.rate)
-                    last_output = m.output_mean
-                reused += not decision.compute
-                total += 1
-        return reused / max(total, 1)
-    return reuse
-
-
-def _threshold_for(fraction: float, reuse) -> float:
+def threshold_for(fraction: float, reuse) -> float:
     """The smallest threshold (4 significant digits) at which ``reuse(thresh)`` reaches ``fraction``."""
     low, high = 0.0, 1e-3
     while reuse(high) < fraction and high < 1e6:
@@ -310,7 +230,7 @@ def _threshold_for(fraction: float, reuse) -> float:
     return rounded
 
 
-def _speed_presets(reuse) -> tuple[dict, dict]:
+def speed_presets(reuse) -> tuple[dict, dict]:
     """Thresholds reusing about SPEED_LEVELS of the passes; where the warm-up leaves too few passes to reach a
     level, the threshold that reuses all it can, with a note saying how much that is."""
     ceiling = reuse(1e6)
@@ -321,85 +241,11 @@ def _speed_presets(reuse) -> tuple[dict, dict]:
             notes[level] = "the warm-up covers the whole calibration run: nothing could be reused"
             continue
         target = min(fraction, ceiling)
-        presets[level] = {"thresh": _threshold_for(target, reuse)}
+        presets[level] = {"thresh": threshold_for(target, reuse)}
         notes[level] = (f"reuses about {int(fraction * 100)}% of the passes on the calibration runs"
                         if target == fraction else
                         f"reuses {target:.0%} of the passes on the calibration runs, all the warm-up leaves")
     return presets, notes
-
-
-def teacache_section(measures, signal_name, steps, base: Profile | None) -> dict[str, Any]:
-    pairs = [(m.generation, m.signal_change, m.output_change) for m in measures
-             if m.signal_change is not None and m.output_change is not None]
-    if len(pairs) < TEACACHE_DEGREE + 2:
-        raise CalibrationError(f"TeaCache needs at least {TEACACHE_DEGREE + 2} (signal, output) pairs; got "
-                               f"{len(pairs)} (run more steps or more prompts)")
-    x = [p[1] for p in pairs]
-    y = [p[2] for p in pairs]
-    coefficients = _fit(x, y, TEACACHE_DEGREE)
-    line = _fit(x, y, 1)
-    # Held-out errors: fit on every other run, measure on the rest (in-sample error favours the higher degree).
-    generations = sorted({p[0] for p in pairs})
-    held = {}
-    if len(generations) >= 2:
-        train = [p for p in pairs if generations.index(p[0]) % 2 == 0]
-        test = [p for p in pairs if generations.index(p[0]) % 2 == 1]
-        tx, ty = [p[1] for p in train], [p[2] for p in train]
-        vx, vy = [p[1] for p in test], [p[2] for p in test]
-        if len(tx) > TEACACHE_DEGREE + 1:
-            held = {"heldout_rmse": _rmse(_fit(tx, ty, TEACACHE_DEGREE), vx, vy),
-                    "heldout_linear_rmse": _rmse(_fit(tx, ty, 1), vx, vy), "heldout_pairs": len(vx)}
-    low, high = min(x), max(x)
-    poly = Polynomial(coefficients)
-    grid = [low + (high - low) * i / 200 for i in range(201)]
-    negative = [g for g in grid if poly(g) < 0]
-    base_variant = {}
-    if base is not None and base.has("teacache"):
-        section = base.method("teacache")
-        base_variant = section["variants"].get(section.get("defaults", {}).get("variant", "default"), {})
-    warmup = int(base_variant.get("warmup_steps", 1))
-    force_last = bool(base_variant.get("force_last", True))
-    variant = {
-        "signal": signal_name, "coefficients": coefficients, "warmup_steps": warmup, "force_last": force_last,
-        "source": "fitted by stepcache calibrate (numpy.polyfit, degree 4, highest power first)",
-        "fit_range": [low, high], "fit_rmse": _rmse(coefficients, x, y), "linear_coefficients": line,
-        "linear_rmse": _rmse(line, x, y), "pairs": len(pairs), **held,
-        "negative_inside_range": bool(negative),
-    }
-    presets, notes = _speed_presets(_teacache_reuse(coefficients, warmup, force_last, steps, measures))
-    return {"variants": {"default": variant}, "defaults": {"thresh": presets["medium"]["thresh"],
-                                                           "variant": "default"},
-            "presets": presets, "preset_notes": notes}
-
-
-def easycache_section(measures, steps, base: Profile | None) -> dict[str, Any]:
-    grouped = _grouped(measures, "rate")
-    branch = measures[0].branch
-    rates = [(s, _stats(grouped[(branch, s)])) for s in range(1, steps) if (branch, s) in grouped]
-    changes = [(rates[i][0], abs(rates[i][1]["mean"] / rates[i - 1][1]["mean"] - 1)) for i in range(1, len(rates))]
-    # EasyCache predicts a step's output change from the last computed step's rate, which only works once k
-    # stops jumping: the warm-up ends at the first step from which k changes by less than RATE_SETTLED for
-    # SETTLED_RUN steps in a row (the final step does not count: it is always computed).
-    candidates = changes[:-1]
-    settled = steps - 1
-    for i, (step, _) in enumerate(candidates):
-        if all(c < RATE_SETTLED for _, c in candidates[i:i + SETTLED_RUN]):
-            settled = step
-            break
-    base_section = base.data.get("easycache", {}) if base is not None else {}
-    warmup = int(base_section.get("warmup_steps", max(settled, 1)))
-    leader = base_section.get("decide_on", "cond" if len({m.branch for m in measures}) > 1 else None)
-    # Presets from the decisions of the leading branch (the others follow it when decide_on is set).
-    lead = [m for m in measures if leader is None or m.branch == leader]
-    presets, notes = _speed_presets(_easycache_reuse(warmup, True, steps, lead))
-    return {"thresh": presets["medium"]["thresh"], "warmup_steps": warmup, "force_last": True,
-            "decide_on": leader, "suggested_warmup_steps": settled,
-            "rate": {"steps": [s for s, _ in rates], "mean": [st["mean"] for _, st in rates],
-                     "std": [st["std"] for _, st in rates],
-                     "relative_change": [round(c, 5) for _, c in changes]},
-            "presets": presets, "preset_notes": notes,
-            "source": "measured by stepcache calibrate; warm-up from "
-                      + (base.name if base_section else "the rate's settling")}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -467,10 +313,10 @@ def build_profile(runner: CalibrationRunner, adapter, model, run: CalibrationRun
                         "steps": steps, "prompts": len(run.prompts), "seeds": list(run.seeds),
                         "branches": branches, **run.meta, "tool": calibrated_source()},
         "source": calibrated_source(),
-        "magcache": magcache_section(measures, branches, steps, base),
-        "teacache": teacache_section(measures, runner.signal_name, steps, base),
-        "easycache": easycache_section(measures, steps, base),
     }
+    calibration = Calibration(measures, branches, steps, base, runner.signal_name)
+    for method in methods.names():
+        data[method] = methods.get(method).calibration_section(calibration)
     if base is not None:
         data["measured_on"]["base_profile"] = base.name
     return data
@@ -620,29 +466,12 @@ def run(args) -> int:
 
 
 def describe_calibration(profile: Profile) -> str:
-    mag, tea, easy = profile.data["magcache"], profile.data["teacache"], profile.data["easycache"]
-    variant = tea["variants"]["default"]
-    spread = max(mag["spread"]["std"])
-    lines = [f"wrote profile {profile.name} ({profile.path})",
-             f"  magcache: {len(mag['ratios'])} ratios, {mag['steps']} steps x {len(mag['branches'])} branch(es), "
-             f"{mag['spread']['runs']} run(s) each; largest spread over runs (std) {spread:.4f}",
-             f"  teacache: degree-{TEACACHE_DEGREE} fit on {variant['pairs']} pairs over signal change "
-             f"[{variant['fit_range'][0]:.4g}, {variant['fit_range'][1]:.4g}]: rmse {variant['fit_rmse']:.4g} "
-             f"(straight line {variant['linear_rmse']:.4g})"]
-    if "heldout_rmse" in variant:
-        lines.append(f"            held-out runs: rmse {variant['heldout_rmse']:.4g} (straight line "
-                     f"{variant['heldout_linear_rmse']:.4g})")
-    if variant["negative_inside_range"]:
-        lines.append("            WARNING: the fitted polynomial is negative inside its fitted range")
-    lines.append(f"            presets {tea['presets']}")
-    lines.append(f"  easycache: rate settles from step {easy['suggested_warmup_steps']} (warm-up used: "
-                 f"{easy['warmup_steps']} steps)")
-    measured = profile.data.get("measured_on", {})  # the demo target alone records its weight file
-    if measured.get("weights"):  # `stepcache generate` refuses the demo model; `stepcache demo` runs it
-        from .wan21.demo.model import WEIGHTS
-        runner = f"stepcache demo --profile {profile.path} --steps {measured['steps']}" + (
-            "" if Path(measured["weights"]) == WEIGHTS else f" --weights {measured['weights']}")
-    else:
-        runner = f"stepcache generate --profile {profile.path} ..."
-    lines.append(f"use it with: {runner}   or   stepcache schedule --profile {profile.path} --list-presets")
+    lines = [f"wrote profile {profile.name} ({profile.path})"]
+    for method in methods.names():
+        if profile.has(method):
+            lines += methods.get(method).describe_calibration(profile.method(method))
+    # A calibration target may say how to run what it measured (the demo model is run by `stepcache demo`).
+    runner = profile.data.get("measured_on", {}).get("run_with") or "stepcache generate --profile {profile} ..."
+    lines.append(f"use it with: {runner.format(profile=profile.path)}   or   "
+                 f"stepcache schedule --profile {profile.path} --list-presets")
     return "\n".join(lines)

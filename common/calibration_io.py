@@ -22,9 +22,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .methods.magcache import RULE as MAGCACHE_RULE, interleave_with_padding, residual_ratio_stats
 from .patching import BlockIO, InstalledPatch
 from .outputs import write_text
-from .profiles import FORMAT, METHODS, Profile, load_profile
+from .profiles import FORMAT, Profile, load_profile
 
 
 @dataclass
@@ -136,46 +137,12 @@ class ResidualRatioRecorder:
         return next(iter(counts.values()))
 
 
-def residual_ratio_stats(current: torch.Tensor, previous: torch.Tensor,
-                         all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> tuple[float, float, float]:
-    """(mean, std, mean cosine distance) over tokens of the per-token ``||r_t|| / ||r_prev||`` (MC-WAN:80-194).
-
-    ``all_reduce`` sums the per-token statistics over a sequence-parallel group, so every rank gets the value
-    over the whole sequence.
-    """
-    # float32 whatever the model's dtype: a bf16 norm ratio near 1 has only ~3 significant digits.
-    cur, prev = current.float(), previous.float()
-    ratio = cur.norm(dim=-1) / prev.norm(dim=-1)
-    cos = 1 - torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
-    sums = torch.stack([ratio.sum(), (ratio * ratio).sum(), cos.sum(),
-                        torch.tensor(float(ratio.numel()), device=ratio.device)]).double()
-    all_reduce(sums)
-    total, total_sq, total_cos, count = (float(v) for v in sums)
-    mean = total / count
-    # The reference's torch.std is the unbiased estimate; the same from the reduced sums.
-    var = max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
-    return mean, var ** 0.5, total_cos / count
-
-
 def _default_all_reduce() -> Callable[[torch.Tensor], None]:
     def reduce(t: torch.Tensor) -> None:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t)
     return reduce
-
-
-def interleave_with_padding(per_branch: dict[str, Sequence[float]], order: Sequence[str],
-                            pad: float = 1.0) -> list[float]:
-    """The reference's table layout: ``[pad] * branches`` for step 0, then step 1 of every branch in ``order``,
-    step 2, ... (cond, uncond, cond, ... for Wan)."""
-    lengths = {b: len(per_branch[b]) for b in order}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"branches have different numbers of measured steps: {lengths}")
-    out = [float(pad)] * len(order)
-    for step in range(next(iter(lengths.values()), 0)):
-        out.extend(float(per_branch[b][step]) for b in order)
-    return out
 
 
 def calibrated_source(when: _dt.datetime | None = None, where: str | None = None) -> str:
@@ -185,8 +152,6 @@ def calibrated_source(when: _dt.datetime | None = None, where: str | None = None
     return f"{text} ({where})" if where else text
 
 
-# The MagCache decision rule a table is used with, and the released Wan code's choice of each.
-MAGCACHE_RULE = {"inclusive": False, "ratio_power": 1.0, "absolute_error": True}
 
 
 def magcache_profile_data(*, name: str, description: str, model: dict[str, Any], recorder_or_ratios,
@@ -232,7 +197,8 @@ def magcache_profile_data(*, name: str, description: str, model: dict[str, Any],
     if presets:
         data["magcache"]["presets"] = dict(presets)
     if base is not None:
-        for method in METHODS:
+        from .methods import names
+        for method in names():
             if method != "magcache" and base.has(method):
                 section = json.loads(json.dumps(base.data[method]))
                 section["copied_from_profile"] = base.name

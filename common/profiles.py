@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ParameterError, ProfileError
 from .policies import compose_resample, nearest_resample
-from .schema import METHODS, RESAMPLE_MODES, check_profile_data
+from .schema import RESAMPLE_MODES, check_profile_data
 
 FORMAT = "stepcache-profile/1"
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -48,11 +48,12 @@ class Profile:
         return tuple(res) if res else None
 
     def method(self, method: str) -> dict[str, Any]:
-        if method not in METHODS:
-            raise ParameterError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        from .methods import names
+        if method not in names():
+            raise ParameterError(f"unknown method {method!r}; known methods: {', '.join(names())}")
         section = self.data.get(method)
         if not section:
-            have = [m for m in METHODS if self.data.get(m)]
+            have = [m for m in names() if self.data.get(m)]
             raise ProfileError(
                 f"profile {self.name!r} has no {method} table (it has: {', '.join(have) or 'none'}); "
                 f"calibrate one with `stepcache calibrate` or choose another method")
@@ -210,7 +211,8 @@ def check_profile_family(profile: Profile, family: str) -> None:
 
 def profile_summary(profile: Profile) -> str:
     lines = [f"{profile.name}: {profile.data.get('description', '')}"]
-    for method in METHODS:
+    from .methods import names
+    for method in names():
         if not profile.has(method):
             continue
         section = profile.method(method)

@@ -3,12 +3,16 @@
 An adapter splits its model's forward into "before the blocks", "the block stack" and "after the blocks" and
 calls the runner at three points of every pass:
 
-1. :meth:`CacheRunner.begin_pass` with the branch, step and latent input. For EasyCache the decision is made
-   here; a reused pass returns ``latent + (v - x)`` and the model does not run at all.
-2. :meth:`CacheRunner.enter_stack` with the block-stack input ``h0`` (and the TeaCache signal). For TeaCache
-   and MagCache the decision is made here; a reused pass gets ``h0 + residual`` and no block runs.
-   :meth:`CacheRunner.leave_stack` stores ``h_L - h0`` after a computed stack.
-3. :meth:`CacheRunner.end_pass` with the model output (EasyCache stores ``v - x`` and its rate).
+1. :meth:`CacheRunner.begin_pass` with the branch, step and latent input. A method that skips the whole model
+   (``skips == MODEL``) decides here; a reused pass returns ``latent + (v - x)`` and the model does not run.
+2. :meth:`CacheRunner.enter_stack` with the block-stack input ``h0`` (and the signal, for a method that wants
+   one). A method that skips the stack (``skips == STACK``) decides here; a reused pass gets
+   ``h0 + residual`` and no block runs. :meth:`CacheRunner.leave_stack` stores ``h_L - h0`` after a computed
+   stack.
+3. :meth:`CacheRunner.end_pass` with the model output (a MODEL method stores ``v - x`` and observes it).
+
+What a method measures and how it decides live in its module (:mod:`stepcache.methods`); the runner holds the
+tensors, the branches, the generation and the agreement, and names no method.
 
 State is per CFG branch (keyed by the branch's name, never by call parity) and per runner, and a runner
 belongs to one model instance. A generation starts when a branch's step index goes back (or repeats), when
@@ -34,6 +38,7 @@ import torch
 
 from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
 from .methods import VIDEO_MARK, MethodConfig, base_branch
+from .methods.base import MODEL, STACK
 from .policies import Decision
 
 
@@ -60,14 +65,14 @@ class PassRecord:
 class BranchState:
     policy: Any
     last_step: int | None = None
-    residual: torch.Tensor | None = None  # h_L - h0 (TeaCache, MagCache) or v - x (EasyCache)
+    residual: torch.Tensor | None = None  # h_L - h0 (a STACK method) or v - x (a MODEL method)
     residual_step: int | None = None
     older_residual: torch.Tensor | None = None  # the one before, kept only for predict="linear"
     older_residual_step: int | None = None
-    previous_signal: torch.Tensor | None = None  # TeaCache
-    previous_input: torch.Tensor | None = None  # EasyCache: x of the previous pass
-    computed_input: torch.Tensor | None = None  # EasyCache: x of the last computed pass
-    computed_output: torch.Tensor | None = None  # EasyCache: v of the last computed pass
+    previous_signal: torch.Tensor | None = None  # the signal of the previous pass (a method that wants one)
+    previous_input: torch.Tensor | None = None  # x of the previous pass (a MODEL method)
+    computed_input: torch.Tensor | None = None  # x of the last computed pass (a MODEL method)
+    computed_output: torch.Tensor | None = None  # v of the last computed pass (a MODEL method)
     decisions: dict[int, Decision] = field(default_factory=dict)
 
 
@@ -94,8 +99,8 @@ class RunStats:
     def __init__(self, method: str):
         self.method = method
         self.records: list[PassRecord] = []
-        self.outside_fit: dict[int, int] = {}  # generation -> TeaCache signal changes outside the fitted range
         self.notes: dict[int, list[str]] = {}  # generation -> what the run did differently from its profile
+        self.tallies: dict[int, dict[str, int]] = {}  # generation -> how often something a method noted happened
 
     def generation_ids(self) -> list[int]:
         return sorted({r.generation for r in self.records})
@@ -133,9 +138,7 @@ class RunStats:
             lines.append(f"  branch {branch}: computed {c}/{t}")
         gen = self.records[-1].generation if generation is None else generation
         lines += [f"  note: {note}" for note in self.notes.get(gen, [])]
-        if self.outside_fit.get(gen):
-            lines.append(f"  {self.outside_fit[gen]} signal change(s) fell outside the range the TeaCache "
-                         f"polynomial was fitted on: its rescaling is extrapolated there")
+        lines += [f"  {count} {text}" for text, count in self.tallies.get(gen, {}).items()]
         return "\n".join(lines)
 
     def to_dict(self, generation: int | None = None) -> dict[str, Any]:
@@ -163,7 +166,7 @@ class CacheRunner:
         rank's shard and must be reduced over it. Measurements not named are rank-invariant: no collective.
 
         ``cfg_group`` spans ranks that run *different* CFG branches of the same step (CFG parallelism, one
-        branch per rank): a method whose branches follow one leader branch (EasyCache's ``decide_on``) then gets
+        branch per rank): a method whose branches follow one leader branch (its ``decide_on`` parameter) then gets
         the leader's decision from the rank that runs it."""
         self.config = config
         self.method = config.method
@@ -171,12 +174,9 @@ class CacheRunner:
         self.sharded = frozenset(sharded)
         self.cfg_group = cfg_group
         self.stats = RunStats(config.method)
+        self.spec = config.spec
         self.predict = config.params.get("predict", "reuse")
-        # A calibrated TeaCache polynomial knows the signal changes it was fitted on; outside them it guesses.
-        self.fit_range = None
-        if config.method == "teacache":
-            variant = config.profile.method("teacache")["variants"][config.params["variant"]]
-            self.fit_range = variant.get("fit_range")
+        self.method_state = self.spec.start(config)
         self.generation = 0
         self.current: PassContext | None = None
         self._reset_state()
@@ -189,9 +189,22 @@ class CacheRunner:
             return group.mean_abs(*tensors)
         return [mean_abs(t) for t in tensors]
 
+    def signal_mean_abs(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Means of tensors derived from the adapter's signal (reduced when the adapter marks it a shard)."""
+        return self._mean_abs(SIGNAL, *tensors)
+
+    def latent_mean_abs(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Means of tensors derived from the model's input and output (reduced when marked a shard)."""
+        return self._mean_abs(LATENT, *tensors)
+
+    def tally(self, text: str) -> None:
+        """Count, per generation, something a method wants said in the stats ("N <text>")."""
+        counts = self.stats.tallies.setdefault(self.generation, {})
+        counts[text] = counts.get(text, 0) + 1
+
     @property
     def wants_signal(self) -> bool:
-        return self.method == "teacache"
+        return self.spec.wants_signal
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def _reset_state(self) -> None:
@@ -225,12 +238,8 @@ class CacheRunner:
         self.generation_open = True
         self.num_steps = num_steps
         self.signature = signature
-        if self.method == "magcache":
-            table_steps = int(self.config.profile.method("magcache")["steps"])
-            if table_steps != num_steps:
-                self.stats.notes.setdefault(self.generation, []).append(
-                    f"the MagCache table of {self.config.profile.name} was measured at {table_steps} steps; "
-                    f"resampled to {num_steps} ({self.config.params['resample']})")
+        for note in self.spec.generation_notes(self.config, num_steps):
+            self.note(note)
 
     def note(self, text: str) -> None:
         """Say once per generation what this run did differently (shown in the stats' summary and dict)."""
@@ -258,31 +267,19 @@ class CacheRunner:
         state = self._branch(branch)
         state.last_step = step
         ctx = self.current = PassContext(branch, step, num_steps, latent=latent)
-        if self.method == "easycache":
-            self._easycache_decide(ctx, state)
+        if self.spec.skips == MODEL:
+            self._decide_on_input(ctx, state)
         return ctx
 
     def enter_stack(self, h0: torch.Tensor, signal: torch.Tensor | None = None) -> torch.Tensor | None:
         """Decide for the block stack. Returns ``h0 + residual`` when the stack is to be skipped, else None."""
         ctx = self._require_pass()
-        if self.method == "easycache":
-            return None  # EasyCache decided at begin_pass; a stack reached here is computed
+        if self.spec.skips != STACK:
+            return None  # decided at begin_pass; a stack reached here is computed
         state = self.branches[ctx.branch]
         have_cache = state.residual is not None and state.residual.shape == h0.shape
-        if self.method == "teacache":
-            if signal is None:
-                raise RuntimeError("TeaCache needs the adapter's signal tensor at the block stack")
-            distance = None
-            if state.previous_signal is not None and state.previous_signal.shape == signal.shape:
-                change, scale = self._mean_abs(SIGNAL, signal - state.previous_signal, state.previous_signal)
-                distance = float(change / scale)
-            state.previous_signal = signal.detach()
-            ctx.signal = distance
-            if self.fit_range and distance is not None and not self.fit_range[0] <= distance <= self.fit_range[1]:
-                self.stats.outside_fit[self.generation] = self.stats.outside_fit.get(self.generation, 0) + 1
-            decision = state.policy.decide(ctx.step, ctx.num_steps, distance, have_cache)
-        else:
-            decision = state.policy.decide(ctx.step, ctx.num_steps, have_cache)
+        ctx.signal = self.spec.measure(self, state, ctx, h0, signal)
+        decision = state.policy.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache)
         decision = ctx.decision = self._agreed(decision, state, h0.device)
         ctx.h0 = h0
         if decision.compute:
@@ -291,7 +288,7 @@ class CacheRunner:
 
     def leave_stack(self, h_out: torch.Tensor) -> None:
         ctx = self._require_pass()
-        if self.method == "easycache" or ctx.h0 is None:
+        if self.spec.skips != STACK or ctx.h0 is None:
             return
         self._store_residual(self.branches[ctx.branch], ctx.step, h_out - ctx.h0)
         ctx.h0 = None
@@ -311,11 +308,12 @@ class CacheRunner:
         return state.residual + (state.residual - older) * slope_steps
 
     def end_pass(self, output: torch.Tensor | None) -> None:
-        """Close the pass; ``output`` is the model's latent-space prediction (needed by EasyCache only)."""
+        """Close the pass; ``output`` is the model's latent-space prediction (needed by a MODEL method only)."""
         ctx = self._require_pass()
         state = self.branches[ctx.branch]
-        if self.method == "easycache" and ctx.decision.compute:
-            self._easycache_store(ctx, state, output)
+        if self.spec.skips == MODEL and ctx.decision.compute:
+            self.spec.observe(self, state, ctx, output)
+            self._store_residual(state, ctx.step, output - ctx.latent)
         self.current = None
         decision = ctx.decision
         if decision is None:
@@ -346,8 +344,10 @@ class CacheRunner:
             raise RuntimeError("stepcache runner used outside a transformer pass")
         return self.current
 
-    # -------------------------------------------------------------------------------------------- EasyCache
-    def _easycache_decide(self, ctx: PassContext, state: BranchState) -> None:
+    # ------------------------------------------------------------------------------ deciding at the pass's start
+    def _decide_on_input(self, ctx: PassContext, state: BranchState) -> None:
+        """A MODEL method decides before the model runs. With ``decide_on`` set, the other CFG branches follow
+        that branch's decision of the same step (from its rank, under CFG parallelism)."""
         x = ctx.latent
         leader = self.config.decide_on
         if leader is not None and VIDEO_MARK in ctx.branch:  # a video follows its own leader branch
@@ -364,25 +364,12 @@ class CacheRunner:
             compute = followed.compute or not have_cache
             ctx.decision = Decision(compute, "follow" if compute == followed.compute else "no-cache",
                                     followed.accumulator)
+            self.spec.follow(self, state, ctx, x)
         else:
-            change = None
-            if state.previous_input is not None and state.computed_output is not None:
-                num, den = self._mean_abs(LATENT, x - state.previous_input, state.computed_output)
-                change = float(num / den)
-            ctx.signal = change
-            ctx.decision = self._agreed(state.policy.decide(ctx.step, ctx.num_steps, change, have_cache), state,
+            ctx.signal = self.spec.measure(self, state, ctx, x, None)
+            ctx.decision = self._agreed(state.policy.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache), state,
                                         x.device)
             if remote:
                 share_decision(self.cfg_group, ctx.decision, x.device)
-        state.previous_input = x.detach()
         if not ctx.decision.compute:
             ctx.reused_output = x + self._predicted_residual(state, ctx.step)
-
-    def _easycache_store(self, ctx: PassContext, state: BranchState, v: torch.Tensor) -> None:
-        x = ctx.latent
-        if state.computed_input is not None and state.computed_input.shape == x.shape:
-            num, den = self._mean_abs(LATENT, v - state.computed_output, x - state.computed_input)
-            state.policy.observe_rate(float(num / den) if float(den) > 0 else None)
-        state.computed_input = x.detach()
-        state.computed_output = v.detach()
-        self._store_residual(state, ctx.step, v - x)

@@ -1,7 +1,7 @@
 """`stepcache schedule`: the pass pattern of an input-independent method, without a model.
 
-MagCache decides from the step index and the profile's ratio table only, so its whole schedule is known before
-a model runs. The simulation drives the same runner and policies a real run uses, with one-element stand-in
+A method whose ``needs_model`` is None (MagCache: the step index and the profile's ratio table) has its whole
+schedule known before a model runs. The simulation drives the same runner and policies a real run uses, with one-element stand-in
 tensors, so the printed pattern is what a generation will do.
 """
 from __future__ import annotations
@@ -9,14 +9,8 @@ from __future__ import annotations
 import sys
 
 from .cliargs import int_at_least
+from . import methods
 from .methods import PARAMETERS, resolve_method
-
-INPUT_DEPENDENT = {
-    "teacache": "TeaCache decides from the change of a model activation (the timestep embedding on Wan, the "
-                "modulated block input on HunyuanVideo and Open-Sora), so its schedule needs the model",
-    "easycache": "EasyCache decides from the change of the latent and of the model output, so its schedule "
-                 "depends on the input",
-}
 
 
 def simulate(config, num_steps: int, branches: list[str] | None = None):
@@ -57,16 +51,16 @@ def add_arguments(parser) -> None:
 
 
 def list_presets(profile_name: str, steps: int | None) -> list[str]:
-    from .profiles import METHODS, load_profile
+    from .profiles import load_profile
     profile = load_profile(profile_name)
     lines = [f"presets of {profile.name}" + (f" at {steps} steps" if steps else "") + ":"]
-    for method in METHODS:
+    for method in methods.names():
         if not profile.has(method):
             continue
         section = profile.method(method)
         notes = section.get("preset_notes", {})
         for name, params in section.get("presets", {}).items():
-            if method == "magcache":
+            if methods.get(method).needs_model is None:
                 config = resolve_method(method, profile, name)
                 run_steps = steps or int(section["steps"])
                 computed, total = simulate(config, run_steps).counts()
@@ -82,9 +76,10 @@ def run(args) -> int:
     if args.list_presets:
         print("\n".join(list_presets(args.profile, args.steps)))
         return 0
-    if args.method in INPUT_DEPENDENT:
-        print(f"error: {INPUT_DEPENDENT[args.method]}; run it (e.g. `stepcache generate`) and read its stats "
-              f"instead.", file=sys.stderr)
+    needs_model = methods.get(args.method).needs_model
+    if needs_model:
+        print(f"error: {needs_model}; run it (e.g. `stepcache generate`) and read its stats instead.",
+              file=sys.stderr)
         return 2
     config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
                             retention_ratio=args.retention, resample=args.resample)

@@ -15,14 +15,8 @@ from typing import Any, Callable
 
 from .errors import ParameterError, ProfileError
 
-METHODS = ("teacache", "magcache", "easycache")
 RESAMPLE_MODES = ("nearest", "compose", "none")
 PREDICTIONS = ("reuse", "linear")
-# The activations a TeaCache polynomial may be fitted on; each adapter computes the ones of its model.
-TEACACHE_SIGNALS = ("temb", "timestep_proj", "block0_modulated")
-# A magnitude ratio is ||r_t|| / ||r_{t-1}|| of consecutive residuals: measured tables stay within 0.5-1.5.
-# Zero or negative ratios break the (fractional-)power accumulation; past 10 a table is not a measurement.
-MAX_RATIO = 10.0
 
 
 class SchemaError(ProfileError):
@@ -65,25 +59,24 @@ def one_of(*allowed) -> tuple[Callable[[Any], bool], str]:
 
 NAME_OR_NONE = (lambda v: v is None or (isinstance(v, str) and bool(v)), "is not a branch name or null")
 
-# Every parameter a method accepts, and what it may be. (Help texts live in stepcache.methods.PARAMETERS.)
-PARAMETER_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "teacache": {"thresh": finite(0), "variant": (lambda v: isinstance(v, str) and bool(v), "is not a variant name"),
-                 "warmup_steps": integer(0), "force_last": BOOLEAN, "clamp_polynomial": BOOLEAN,
-                 "predict": one_of(*PREDICTIONS)},
-    "magcache": {"thresh": finite(0), "K": integer(1), "retention_ratio": finite(0, 1, high_open=True),
-                 "resample": one_of(*RESAMPLE_MODES), "predict": one_of(*PREDICTIONS)},
-    "easycache": {"thresh": finite(0), "warmup_steps": integer(0), "force_last": BOOLEAN,
-                  "decide_on": NAME_OR_NONE, "predict": one_of(*PREDICTIONS)},
-}
+PREDICT_RULE = one_of(*PREDICTIONS)
+
+
+def _rules(method: str) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Each parameter of ``method`` and its rule, from the method's own module."""
+    from .methods import get
+    return {name: rule for name, (_, rule) in get(method).PARAMETERS.items()}
 
 
 def check_parameters(method: str, params: dict[str, Any], where: str) -> None:
     """Each of ``params`` is a parameter of ``method`` with an allowed value; ``where`` names their origin."""
-    rules = PARAMETER_RULES[method]
+    rules = _rules(method)
     prefix = f"{where}: " if where else ""
+    unknown = [key for key in params if key not in rules]
+    if unknown:
+        raise ParameterError(f"{prefix}{method} does not take {', '.join(sorted(unknown))}; its parameters are: "
+                             f"{', '.join(rules)}")
     for key, value in params.items():
-        if key not in rules:
-            raise ParameterError(f"{prefix}{method} does not take {key!r}; its parameters are: {', '.join(rules)}")
         ok, allowed = rules[key]
         if not ok(value):
             raise ParameterError(f"{prefix}{method} {key}={value!r} {allowed}")
@@ -101,6 +94,9 @@ class _Checker:
             shown = shown[:57] + "..."
         verdict = allowed if allowed.startswith("is ") else f"is not allowed: expected {allowed}"
         raise SchemaError(f"profile {self.source}: {key}={shown} {verdict}")
+
+    def fail_text(self, text: str) -> None:
+        raise SchemaError(f"profile {self.source}: {text}")
 
     def need(self, section: dict, key: str, path: str) -> Any:
         if key not in section:
@@ -133,7 +129,7 @@ class _Checker:
 
     def parameters(self, params: Any, method: str, path: str) -> None:
         params = self.mapping(params, path)
-        rules = PARAMETER_RULES[method]
+        rules = _rules(method)
         for key, value in params.items():
             if key not in rules:
                 self.fail(f"{path}.{key}", value, f"is not a {method} parameter ({', '.join(rules)})")
@@ -157,59 +153,9 @@ def check_profile_data(data: Any, source: str) -> None:
     if "detect" in model:
         c.value(model["detect"], BOOLEAN, "model.detect")
     c.mapping(model.get("config", {}), "model.config")
-    if not any(data.get(m) for m in METHODS):
-        raise SchemaError(f"profile {source}: holds no method table; allowed: at least one of {', '.join(METHODS)}")
-    if data.get("teacache"):
-        _check_teacache(c, c.mapping(data["teacache"], "teacache"))
-    if data.get("magcache"):
-        _check_magcache(c, c.mapping(data["magcache"], "magcache"))
-    if data.get("easycache"):
-        _check_easycache(c, c.mapping(data["easycache"], "easycache"))
-
-
-def _check_teacache(c: _Checker, section: dict) -> None:
-    variants = c.mapping(c.need(section, "variants", "teacache"), "teacache.variants")
-    if not variants:
-        c.fail("teacache.variants", variants, "at least one variant")
-    for name, variant in variants.items():
-        path = f"teacache.variants.{name}"
-        variant = c.mapping(variant, path)
-        c.value(c.need(variant, "signal", path), one_of(*TEACACHE_SIGNALS), f"{path}.signal")
-        c.numbers(c.need(variant, "coefficients", path), finite(), f"{path}.coefficients")
-        c.value(c.need(variant, "warmup_steps", path), integer(0), f"{path}.warmup_steps")
-        c.value(c.need(variant, "force_last", path), BOOLEAN, f"{path}.force_last")
-        if variant.get("fit_range") is not None:
-            fit = c.numbers(variant["fit_range"], finite(), f"{path}.fit_range", min_len=2)
-            if len(fit) != 2 or fit[0] > fit[1]:
-                c.fail(f"{path}.fit_range", fit, "[low, high] with low <= high")
-    c.settings(section, "teacache", "teacache")
-    for where, params in [("defaults", section.get("defaults", {}))] + [
-            (f"presets.{k}", v) for k, v in section.get("presets", {}).items()]:
-        if "variant" in params and params["variant"] not in variants:
-            c.fail(f"teacache.{where}.variant", params["variant"], "is not one of " + ", ".join(variants))
-
-
-def _check_magcache(c: _Checker, section: dict) -> None:
-    steps = c.need(section, "steps", "magcache")
-    c.value(steps, integer(2), "magcache.steps")
-    branches = section.get("branches") or ["cond"]
-    if not (isinstance(branches, list) and all(isinstance(b, str) and b for b in branches)
-            and len(set(branches)) == len(branches)):
-        c.fail("magcache.branches", branches, "a list of distinct branch names")
-    ratios = c.numbers(c.need(section, "ratios", "magcache"), finite(0, MAX_RATIO, low_open=True), "magcache.ratios")
-    if len(ratios) != steps * len(branches):
-        raise SchemaError(f"profile {c.source}: magcache.ratios has {len(ratios)} values; allowed: steps x branches "
-                          f"= {steps} x {len(branches)} = {steps * len(branches)} (one per step and branch)")
-    for key, rule in (("inclusive", BOOLEAN), ("absolute_error", BOOLEAN),
-                      ("ratio_power", finite(0, 4, low_open=True))):
-        if key in section:
-            c.value(section[key], rule, f"magcache.{key}")
-    c.settings(section, "magcache", "magcache")
-
-
-def _check_easycache(c: _Checker, section: dict) -> None:
-    top = {k: section[k] for k in ("thresh", "warmup_steps", "force_last", "decide_on") if k in section}
-    c.parameters(top, "easycache", "easycache")
-    if "suggested_warmup_steps" in section:
-        c.value(section["suggested_warmup_steps"], integer(0), "easycache.suggested_warmup_steps")
-    c.settings(section, "easycache", "easycache")
+    from .methods import get, names
+    if not any(data.get(m) for m in names()):
+        raise SchemaError(f"profile {source}: holds no method table; allowed: at least one of {', '.join(names())}")
+    for method in names():
+        if data.get(method):
+            get(method).check_section(c, c.mapping(data[method], method))

@@ -82,14 +82,10 @@ class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     # model's input and output (EasyCache) are whole on every rank.
     sequence_sharded = frozenset({SIGNAL})
 
-    def __init__(self):
-        self.method: str | None = None
-
-    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
-        self.method = method
+    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
         signal_of = None
-        if method == "teacache":
+        if wants_signal:
             if len(model.transformer_blocks) == 0:
                 raise ValueError("TeaCache on HunyuanVideo reads the first dual-stream block's modulated input, "
                                  "and this model has no dual-stream blocks (num_layers=0)")

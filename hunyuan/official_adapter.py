@@ -95,10 +95,10 @@ class HYVideoAdapter:
     family = "hunyuanvideo"
     sequence_sharded = frozenset({SIGNAL})  # block 0's input is the image-token shard under xDiT
 
-    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         blocks = [*model.double_blocks, *model.single_blocks]
         signal_of = None
-        if method == "teacache":
+        if wants_signal:
             if len(model.double_blocks) == 0:
                 raise ValueError("TeaCache on HunyuanVideo reads the first double block's modulated input, and "
                                  "this model has no double blocks")

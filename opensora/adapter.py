@@ -159,7 +159,7 @@ class STDiT3Adapter:
             raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not VideoSys's Open-Sora STDiT3 (no "
                             f"{', '.join(missing)}); the Open-Sora adapter cannot patch it")
 
-    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         try:
             self.check(model)
             check_single_process(model)
@@ -171,7 +171,7 @@ class STDiT3Adapter:
         self.in_channels = int(model.in_channels)
         self.pred_sigma = int(getattr(model, "out_channels", self.in_channels)) == 2 * self.in_channels
         signal_of = None
-        if method == "teacache":
+        if wants_signal:
             first = model.spatial_blocks[0]
 
             def signal_of(args, kwargs):

@@ -181,7 +181,7 @@ class _IdentityTeaCache:
         return getattr(self._real, name)
 
     def make_policy(self, branch, num_steps):
-        from stepcache.policies import TeaCachePolicy
+        from stepcache.methods.teacache import TeaCachePolicy
         return TeaCachePolicy([1.0, 0.0], self.thresh, warmup_steps=1, force_last=True)
 
 

@@ -138,12 +138,13 @@ def test_resampling_errors_measure_each_mode_against_a_measured_table():
     ([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0], 10),
 ])
 def test_easycache_warmup_starts_where_the_rate_settles(rates, expected):
-    from stepcache.calibrate import PassMeasure, easycache_section
+    from stepcache import methods
+    from stepcache.calibrate import Calibration, PassMeasure
     steps = len(rates) + 1
     measures = [PassMeasure(0, "cond", 0, output_mean=1.0)]
     measures += [PassMeasure(0, "cond", s, rate=k, input_change=0.1, output_mean=1.0)
                  for s, k in enumerate(rates, start=1)]
-    section = easycache_section(measures, steps, None)
+    section = methods.get("easycache").calibration_section(Calibration(measures, ["cond"], steps, None, None))
     assert section["suggested_warmup_steps"] == expected
     assert len(section["rate"]["relative_change"]) == len(rates) - 1
 

@@ -242,7 +242,7 @@ def test_every_shipped_profile_passes_the_schema():
 
 
 def test_a_finite_check_refuses_infinity_in_policies_too():
-    from stepcache.policies import EasyCachePolicy
+    from stepcache.methods.easycache import EasyCachePolicy
     with pytest.raises(ParameterError, match="inf"):
         EasyCachePolicy(math.inf, 1)
 

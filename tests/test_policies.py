@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from stepcache.methods import resolve_method
-from stepcache.policies import (EasyCachePolicy, MagCachePolicy, ParameterError, Polynomial, TeaCachePolicy,
-                                nearest_resample)
+from stepcache.methods.easycache import EasyCachePolicy
+from stepcache.methods.magcache import MagCachePolicy
+from stepcache.methods.teacache import TeaCachePolicy
+from stepcache.policies import ParameterError, Polynomial, nearest_resample
 from stepcache.profiles import ProfileError, load_profile
 from stepcache.schedule import simulate
 

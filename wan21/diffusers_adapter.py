@@ -25,9 +25,9 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
     block_io = first_arg_io("hidden_states")
     sequence_sharded = frozenset()  # temb and the model's input/output are whole on every rank (see above)
 
-    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         install_stack(patch, runner_of, model.blocks, self.block_io)
-        if method != "teacache":
+        if not wants_signal:
             return
 
         def capture(module, inputs, outputs):

@@ -118,10 +118,10 @@ class WanOfficialAdapter:
             raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not Wan2.1's WanModel (no "
                             f"{', '.join(missing)}); the upstream-Wan2.1 adapter cannot patch it")
 
-    def install(self, patch, model, runner_of, method: str, signal_name) -> None:
+    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         self.check(model)
         install_stack(patch, runner_of, model.blocks, self.block_io)
-        if method != "teacache":
+        if not wants_signal:
             return
 
         def capture(wanted: str):

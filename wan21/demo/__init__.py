@@ -27,5 +27,8 @@ def calibration_target(args=None, weights=None, demo=None):
 
     meta = {"resolution": [SIZE, SIZE], "frames": FRAMES, "guidance": guidance,
             "scheduler": type(demo.pipe.scheduler).__name__, "shift": SHIFT, "dtype": "fp32",
-            "pipeline": "WanPipeline", "weights": str(demo.model.metadata.get("path"))}
+            "pipeline": "WanPipeline", "weights": str(demo.model.metadata.get("path")),
+            # `stepcache generate` refuses the demo model; `stepcache demo` runs it, at the calibrated step count
+            "run_with": f"stepcache demo --profile {{profile}} --steps {steps}"
+                        + (f" --weights {weights}" if weights is not None else "")}
     return demo.pipe, generate, meta

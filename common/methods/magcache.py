@@ -1,0 +1,255 @@
+"""MagCache (Ma et al.): reuse the block stack's residual while the accumulated error of calibrated magnitude
+ratios stays under a threshold, at most ``K`` reuses in a row.
+
+* Table: per step and CFG branch, the mean over tokens of ``||r_t|| / ||r_{t-1}||`` of the residual
+  ``r = h_L - h0``, measured once on uncached runs (the profile's ``ratios``, interleaved cond, uncond, ...).
+* Rule: ``ratio *= table[t]; err += |1 - ratio|``; reuse while ``err < thresh`` (or ``<=``, per table) and at
+  most K in a row; a warm-up of ``retention_ratio`` of the passes is always computed. It reads nothing from the
+  pass, so its whole schedule is known before a model runs (``stepcache schedule``).
+* Calibration: the table (with its spread), and speed presets found by simulating the schedule on it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+from ..policies import Decision, check_range, check_threshold
+from ..schema import BOOLEAN, PREDICT_RULE, RESAMPLE_MODES, finite, integer, one_of
+from .base import PREDICT_HELP, STACK, Method
+
+NAME = "magcache"
+# The reference's table layout and decision rule, as the released Wan code has them (a table may say otherwise).
+RULE = {"inclusive": False, "ratio_power": 1.0, "absolute_error": True}
+# MagCache's speed levels of a calibrated profile allow longer runs of reuse, as the published settings do.
+SPEED_K = {"slow": 2, "medium": 3, "fast": 4}
+# A ratio is ||r_t|| / ||r_{t-1}|| of consecutive residuals: measured tables stay within 0.5-1.5. Zero or negative
+# ratios break the (fractional-)power accumulation; past 10 a table is not a measurement.
+MAX_RATIO = 10.0
+
+
+class MagCachePolicy:
+    """Accumulated error of the calibrated magnitude ratios, at most ``K`` reuses in a row.
+
+    The reference counts passes, not steps: a table calibrated with CFG interleaves the branches (cond, uncond,
+    cond, ...), and the retention warm-up is ``int(retention_ratio * passes)`` over that interleaved count. So a
+    policy is told its branch's position in the table layout (``branch_index`` of ``num_branches``) and works in
+    pass units, which reproduces the published schedules exactly.
+    """
+
+    def __init__(self, ratios: Sequence[float], thresh: float, K: int, retention_ratio: float,
+                 num_branches: int = 1, branch_index: int = 0, inclusive: bool = False,
+                 ratio_power: float = 1.0, absolute_error: bool = True):
+        self.thresh = check_threshold("magcache thresh", thresh)
+        check_range("magcache K", K, low=1, integer=True)
+        check_range("magcache retention_ratio", float(retention_ratio), low=0.0, high=1.0, high_open=True)
+        check_range("magcache num_branches", num_branches, low=1, integer=True)
+        check_range("magcache branch_index", branch_index, low=0, high=num_branches - 1, integer=True)
+        self.ratios = [float(r) for r in ratios]
+        self.K = int(K)
+        self.retention_ratio = float(retention_ratio)
+        self.num_branches = int(num_branches)
+        self.branch_index = int(branch_index)
+        self.inclusive = bool(inclusive)
+        self.ratio_power = float(ratio_power)
+        self.absolute_error = bool(absolute_error)
+        self.reset()
+
+    def reset(self) -> None:
+        self.accumulated_ratio = 1.0
+        self.accumulated_error = 0.0
+        self.accumulated_steps = 0
+
+    def restart_accumulation(self) -> None:
+        """A pass was computed although this policy would have reused it (another rank computed it)."""
+        self.reset()
+
+    def decide(self, step: int, num_steps: int, measurement: float | None = None,
+               have_cache: bool = True) -> Decision:
+        """``measurement`` is unused: MagCache decides from the step and its table alone."""
+        from ..errors import ParameterError
+        if len(self.ratios) != num_steps:
+            raise ParameterError(
+                f"magcache ratio table has {len(self.ratios)} entries for this branch but the run has "
+                f"{num_steps} steps; resample the profile to {num_steps} steps first")
+        pass_index = step * self.num_branches + self.branch_index
+        warmup_passes = int(self.retention_ratio * num_steps * self.num_branches)
+        if pass_index < warmup_passes:
+            return Decision(True, "warmup", 0.0)
+        self.accumulated_ratio *= self.ratios[step] ** self.ratio_power
+        self.accumulated_steps += 1
+        drift = 1.0 - self.accumulated_ratio
+        self.accumulated_error += abs(drift) if self.absolute_error else drift
+        error = self.accumulated_error
+        within = error <= self.thresh if self.inclusive else error < self.thresh
+        if self.thresh > 0 and within and self.accumulated_steps <= self.K and have_cache:
+            return Decision(False, "reuse", error)
+        reason = "disabled" if self.thresh == 0 else ("no-cache" if not have_cache else
+                                                      ("threshold" if not within else "limit"))
+        self.reset()
+        return Decision(True, reason, error)
+
+
+def residual_ratio_stats(current, previous, all_reduce=lambda t: None) -> tuple[float, float, float]:
+    """(mean, std, mean cosine distance) over tokens of the per-token ``||r_t|| / ||r_prev||`` (MC-WAN:80-194).
+
+    ``all_reduce`` sums the per-token statistics over a sequence-parallel group, so every rank gets the value
+    over the whole sequence.
+    """
+    import torch
+    # float32 whatever the model's dtype: a bf16 norm ratio near 1 has only ~3 significant digits.
+    cur, prev = current.float(), previous.float()
+    ratio = cur.norm(dim=-1) / prev.norm(dim=-1)
+    cos = 1 - torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-8)
+    sums = torch.stack([ratio.sum(), (ratio * ratio).sum(), cos.sum(),
+                        torch.tensor(float(ratio.numel()), device=ratio.device)]).double()
+    all_reduce(sums)
+    total, total_sq, total_cos, count = (float(v) for v in sums)
+    mean = total / count
+    # The reference's torch.std is the unbiased estimate; the same from the reduced sums.
+    var = max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
+    return mean, var ** 0.5, total_cos / count
+
+
+def interleave_with_padding(per_branch: dict[str, Sequence[float]], order: Sequence[str],
+                            pad: float = 1.0) -> list[float]:
+    """The reference's table layout: ``[pad] * branches`` for step 0, then step 1 of every branch in ``order``,
+    step 2, ... (cond, uncond, cond, ... for Wan)."""
+    lengths = {b: len(per_branch[b]) for b in order}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"branches have different numbers of measured steps: {lengths}")
+    out = [float(pad)] * len(order)
+    for step in range(next(iter(lengths.values()), 0)):
+        out.extend(float(per_branch[b][step]) for b in order)
+    return out
+
+
+class MagCache(Method):
+    name = NAME
+    skips = STACK
+    PARAMETERS = {
+        "thresh": ("accumulated magnitude-error budget; 0 disables reuse", finite(0)),
+        "K": ("at most K reused passes in a row (>= 1)", integer(1)),
+        "retention_ratio": ("fraction of passes always computed at the start, in [0, 1)",
+                            finite(0, 1, high_open=True)),
+        "resample": ("how a table is fitted to another step count: 'compose' (default: multiply the ratios of the "
+                     "merged steps, split them geometrically for more steps), 'nearest' (the reference's) or "
+                     "'none' (refuse)", one_of(*RESAMPLE_MODES)),
+        "predict": (PREDICT_HELP, PREDICT_RULE),
+    }
+
+    def resolve(self, profile, section, params):
+        from ..profiles import DEFAULT_RESAMPLE
+        params.setdefault("resample", DEFAULT_RESAMPLE)
+        params.setdefault("retention_ratio", 0.2)
+        return params
+
+    def make_policy(self, config, branch, num_steps):
+        p = config.params
+        index, count = config.branch_layout(branch)
+        table = config.profile.method(NAME)
+        ratios = config.profile.magcache_ratios(num_steps, index, p["resample"])
+        return MagCachePolicy(ratios, p["thresh"], p["K"], p["retention_ratio"], count, index,
+                              inclusive=table.get("inclusive", False), ratio_power=table.get("ratio_power", 1.0),
+                              absolute_error=table.get("absolute_error", True))
+
+    def validate(self, config):
+        steps = int(config.profile.method(NAME)["steps"])
+        for branch in config.profile.magcache_branches():
+            config.make_policy(branch, steps)  # K, retention and the table's shape, now
+
+    def generation_notes(self, config, num_steps):
+        table_steps = int(config.profile.method(NAME)["steps"])
+        if table_steps == num_steps:
+            return []
+        return [f"the MagCache table of {config.profile.name} was measured at {table_steps} steps; resampled to "
+                f"{num_steps} ({config.params['resample']})"]
+
+    def check_section(self, c, section):
+        steps = c.need(section, "steps", NAME)
+        c.value(steps, integer(2), "magcache.steps")
+        branches = section.get("branches") or ["cond"]
+        if not (isinstance(branches, list) and all(isinstance(b, str) and b for b in branches)
+                and len(set(branches)) == len(branches)):
+            c.fail("magcache.branches", branches, "a list of distinct branch names")
+        ratios = c.numbers(c.need(section, "ratios", NAME), finite(0, MAX_RATIO, low_open=True), "magcache.ratios")
+        if len(ratios) != steps * len(branches):
+            c.fail_text(f"magcache.ratios has {len(ratios)} values; allowed: steps x branches = {steps} x "
+                        f"{len(branches)} = {steps * len(branches)} (one per step and branch)")
+        for key, rule in (("inclusive", BOOLEAN), ("absolute_error", BOOLEAN),
+                          ("ratio_power", finite(0, 4, low_open=True))):
+            if key in section:
+                c.value(section[key], rule, f"magcache.{key}")
+        c.settings(section, NAME, NAME)
+
+    # --------------------------------------------------------------------------------------------- calibration
+    def calibration_section(self, cal) -> dict[str, Any]:
+        """The mean ratio table with its spread; published presets kept, speed levels found on this table."""
+        from ..calibrate import SPEED_LEVELS, CalibrationError, summary_stats, threshold_for
+        grouped = cal.grouped("ratio")
+        branches, steps, base = cal.branches, cal.steps, cal.base
+        per = {b: [summary_stats(grouped[(b, s)]) for s in range(1, steps) if (b, s) in grouped] for b in branches}
+        for b in branches:
+            if len(per[b]) != steps - 1:
+                raise CalibrationError(f"branch {b!r} is missing ratios; every run must have {steps} steps")
+        stds = cal.grouped("ratio_std")
+        coss = cal.grouped("cos_distance")
+
+        def table(pick, pad=1.0):
+            return interleave_with_padding({b: [round(pick(b, s, st), 5) for s, st in enumerate(per[b], start=1)]
+                                            for b in branches}, branches, pad=pad)
+
+        rule = base.data.get(NAME, {}) if base is not None and base.has(NAME) else {}
+        section = {
+            "ratios": table(lambda b, s, st: st["mean"]),
+            "steps": steps,
+            "branches": list(branches),
+            **{key: rule.get(key, default) for key, default in RULE.items()},
+            "spread": {"std": table(lambda b, s, st: st["std"], 0.0), "min": table(lambda b, s, st: st["min"]),
+                       "max": table(lambda b, s, st: st["max"]), "runs": per[branches[0]][0]["n"]},
+            "token_std": table(lambda b, s, st: summary_stats(stds[(b, s)])["mean"], 0.0),
+            "cos_distance": table(lambda b, s, st: summary_stats(coss[(b, s)])["mean"], 0.0),
+            "defaults": dict(rule.get("defaults", {"thresh": 0.12, "K": 2, "retention_ratio": 0.2})),
+        }
+        # Published presets keep their names; the speed levels are measured on this table, since the published
+        # thresholds were chosen for another one.
+        presets = {name: p for name, p in rule.get("presets", {}).items() if name not in SPEED_LEVELS}
+        notes = {}
+        retention = section["defaults"].get("retention_ratio", 0.2)
+        for level, fraction in SPEED_LEVELS.items():
+            k = SPEED_K[level]
+            reuse = self._reuse(section, steps, k, retention)
+            target = min(fraction, reuse(1e6))
+            presets[level] = {"thresh": threshold_for(target, reuse) if target > 0 else 0.12, "K": k,
+                              "retention_ratio": retention}
+            notes[level] = f"reuses {reuse(presets[level]['thresh']):.0%} of the passes at {steps} steps"
+        section["presets"] = presets
+        section["preset_notes"] = notes
+        if "defaults" not in rule:
+            section["defaults"] = dict(presets["medium"])
+        return section
+
+    def describe_calibration(self, section):
+        spread = max(section["spread"]["std"])
+        return [f"  magcache: {len(section['ratios'])} ratios, {section['steps']} steps x {len(section['branches'])} "
+                f"branch(es), {section['spread']['runs']} run(s) each; largest spread over runs (std) {spread:.4f}"]
+
+    @staticmethod
+    def _reuse(section, steps, K, retention):
+        """The reuse fraction at a threshold: the schedule follows from the table alone, so it is the one
+        `stepcache schedule` simulates."""
+        from ..profiles import FORMAT, Profile
+        from ..runner import NothingCachedWarning
+        from ..schedule import simulate
+        from . import resolve_method
+        profile = Profile("calibrated", {"format": FORMAT, "name": "calibrated", NAME: section})
+
+        def reuse(thresh):
+            config = resolve_method(NAME, profile, None, thresh=thresh, K=K, retention_ratio=retention)
+            with warnings.catch_warnings():  # probing thresholds that reuse nothing is the point here
+                warnings.simplefilter("ignore", NothingCachedWarning)
+                computed, total = simulate(config, steps).counts()
+            return 1 - computed / total
+        return reuse
+
+
+METHOD = MagCache()
