@@ -276,7 +276,7 @@ def measure(target, run: CalibrationRun, generate, signal_name: str | None = Non
         raise CalibrationError("calibration needs at least one seed")
     model, pipeline = _resolve_target(target)
     adapter = adapter_for(model)
-    runner = CalibrationRunner(signal_name or getattr(adapter, "teacache_signal", None))
+    runner = CalibrationRunner(signal_name or getattr(adapter, "default_signal", None))
     cached = CachedModel(model, adapter, "calibrate", None, None, {}, StepClock(pipeline, run.steps),
                          runner=runner)
     pairs = [(p, s) for p in run.prompts for s in run.seeds]

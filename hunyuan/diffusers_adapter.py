@@ -76,7 +76,7 @@ class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     return_dict_index = 7
     config_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
                    "image_condition_type")
-    teacache_signal = "block0_modulated"  # the signal TeaCache reads by default; calibration records it
+    default_signal = "block0_modulated"  # the activation a signal-reading method (TeaCache) reads by default
     block_io = BLOCK_IO
     # Under context parallelism the TeaCache signal is read from block 0's input, the image-token shard; the
     # model's input and output (EasyCache) are whole on every rank.

@@ -21,7 +21,7 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
     family = "wan2.1"
     return_dict_index = 4
     config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "image_dim")
-    teacache_signal = "temb"  # the signal TeaCache reads by default; calibration records it
+    default_signal = "temb"  # the activation a signal-reading method (TeaCache) reads by default
     block_io = first_arg_io("hidden_states")
     sequence_sharded = frozenset()  # temb and the model's input/output are whole on every rank (see above)
 
