@@ -34,8 +34,7 @@ import torch
 from . import methods
 from .calibration_io import calibrated_source, write_profile
 from .errors import InputError
-from .methods.base import Method
-from .methods.easycache import change_ratio
+from .methods.base import Method, mean_abs_ratio
 from .methods.magcache import residual_ratio_stats
 from .methods.teacache import relative_l1
 from .policies import Decision, ParameterError, Polynomial
@@ -162,7 +161,7 @@ class CalibrationRunner(CacheRunner):
         if output is not None and previous.output is not None and previous.output.shape == output.shape:
             ctx.measure.output_change = relative_l1(self._mean_abs_of, output, previous.output)
             ctx.measure.input_change = float(self.reduce_mean(mean_abs(latent - previous.latent)))
-            ctx.measure.rate = change_ratio(self._mean_abs_of, output - previous.output, latent - previous.latent)
+            ctx.measure.rate = mean_abs_ratio(self._mean_abs_of, output - previous.output, latent - previous.latent)
         previous.output = output.detach() if output is not None else None
         previous.latent = latent.detach()
         self.measures.append(ctx.measure)

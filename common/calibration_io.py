@@ -1,8 +1,9 @@
 """MagCache calibration: measure the magnitude ratios of one uncached run and write them as a profile file.
 
 MagCache's table is, per CFG branch and per step, the mean over tokens of ``||r_t|| / ||r_{t-1}||`` where ``r`` is
-the block-stack residual ``h_L - h0`` (seed-methods.md §3.4). The reference also records the per-token std of that
-ratio and the mean cosine distance ``1 - cos(r_t, r_{t-1})``; they are kept for inspection, not used by the policy.
+the block-stack residual ``h_L - h0`` (MagCache4Wan2.1/magcache_generate.py, ``magcache_calibration``). The
+reference also records the per-token std of that ratio and the mean cosine distance ``1 - cos(r_t, r_{t-1})``;
+they are kept for inspection, not used by the policy.
 
 The reference prints the list for the user to paste into its source. Here the measurement is written as a
 ``stepcache-profile/1`` file that every entry point loads by path (``profile=...``, ``--cache_profile``).

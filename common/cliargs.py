@@ -8,30 +8,25 @@ import argparse
 import math
 
 
-def int_at_least(low: int):
-    def parse(text: str) -> int:
+def _at_least(low, kind, what: str):
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small; allowed: an integer >= {low}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} is too small; allowed: {what} >= {low:g}")
         return value
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"{what} >= {low:g}"
     return parse
+
+
+def int_at_least(low: int):
+    return _at_least(low, int, "an integer")
 
 
 def float_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"{text} is not allowed; allowed: a finite number >= {low:g}")
-        return value
-    parse.__name__ = f"number >= {low:g}"
-    return parse
+    return _at_least(low, float, "a finite number")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -69,14 +69,18 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
-    """Open a temporary file beside ``path``; on success it replaces ``path``, on any exception it is removed."""
+def atomic_path(path: str | os.PathLike, require_content: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, so writers that choose a format by it still do) for a
+    writer that takes a file name; on success it replaces ``path``, on any exception it is removed. With
+    ``require_content``, a body that left the file empty (a writer that failed quietly) is an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=str(path.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
-            yield handle
+        yield Path(tmp)
+        if require_content and (not os.path.exists(tmp) or os.path.getsize(tmp) == 0):
+            raise OSError(f"nothing was written to {path}")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -86,23 +90,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix, so writers that choose a format by it still do) for a
-    writer that takes a file name; on success it replaces ``path``, else it is removed. The body must create it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=str(path.parent))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
-            raise OSError(f"nothing was written to {path}")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
+    """Open a temporary file beside ``path``; on success it replaces ``path``, on any exception it is removed."""
+    with atomic_path(path, require_content=False) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

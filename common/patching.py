@@ -203,6 +203,28 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
         patch.wrap_forward(block, lambda original, block=block: wrap(block, original), innermost=True)
 
 
+def first_block_signal(blocks: Sequence[nn.Module], read: Callable[[nn.Module, tuple, dict], torch.Tensor],
+                       wants_signal: bool, signal_name: Callable[[], str | None], provides: str,
+                       model_name: str) -> Callable[[tuple, dict], torch.Tensor] | None:
+    """``signal_of`` for :func:`install_stack` when the signal is an activation of the first block,
+    ``read(first_block, args, kwargs)`` (None when the method wants no signal). A profile variant that asks for
+    another signal than the one this model ``provides`` is refused at the first pass, never silently swapped."""
+    if not wants_signal:
+        return None
+    if len(blocks) == 0:
+        raise ValueError(f"the {provides!r} signal is read in the first block of the stack, and this {model_name} "
+                         f"has no such block")
+    first = blocks[0]
+
+    def signal_of(args, kwargs):
+        name = signal_name()
+        if name not in (None, provides):
+            raise ValueError(f"the {model_name} adapter computes the {provides!r} signal, but the profile's variant "
+                             f"asks for {name!r}")
+        return read(first, args, kwargs)
+    return signal_of
+
+
 def install_forward(patch: InstalledPatch, model: nn.Module,
                     around: Callable[[Callable, tuple, dict], Any]) -> None:
     """Replace ``model.forward`` (at instance level, outside any hooks on the model) by

@@ -45,7 +45,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from ..errors import InputError, run_cli
+from ..errors import InputError
 from ..outputs import atomic_path, check_output_dir, write_text
 from ..timing import CLOCKS, add_clock_argument
 
@@ -912,10 +912,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="stepcache bench")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(lambda: run(args), prog="stepcache bench")
+    """``python -m stepcache.eval.bench``: the same as ``stepcache bench``."""
+    from ..cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

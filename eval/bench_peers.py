@@ -7,7 +7,7 @@ every peer got a fair chance), and ``install``/``remove`` on the benchmark's pip
 here, the reason is either a missing package (:meth:`Method.unavailable`, checked at every start) or the error
 its run raised (stored in the results as it was raised, never hidden).
 
-How each peer is configured, and why (details in /work/shared/reference/peers.md of the project notes):
+How each peer is configured, and why (docs/bench.md says the same for readers):
 
 * diffusers ``FirstBlockCacheConfig``: the residual-change threshold swept around the documented 0.05-0.2.
 * diffusers ``MagCacheConfig``: the ratios come from diffusers' own ``calibrate=True`` pass on this very model,

@@ -5,5 +5,6 @@
 * ``official_adapter``: upstream Tencent/HunyuanVideo's ``HYVideoDiffusionTransformer``;
 * ``official``: the one implementation behind the drop-in scripts ``magcache_sample_video.py``,
   ``teacache_sample_video.py`` and ``easycache_sample_video.py`` for an upstream checkout;
-* ``resolution``: which published MagCache table a video size uses; ``calibration``: measuring a new one.
+* ``resolution``: which published MagCache table a video size uses (``--magcache-calibration`` measures a new
+  one, through :mod:`stepcache.calibration_io`).
 """

@@ -3,8 +3,9 @@
 Blocks in call order are ``transformer_blocks`` (dual-stream) then ``single_transformer_blocks``; both take
 ``(hidden_states, encoder_hidden_states, temb, ...)`` and return ``(hidden_states, encoder_hidden_states)``
 with image and text tokens apart. The cached residual covers the image tokens only, as in the reference
-(seed-methods.md §2.2, §3.1). On a reused pass the text tokens leave the stack as they entered it; nothing
-reads them afterwards, because the output head (``norm_out``, ``proj_out``) takes ``hidden_states`` alone.
+(TeaCache4HunyuanVideo and MagCache4HunyuanVideo cache ``img`` only). On a reused pass the text tokens leave the
+stack as they entered it; nothing reads them afterwards, because the output head (``norm_out``, ``proj_out``)
+takes ``hidden_states`` alone.
 
 The TeaCache signal is the reference's tensor: block 0's modulated image input. In diffusers that is the
 first output of ``transformer_blocks[0].norm1`` (an ``AdaLayerNormZero``: LayerNorm without affine, times
@@ -37,7 +38,7 @@ import torch
 
 from ..distributed import SIGNAL
 from ..diffusers_io import DiffusersTransformerAdapter, call_arg
-from ..patching import BlockIO, install_stack
+from ..patching import BlockIO, first_block_signal, install_stack
 
 # What `stepcache generate` should pass to a HunyuanVideoPipeline by default: the published sampling setup
 # (upstream hyvideo/config.py defaults; guidance-distilled, so one pass per step).
@@ -83,18 +84,10 @@ class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     sequence_sharded = frozenset({SIGNAL})
 
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-        signal_of = None
-        if wants_signal:
-            if len(model.transformer_blocks) == 0:
-                raise ValueError("TeaCache on HunyuanVideo reads the first dual-stream block's modulated input, "
-                                 "and this model has no dual-stream blocks (num_layers=0)")
-            first = model.transformer_blocks[0]
-
-            def signal_of(args, kwargs):
-                return block0_modulated_input(first, args, kwargs)
-
-        install_stack(patch, runner_of, blocks, self.block_io, signal_of=signal_of)
+        signal_of = first_block_signal(model.transformer_blocks, block0_modulated_input, wants_signal, signal_name,
+                                       self.default_signal, "HunyuanVideo transformer (dual-stream blocks)")
+        install_stack(patch, runner_of, [*model.transformer_blocks, *model.single_transformer_blocks], self.block_io,
+                      signal_of=signal_of)
 
     def check_parallel(self, model) -> None:
         """Refuse a context-parallel model that was not set up by :func:`enable_context_parallel` (its text

@@ -9,7 +9,8 @@ upstream does stays upstream's: its argument groups (``hyvideo.config``), its ``
   model is loaded (the published scripts hard-code them: "edit lines 294-296");
 * the cache, installed on the transformer *instance* after upstream has built it, so that it also wraps the
   instance-level ``forward`` that upstream's xDiT ``parallelize_transformer`` binds (the published scripts
-  patch the class and are silently uncached there, seed-methods.md §6.1); under ``torchrun`` every rank caches
+  patch the class and are silently uncached there: the class forward never runs once an instance forward
+  is bound); under ``torchrun`` every rank caches
   its own image-token shard, and TeaCache's shard signal is reduced over xDiT's sequence-parallel group before
   the threshold, so every rank takes the same decision;
 * MagCache at any ``--video-size``: 720 and 544 use their published tables, any other height the nearest one
@@ -78,10 +79,6 @@ class UpstreamImportError(InputError):
 def refuse(message: str):
     """The ``error`` callback of :func:`plan_cache`: one line, exit status 2 (through :func:`run_cli`)."""
     raise CacheFlagError(message)
-
-
-class SequenceParallelWarning(UserWarning):
-    """Kept for compatibility: decisions are agreed between sequence-parallel ranks, nothing warns any more."""
 
 
 def _help(text: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..distributed import SIGNAL
-from ..patching import BlockIO, install_stack
+from ..patching import BlockIO, first_block_signal, install_stack
 from ..profiles import match_profiles
 
 VAE_SPATIAL_SCALE = 8  # the "884" VAE: 8x in height and width
@@ -96,18 +96,9 @@ class HYVideoAdapter:
     sequence_sharded = frozenset({SIGNAL})  # block 0's input is the image-token shard under xDiT
 
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        blocks = [*model.double_blocks, *model.single_blocks]
-        signal_of = None
-        if wants_signal:
-            if len(model.double_blocks) == 0:
-                raise ValueError("TeaCache on HunyuanVideo reads the first double block's modulated input, and "
-                                 "this model has no double blocks")
-            first = model.double_blocks[0]
-
-            def signal_of(args, kwargs):
-                return block0_modulated_input(first, args, kwargs)
-
-        install_stack(patch, runner_of, blocks, stack_io(), signal_of=signal_of)
+        signal_of = first_block_signal(model.double_blocks, block0_modulated_input, wants_signal, signal_name,
+                                       "block0_modulated", "HunyuanVideo transformer (double blocks)")
+        install_stack(patch, runner_of, [*model.double_blocks, *model.single_blocks], stack_io(), signal_of=signal_of)
 
     def branch_of(self, model, args: tuple, kwargs: dict) -> str:
         return BRANCH

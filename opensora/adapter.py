@@ -26,7 +26,7 @@ RFlow sampler calls it once per step as ``model(cat([z, z]), cat([t, t]), all_ti
   (float32).
 * **Step index, never by bf16 equality**: the reference TeaCache forces the first and last steps by comparing
   ``timestep[0]`` (cast to the model dtype) with ``int()`` of the bf16-cast schedule, which only works when the
-  bf16 value happens to be an integer (seed-methods.md §10 item 8: it fires at 480p, not at 144p nor in fp32).
+  bf16 value happens to be an integer (it fires at 480p, not at 144p nor in fp32).
   Here a pre-forward hook reads ``all_timesteps``: the sampler builds one new list per generation, so a new list
   object (or a timestep that goes up) starts a generation whose step count is ``len(all_timesteps)``
   (:meth:`stepcache.api.CachedModel.start_generation`), and each call's step index is its position in that
@@ -35,7 +35,7 @@ RFlow sampler calls it once per step as ``model(cat([z, z]), cat([t, t]), all_ti
   ``all_timesteps`` holds ``int(bf16(t))``, up to 2 below ``t``, while the schedule's smallest gap near t=1000
   is 7.1 at 480p/51 frames, 4.7 at 720p and 2.4 at 720p/204 frames, so the nearest entry can be the wrong one.
 * **Multi-GPU**: VideoSys spawns its worker processes (ranks 1..n-1) in ``VideoSysEngine.__init__``, before any
-  patch can reach them (seed-methods.md §6.3); a cache on rank 0 alone would skip blocks whose all-to-alls the
+  patch can reach them; a cache on rank 0 alone would skip blocks whose all-to-alls the
   other ranks wait in. So a model with sequence or CFG parallelism (``parallel_manager.sp_size`` or ``cp_size``
   above 1) is refused: the multi-GPU issue's support covers HunyuanVideo and Wan2.1 (xDiT, diffusers context
   parallelism), not VideoSys's engine.
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..patching import first_arg_io, install_stack
+from ..patching import first_arg_io, first_block_signal, install_stack
 from ..profiles import match_profiles
 
 FAMILY = "opensora"
@@ -170,17 +170,8 @@ class STDiT3Adapter:
             raise
         self.in_channels = int(model.in_channels)
         self.pred_sigma = int(getattr(model, "out_channels", self.in_channels)) == 2 * self.in_channels
-        signal_of = None
-        if wants_signal:
-            first = model.spatial_blocks[0]
-
-            def signal_of(args, kwargs):
-                name = signal_name()
-                if name not in (None, TEACACHE_SIGNAL):
-                    raise ValueError(f"the Open-Sora adapter computes TeaCache's {TEACACHE_SIGNAL!r} signal, but the "
-                                     f"profile's variant asks for {name!r}")
-                return block0_modulated_input(first, args, kwargs)
-
+        signal_of = first_block_signal(model.spatial_blocks, block0_modulated_input, wants_signal, signal_name,
+                                       TEACACHE_SIGNAL, "Open-Sora STDiT3")
         install_stack(patch, runner_of, blocks_in_call_order(model), self.block_io, signal_of=signal_of)
         patch.hook(model.register_forward_pre_hook(self._before_call, with_kwargs=True))
 

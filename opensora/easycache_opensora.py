@@ -1,10 +1,6 @@
-"""EasyCache for Open-Sora 1.2 on the VideoSys fork that Zehong-Ma/MagCache and ali-vilab/TeaCache ship
-(`pip install -e .` in a checkout of either). Run it from anywhere, or copy it next to `eval/*/experiments/opensora.py`:
-
-    python easycache_opensora.py --prompts vbench --seeds 0 --out samples/opensora_easycache [--thresh ... --preset ...]
-
-It patches the pipeline's STDiT3 *instance* (never its class) and writes one video per prompt and seed, resumable,
-with a timing manifest; `--help` lists every flag. The one implementation is stepcache.opensora.generate_set.
+"""EasyCache for Open-Sora 1.2 on the VideoSys fork (Zehong-Ma/MagCache, ali-vilab/TeaCache), run from anywhere or
+beside eval/*/experiments/opensora.py; `--help` lists every flag, docs/opensora.md explains them:
+    python easycache_opensora.py --prompts vbench --seeds 0 --out samples/opensora_easycache
 """
 import sys
 

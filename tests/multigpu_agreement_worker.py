@@ -5,14 +5,14 @@ were not seeded alike would see), once alone and once under the world group, and
 """
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from multigpu_rank import finish, join
 
 STEPS = 20
 
@@ -38,10 +38,7 @@ def drive(runner, rank: int) -> str:
 
 def main() -> int:
     out_dir = Path(sys.argv[2])
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("STEPCACHE_TEST_GLOO_TIMEOUT", "45")))
-    dist.init_process_group("gloo", timeout=timeout)
-    rank = dist.get_rank()
+    rank, _ = join()
     from stepcache.distributed import SequenceGroup, agree_on_compute
     from stepcache.methods import resolve_method
     from stepcache.runner import CacheRunner
@@ -55,10 +52,7 @@ def main() -> int:
     for i in range(rounds):
         agree_on_compute(group, bool((i + rank) % 2), device)
     results["seconds_per_agreement"] = (time.perf_counter() - start) / rounds
-    torch.save(results, out_dir / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(results, out_dir)
 
 
 if __name__ == "__main__":

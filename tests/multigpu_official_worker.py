@@ -23,7 +23,6 @@ all-gathers the output; Wan2.1's ``usp_dit_forward`` / ``usp_attn_forward`` (bou
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from multigpu_rank import finish, join
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
@@ -212,10 +213,7 @@ def main() -> int:
     global OUT
     cases_file, out_dir = sys.argv[1], Path(sys.argv[2])
     OUT = out_dir
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("STEPCACHE_TEST_GLOO_TIMEOUT", "45")))
-    dist.init_process_group("gloo", timeout=timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = join()
     own = [dist.new_group([r]) for r in range(world)][rank]  # a 1-rank "sequence-parallel group" for references
     install_xfuser_stub()
     cases = json.loads(Path(cases_file).read_text())
@@ -234,10 +232,7 @@ def main() -> int:
                 SP["group"] = own if case.get("usp") == "self" else None
                 results[case["id"]] = run_wan(case, up)
                 SP["group"] = None
-    torch.save(results, out_dir / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(results, out_dir)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ seed), enables stepcache and diffusers' context parallelism in the order the cas
 writes what it saw (final latents, the per-pass decisions and signals) to ``OUT_DIR/rank{r}.pt``; the test
 compares the ranks with each other and with a one-process run.
 
-The two CPU work-arounds live here, in test code only (shared/reference/peers.md §2, appendix A3):
+The two CPU work-arounds live here, in test code only:
 
 * ``torch.accelerator.device_count()`` is 0 on CPU torch, and diffusers computes ``rank % device_count()``;
 * ring attention needs an attention op that returns the log-sum-exp; diffusers' native op refuses
@@ -16,7 +16,6 @@ instead of hanging.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from multigpu_rank import finish, join
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -283,10 +284,7 @@ def cfg_split_case(case: dict) -> dict:
 
 def main() -> int:
     cases_file, out_dir = sys.argv[1], Path(sys.argv[2])
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("STEPCACHE_TEST_GLOO_TIMEOUT", "45")))
-    dist.init_process_group("gloo", timeout=timeout)
-    rank = dist.get_rank()
+    rank, _ = join()
     cpu_workarounds()
     import logging
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -310,13 +308,8 @@ def main() -> int:
                 results[case["id"]] = {"error": f"{type(exc).__name__}: {exc}"}
     except Exception:
         traceback.print_exc()
-        torch.save(results, out_dir / f"rank{rank}.pt")
-        dist.destroy_process_group()
-        return 1
-    torch.save(results, out_dir / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        return finish(results, out_dir, ok=False)
+    return finish(results, out_dir)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The VideoSys fork's Open-Sora code (the checkout ``OPENSORA_REPO`` points to: Zehong-Ma/MagCache or
 ali-vilab/TeaCache) on CPU with a tiny random ``STDiT3``, for tests only.
 
-What stands in, and nothing else (shared/reference/opensora-cpu.md §3); none of it changes the computation:
+What stands in, and nothing else; none of it changes the computation:
 
 * ``videosys/__init__.py`` is skipped (it imports every pipeline and torchvision): a bare package module
   ``videosys`` whose ``__path__`` is the checkout's ``videosys/`` lets the Open-Sora modules themselves import;

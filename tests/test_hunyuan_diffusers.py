@@ -21,7 +21,7 @@ SIGNAL_LINEAR = "transformer_blocks.0.norm1.linear"  # TeaCache evaluates block 
 # Thresholds that make the tiny random model reuse passes (its activations change far more than a real
 # model's, so the published thresholds would compute everything).
 REUSING = {"teacache": dict(thresh=5.0), "magcache": dict(), "easycache": dict(thresh=0.5)}
-# seed-methods.md §3.3, replayed from MC-HY's rule and tables.
+# Replayed from MagCache4HunyuanVideo's rule and tables.
 PUBLISHED_720P_E024K6 = "CCCCCCCCCC....C...C....C.....C....C......C....C.CC"
 PUBLISHED_720P_E012K4 = "CCCCCCCCCC..C..C..C...C..C...C...C....C....C..C.CC"
 PUBLISHED_544P_E024K6 = "CCCCCCCCCC....C...C....C.....C....C......C....C.C."

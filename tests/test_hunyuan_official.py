@@ -353,7 +353,7 @@ def test_easycache_reused_pass_runs_nothing(upstream, model, tmp_path):
 
 def _xdit_at_world_size_one(monkeypatch, sampler):
     """Upstream's own parallelize_transformer, run at world size 1 on CPU: it binds an instance-level forward
-    that calls the forward it captured, exactly as under torchrun (seed-methods.md §6.1)."""
+    that calls the forward it captured, exactly as under torchrun."""
     import hyvideo.inference as inference
 
     class NoParallelAttention:  # falsy: the blocks keep using the plain attention path

@@ -176,35 +176,35 @@ def test_wan_ctrl_c_is_one_line_and_exit_130(wan_dir, capsys):
     assert not (wan_dir / "v.mp4").exists()
 
 
-def test_wan_missing_requirement_names_what_to_install(tmp_path):
-    """Upstream's generate.py imports wan.configs, which imports easydict; here a generate.py that does the same,
-    in a process where importing easydict fails as it does where it is not installed."""
-    (tmp_path / "generate.py").write_text("from easydict import EasyDict\n")
-    code = ("import sys; sys.modules['easydict'] = None; sys.argv = ['magcache_generate.py', '--task', 't2v-1.3B']; "
-            "from stepcache.wan21.official_generate import run_script; run_script('magcache')")
+MISSING_REQUIREMENTS = [
+    # Upstream's generate.py imports wan.configs, which imports easydict: a generate.py that does the same.
+    ({"generate.py": "from easydict import EasyDict\n"}, "easydict",
+     "sys.argv = ['magcache_generate.py', '--task', 't2v-1.3B']; "
+     "from stepcache.wan21.official_generate import run_script; run_script('magcache')",
+     "magcache_generate.py: error: upstream Wan2.1 needs the Python module 'easydict', which is not installed: "
+     "pip install easydict (or pip install -r requirements.txt in the Wan2.1 checkout)"),
+    # Upstream's hyvideo imports loguru: a hyvideo package that does the same.
+    ({"hyvideo/__init__.py": "", "hyvideo/config.py": "from loguru import logger\n"}, "loguru",
+     "sys.path.insert(0, '.'); sys.argv = ['teacache_sample_video.py']; "
+     "from stepcache.hunyuan.official import entry; entry('teacache')",
+     "teacache_sample_video.py: error: upstream HunyuanVideo needs the Python module 'loguru', which is not "
+     "installed: pip install loguru (or pip install -r requirements.txt in the HunyuanVideo checkout)"),
+]
+
+
+@pytest.mark.parametrize("files,module,run,message", MISSING_REQUIREMENTS, ids=["wan21", "hunyuanvideo"])
+def test_missing_requirement_names_what_to_install(tmp_path, files, module, run, message):
+    """In a process where importing the upstream requirement fails, as it does where it is not installed."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    code = f"import sys; sys.modules[{module!r}] = None; {run}"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert one_error_line(result.stderr) == (
-        "magcache_generate.py: error: upstream Wan2.1 needs the Python module 'easydict', which is not installed: "
-        "pip install easydict (or pip install -r requirements.txt in the Wan2.1 checkout)")
+    assert one_error_line(result.stderr) == message
 
 
 # ------------------------------------------------------------------------------------------------ HunyuanVideo
-def test_hunyuan_missing_requirement_names_what_to_install(tmp_path):
-    """Upstream's hyvideo imports loguru; here a hyvideo package that does the same, where loguru fails to
-    import as it does where it is not installed."""
-    (tmp_path / "hyvideo").mkdir()
-    (tmp_path / "hyvideo" / "__init__.py").write_text("")
-    (tmp_path / "hyvideo" / "config.py").write_text("from loguru import logger\n")
-    code = ("import sys; sys.path.insert(0, '.'); sys.modules['loguru'] = None; "
-            "sys.argv = ['teacache_sample_video.py']; from stepcache.hunyuan.official import entry; entry('teacache')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert one_error_line(result.stderr) == (
-        "teacache_sample_video.py: error: upstream HunyuanVideo needs the Python module 'loguru', which is not "
-        "installed: pip install loguru (or pip install -r requirements.txt in the HunyuanVideo checkout)")
-
-
 def hy_constants(root: Path):
     """Upstream's hyvideo.constants tables (rooted at MODEL_BASE, as upstream's are)."""
     base = str(root / "ckpts")

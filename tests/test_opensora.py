@@ -17,7 +17,7 @@ from stepcache.runner import NothingCachedWarning
 
 from opensora_tiny import BlockCalls, STDiT3, model_args, sample
 
-# seed-methods.md §3.3 / the MagCache eval README: 0.12/K3 computes 12 of 30 steps, 0.24/K5 10 of 30.
+# The MagCache eval README (eval/magcache): 0.12/K3 computes 12 of 30 steps, 0.24/K5 10 of 30.
 PUBLISHED_E012K3 = "CCCCCC...C...C...C...C...C...C"
 PUBLISHED_E024K5 = "CCCCCC.....C.....C.....C.....C"
 

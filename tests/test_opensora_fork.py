@@ -128,8 +128,7 @@ def test_teacache_matches_the_published_forward_in_bf16(bf16, thresh):
 
 
 def test_teacache_forces_the_last_step_by_index_where_bf16_equality_fails(fp32):
-    """In float32 the last timestep is 143.1 against int() 143 in all_timesteps: the published test never fires
-    (seed-methods.md §10 item 8); forcing by step index does. Everything before the last step is identical."""
+    """In float32 the last timestep is 143.1 against int() 143 in all_timesteps: the published test never fires; forcing by step index does. Everything before the last step is identical."""
     final, outputs, stats = run(fp32, "teacache", thresh=0.1)
     ref_final, ref_outputs, ref_pattern = run_published(fp32, "teacache", thresh=0.1)
     assert stats.of()[-1].reason == "forced-last" and stats.pattern().endswith("C")

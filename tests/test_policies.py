@@ -12,7 +12,8 @@ from stepcache.policies import ParameterError, Polynomial, nearest_resample
 from stepcache.profiles import ProfileError, load_profile
 from stepcache.schedule import simulate
 
-# (profile, thresh, K, computed, total, pattern or None): seed-methods.md §3.3, derived from the released code.
+# (profile, thresh, K, computed, total, pattern or None): replayed from the released code (docs/profiles.md
+# lists the published settings).
 PUBLISHED = [
     ("hunyuanvideo-t2v-720p", 0.24, 6, 19, 50, "CCCCCCCCCC....C...C....C.....C....C......C....C.CC"),
     ("hunyuanvideo-t2v-720p", 0.12, 4, 22, 50, "CCCCCCCCCC..C..C..C...C..C...C...C....C....C..C.CC"),
@@ -47,7 +48,7 @@ def test_wan_table_gives_each_branch_its_own_ratios():
 
 
 def test_nearest_resample_matches_reference_index_map():
-    # seed-methods.md §3.4: 50 -> 30 picks these indices (numpy round-half-to-even).
+    # The reference's nearest_interp (MagCache4Wan2.1): 50 -> 30 picks these indices (numpy round-half-to-even).
     expected = [0, 2, 3, 5, 7, 8, 10, 12, 14, 15, 17, 19, 20, 22, 24, 25, 27, 29, 30, 32, 34, 35, 37, 39, 41, 42,
                 44, 46, 47, 49]
     assert nearest_resample(list(range(50)), 30) == [float(i) for i in expected]

@@ -29,7 +29,7 @@ PROFILES = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.1-i2v-14b-480p"}
 # changes far more per step than a trained one, so TeaCache needs a far larger budget than published ones.
 REUSING = {"magcache": dict(thresh=0.24, K=4, retention_ratio=0.2), "teacache": dict(thresh=500.0),
            "easycache": dict(thresh=0.3, warmup_steps=2)}
-# The published MagCache schedule for T2V-1.3B at 0.12 / K4 / R0.2, 50 steps (seed-methods.md §3.3: 42/100).
+# The published MagCache schedule for T2V-1.3B at 0.12 / K4 / R0.2, 50 steps (42/100, as MagCache4Wan2.1's released code computes it).
 PUBLISHED_42 = ("CCCCCCCCCCCCCCCCCCCC........CC........CC........CC........CC........CC......CC....CC....CC..CC.."
                 "CCCC")
 

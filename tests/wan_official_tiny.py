@@ -1,6 +1,6 @@
 """Upstream Wan2.1 (the checkout ``WAN21_REPO`` points to) on CPU with tiny random weights, for tests only.
 
-What stands in for GPU- or checkpoint-bound code (shared/reference/upstream-cpu.md §2-3), and nothing else:
+What stands in for GPU- or checkpoint-bound code, and nothing else:
 
 * ``wan/__init__.py`` and the other package ``__init__``s are skipped (they import every pipeline, T5's default
   argument calls ``torch.cuda.current_device()``); the modules themselves are upstream's files;

@@ -1,6 +1,6 @@
 """diffusers ``WanTransformer3DModel`` (Wan2.1 T2V and I2V): where its blocks are and where each signal lives.
 
-The TeaCache signal is taken from the same tensors as the reference (seed-methods.md §2.2): the timestep
+The TeaCache signal is taken from the same tensors as the reference (TeaCache4Wan2.1/teacache_generate.py): the timestep
 embedding ``temb`` (upstream ``e``), or with ``use_ret_steps`` its projection ``timestep_proj`` (upstream
 ``e0``); both are outputs of ``condition_embedder``. EasyCache works in the 16-channel latent space: for I2V
 the image-condition channels the pipeline concatenates after the latent are not part of ``x``.
@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from ..diffusers_io import DiffusersTransformerAdapter
 from ..patching import first_arg_io, install_stack
+
+
+# The TeaCache signals Wan computes, in the order condition_embedder returns them.
+SIGNALS = ("temb", "timestep_proj")
 
 
 class WanDiffusersAdapter(DiffusersTransformerAdapter):
@@ -33,7 +37,10 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
         def capture(module, inputs, outputs):
             runner = runner_of()
             if runner is not None and runner.current is not None:
-                temb, timestep_proj = outputs[0], outputs[1]
-                runner.current.signal_tensor = temb if signal_name() == "temb" else timestep_proj
+                name = signal_name()
+                if name not in SIGNALS:
+                    raise ValueError(f"the Wan adapter computes the signals {', '.join(SIGNALS)}, but the profile's "
+                                     f"variant asks for {name!r}")
+                runner.current.signal_tensor = outputs[SIGNALS.index(name)]
 
         patch.hook(model.condition_embedder.register_forward_hook(capture))

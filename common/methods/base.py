@@ -17,6 +17,7 @@ The runner and the front door call these and never name a method.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 STACK = "stack"
@@ -26,6 +27,15 @@ MODEL = "model"
 # and cache-dit's TaylorSeer do), which the published thresholds were not tuned for. The runner applies it.
 PREDICT_HELP = ("how a reused pass estimates the skipped work: 'reuse' (default, as published: the last computed "
                 "residual) or 'linear' (extrapolated, by step index, from the last two computed residuals)")
+
+
+def mean_abs_ratio(mean_abs_of, numerator, denominator) -> float | None:
+    """``mean|numerator| / mean|denominator|``, or None when it is not finite (a zero denominator); one host read.
+    ``mean_abs_of(*tensors)`` gives each tensor's mean absolute value (over the whole sequence when sharded).
+    TeaCache's relative L1 change and EasyCache's input change and transformation rate are all this."""
+    num, den = mean_abs_of(numerator, denominator)
+    value = float(num / den)
+    return value if math.isfinite(value) else None
 
 
 class Method:

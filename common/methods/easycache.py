@@ -10,12 +10,11 @@ while the accumulated predicted output change stays under a threshold.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..policies import Decision, check_range, check_threshold, forced_reason
 from ..schema import BOOLEAN, NAME_OR_NONE, PREDICT_RULE, finite, integer
-from .base import MODEL, PREDICT_HELP, Method
+from .base import MODEL, PREDICT_HELP, Method, mean_abs_ratio
 
 NAME = "easycache"
 # The rate counts as settled once it changes by less than this from step to step, SETTLED_RUN times in a row.
@@ -61,14 +60,6 @@ class EasyCachePolicy:
         return Decision(True, "threshold" if self.thresh > 0 else "disabled", accumulated)
 
 
-def change_ratio(mean_abs_of, numerator, denominator) -> float | None:
-    """``mean|numerator| / mean|denominator|`` (None when the denominator is 0): the input change (over the last
-    output) and the transformation rate (output change over input change) are both this. One host read."""
-    num, den = mean_abs_of(numerator, denominator)
-    value = float(num / den)
-    return value if math.isfinite(value) else None
-
-
 class EasyCache(Method):
     name = NAME
     skips = MODEL
@@ -94,7 +85,7 @@ class EasyCache(Method):
         if state.previous_input is None or state.computed_output is None:
             change = None
         else:
-            change = change_ratio(runner.latent_mean_abs, x - state.previous_input, state.computed_output)
+            change = mean_abs_ratio(runner.latent_mean_abs, x - state.previous_input, state.computed_output)
         state.previous_input = x.detach()
         return change
 
@@ -104,7 +95,7 @@ class EasyCache(Method):
     def observe(self, runner, state, ctx, v):
         x = ctx.latent
         if state.computed_input is not None and state.computed_input.shape == x.shape:
-            state.policy.observe_rate(change_ratio(runner.latent_mean_abs, v - state.computed_output,
+            state.policy.observe_rate(mean_abs_ratio(runner.latent_mean_abs, v - state.computed_output,
                                                    x - state.computed_input))
         state.computed_input = x.detach()
         state.computed_output = v.detach()

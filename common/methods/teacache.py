@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ..policies import Decision, Polynomial, check_threshold, check_range, forced_reason
 from ..schema import BOOLEAN, PREDICT_RULE, finite, integer, one_of
-from .base import PREDICT_HELP, STACK, Method
+from .base import PREDICT_HELP, STACK, Method, mean_abs_ratio
 
 NAME = "teacache"
 DEGREE = 4  # of the fitted polynomial, as published
@@ -57,11 +57,9 @@ class TeaCachePolicy:
         return Decision(True, "threshold" if self.thresh > 0 else "disabled", accumulated)
 
 
-def relative_l1(mean_abs_of, current, previous) -> float:
-    """``mean|current - previous| / mean|previous|``, the change TeaCache rescales (and calibrates on).
-    ``mean_abs_of(*tensors)`` gives each tensor's mean absolute value (over the whole sequence when sharded)."""
-    change, scale = mean_abs_of(current - previous, previous)
-    return float(change / scale)
+def relative_l1(mean_abs_of, current, previous) -> float | None:
+    """``mean|current - previous| / mean|previous|``, the change TeaCache rescales (and calibrates on)."""
+    return mean_abs_ratio(mean_abs_of, current - previous, previous)
 
 
 class TeaCache(Method):

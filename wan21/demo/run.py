@@ -571,11 +571,9 @@ def plot_patterns(path: Path, plan: Plan, cached_runs) -> Path | None:
 
 
 def main(argv=None) -> int:
-    from ...errors import run_cli
-    parser = argparse.ArgumentParser(prog="stepcache demo")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(lambda: run(args), prog="stepcache demo")
+    """``python -m stepcache.wan21.demo.run``: the same as ``stepcache demo``."""
+    from ...cli import main as cli_main
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
