@@ -1,24 +1,12 @@
 """One decision for the whole sequence-parallel group.
 
-Under sequence parallelism (diffusers' context parallelism, Ulysses or ring; xDiT in the official repos) every
-rank runs the same denoising loop on its own shard of the token sequence. A cached pass must be skipped or
-computed on *every* rank alike: a rank that skips its blocks while another runs them waits in a different
-collective (an all-to-all inside attention versus the final all-gather) and the job hangs.
+Under sequence parallelism every rank runs the same loop on its own shard of the tokens, and a cached pass must
+be skipped or computed on every rank alike: a rank that skips its blocks while another runs them waits in a
+different collective and the job hangs. So a rank-invariant measurement adds no collective, and one taken on a
+shard (the names an adapter lists in ``sequence_sharded``) is reduced to the full-sequence mean, ``sum |t|``
+over ``count``, never a mean of shard means nor rank 0's shard alone.
 
-Decisions are therefore made once for the group:
-
-* rank-invariant decisions need nothing: MagCache (the step index and a fixed table), TeaCache on Wan (the
-  timestep embedding, never split), and any measurement taken on a tensor every rank holds in full (EasyCache
-  reads the model's unsplit input and gathered output). No collective is added for them;
-* an input-dependent measurement taken on a *shard* (TeaCache's modulated input on HunyuanVideo, which is split
-  over image tokens) is reduced over the group before the policy sees it: every rank contributes the sum of
-  ``|t|`` over its shard and its element count, one ``all_reduce`` adds them, and the mean over the full sequence
-  is ``sum / count``. Shards may be unequal; the result equals the single-process mean up to float rounding and
-  is identical on every rank, so every rank takes the same decision. Never a mean of shard means, never rank 0's
-  shard alone.
-
-An adapter states which of its measurements are shards (``sequence_sharded``, a set of the names below); the
-runner reduces exactly those, over the group :func:`resolve_parallel` finds or the caller gives.
+Design notes: docs/multi-gpu.md#in-the-code-shards-and-the-agreement
 """
 from __future__ import annotations
 

@@ -1,26 +1,12 @@
 """Installing a cache on one model instance, and taking it off again exactly.
 
-Nothing here copies a model's forward. The cache sits at two seams every supported model has:
+The cache sits at two seams every supported model has, the instance's ``forward`` and the block stack, and
+both are set as instance attributes, never on ``model.__class__`` (shared with every other instance, and
+``FullyShardedDataParallel`` itself under FSDP; parallel wrappers bind instance forwards a class patch never
+reaches). Blocks are wrapped beneath diffusers' hooks, and beneath accelerate's in ``_old_forward``, so that the
+cache sees a block's real (sharded) input and survives offload hooks being removed and re-added.
 
-* the instance's ``forward`` (wrapped, so EasyCache can skip the whole model and every pass is bracketed);
-* the block stack: the first block decides (and on reuse returns ``h0 + residual``), the blocks after it pass
-  their input through, and the last block stores ``h_L - h0`` after a computed pass.
-
-Both are instance attributes, never ``model.__class__`` attributes: the class is shared with every other
-instance (and, under FSDP, is ``FullyShardedDataParallel`` itself), and parallel wrappers bind instance-level
-forwards that a class patch would never reach.
-
-Blocks are wrapped *beneath* any diffusers hook chain on them (``module._diffusers_hook``): diffusers'
-context parallelism splits ``blocks.0``'s input in such a hook, and the cache must see the block's real input,
-the shard, whether it was enabled before or after ``enable_parallelism`` (a hook registered later wraps
-whatever forward is there, which is then ours). Removing the cache finds the wrapper wherever later hooks have
-moved it and puts the original back in its place.
-
-accelerate's hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) replace ``module.forward``
-by a wrapper that calls ``module._old_forward``, and removing them writes ``_old_forward`` back over
-``module.forward``. diffusers removes and re-adds them after every pipeline call. So on a module with such a hook
-the cache goes into ``_old_forward`` (beneath the hook), where the hook's removal carries it back into
-``forward`` and its re-installation wraps it again, never dropping it.
+Design notes: docs/design.md#patching-where-the-cache-sits
 """
 from __future__ import annotations
 

@@ -1,32 +1,13 @@
 """The one place that holds tensors between transformer passes.
 
-An adapter splits its model's forward into "before the blocks", "the block stack" and "after the blocks" and
-calls the runner at three points of every pass:
+An adapter calls the runner at three points of every pass: ``begin_pass`` (a ``skips == MODEL`` method decides
+here), ``enter_stack`` / ``leave_stack`` around the block stack (a ``skips == STACK`` method decides there and
+``h_L - h0`` is stored) and ``end_pass``. What a method measures and how it decides live in its module
+(:mod:`stepcache.methods`); the runner holds the tensors, the branches, the generation and the agreement
+between ranks, and names no method. State is per CFG branch (by name, never by call parity) and per runner,
+and a runner belongs to one model instance.
 
-1. :meth:`CacheRunner.begin_pass` with the branch, step and latent input. A method that skips the whole model
-   (``skips == MODEL``) decides here; a reused pass returns ``latent + (v - x)`` and the model does not run.
-2. :meth:`CacheRunner.enter_stack` with the block-stack input ``h0`` (and the signal, for a method that wants
-   one). A method that skips the stack (``skips == STACK``) decides here; a reused pass gets
-   ``h0 + residual`` and no block runs. :meth:`CacheRunner.leave_stack` stores ``h_L - h0`` after a computed
-   stack.
-3. :meth:`CacheRunner.end_pass` with the model output (a MODEL method stores ``v - x`` and observes it).
-
-What a method measures and how it decides live in its module (:mod:`stepcache.methods`); the runner holds the
-tensors, the branches, the generation and the agreement, and names no method.
-
-State is per CFG branch (keyed by the branch's name, never by call parity) and per runner, and a runner
-belongs to one model instance. A generation starts when a branch's step index goes back (or repeats), when
-the step count changes, or when the latent's shape or device changes; everything is reset then, and when a
-generation completes (or a pass raises) its cached tensors are released. A dtype change alone is not a new
-generation: pipelines make one themselves (HunyuanVideo's step-0 latent is fp16, fp32 after its scheduler's
-first step), and a reused residual is cast to the dtype of the pass it is added to.
-
-Under any parallel group every pass ends its decision with one agreement: a 1-element all-reduce (max) of the
-compute flag on the activation's device, so that all ranks skip or compute together whatever their inputs.
-
-Under sequence parallelism each rank has its own runner: the cached residual is that rank's shard (``h_L - h0``
-of the same shard), and the measurements the adapter marks as shards are reduced over the group before any
-policy sees them (:mod:`stepcache.distributed`), so every rank decides alike.
+Design notes: docs/design.md#the-runner
 """
 from __future__ import annotations
 

@@ -1,35 +1,13 @@
 """`stepcache bench`: stepcache against the fewer-steps floor and the peers, on the demo model, in one run.
 
-On the shipped demo model (a diffusers ``WanTransformer3DModel`` run through the real ``WanPipeline``), over a
-fixed set of prompts and seeds, one process runs:
+One process runs, over a fixed set of prompts and seeds, the uncached baseline, the floors (fewer steps; a
+fixed one-in-k pattern), stepcache's three methods calibrated in the session and the peers (diffusers' and
+cache-dit's caches), each over a sweep, and reports for every run the passes (and real block work), the
+wall-clock speedup against baselines timed just before and after it (median over shuffled rounds), and PSNR,
+SSIM and LPIPS against the baseline's video. ``results.jsonl`` makes a run resumable; exit codes: 0 complete,
+1 the bench failed, 2 bad input, 3 runs missing (``--budget-minutes``), 130 interrupted.
 
-* the uncached baseline;
-* the floors every caching method must beat: the same pipeline with fewer steps (a sweep of step counts) and a
-  fixed pattern that computes one pass in every k after the warm-up;
-* stepcache TeaCache, MagCache and EasyCache, calibrated in this session, each over a sweep of its threshold;
-* the peers, configured as their documentation allows: diffusers FirstBlockCache, MagCache (ratios from
-  diffusers' own calibration on this model), TaylorSeer, SeaCache, PyramidAttentionBroadcast and FasterCache;
-  cache-dit DBCache with and without TaylorSeer; each over a sweep.
-
-For every run: transformer passes (and, for peers that skip inside the forward, the real block work: the
-multiply-adds of the ``nn.Linear`` layers inside ``transformer.blocks`` that actually ran, against the
-baseline's); wall-clock time (all runs interleaved in rounds, in a shuffled order, with the baseline timed at
-the start, every few runs and at the end of each round; each run's speedup is against the baselines timed just
-before and after it, and the median over rounds is reported); and PSNR (per-frame mean and whole video), SSIM
-and LPIPS (when its weights are found) against the baseline's video for the same prompt and seed.
-
-Output in ``--out``: ``results.jsonl`` (one line per finished run and timing; a restart skips what is
-there; runs added to the plan since, such as a new sweep point, are scored and timed on their own; a folder
-made with other settings is refused), ``report.json``, ``table.md`` (the table, every run's
-configuration, the verdict), ``plot.png`` (PSNR against speedup, one curve per method) and ``verdict.md`` (the
-short verdict for the README). ``--quick`` runs 3 prompts, 2-3 points per sweep and 1 timing round (a few
-minutes); the default (full) mode is what the README's figures come from. ``--untrained`` runs a random-weight
-model of the demo's architecture, for checking the plumbing before the trained weights exist; every output is
-then labelled UNTRAINED.
-
-Exit codes: 0 every run finished and the report is written; 2 bad input (one line, nothing run); 3 the report
-is written but runs are missing (``--budget-minutes`` reached: the line on stderr names them; run the same
-command again); 130 interrupted (what was finished stays in results.jsonl); 1 the bench itself failed.
+Design notes: docs/bench.md#against-the-peers-stepcache-bench
 """
 from __future__ import annotations
 

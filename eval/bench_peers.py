@@ -1,34 +1,12 @@
 """The methods `stepcache bench` runs: the floors, stepcache's three methods, and the peers, each with its sweep.
 
-Every method is a :class:`Method`: a key (``diffusers-fbc``), a family (``baseline``, ``floor``, ``stepcache``,
-``diffusers``, ``cache-dit``), the package it needs, a sweep (the quick one is a subset of the full one), the
-full configuration of each run (printed with the run and stored in the results, so a reader can check that
-every peer got a fair chance), and ``install``/``remove`` on the benchmark's pipeline. Where a peer cannot run
-here, the reason is either a missing package (:meth:`Method.unavailable`, checked at every start) or the error
-its run raised (stored in the results as it was raised, never hidden).
+Every method is a :class:`Method`: a key, a family, the package it needs, a sweep (the quick one a subset of
+the full one), the full configuration of each run (printed and stored, so a reader can check that every peer
+got a fair chance) and ``install``/``remove``. A peer that cannot run says why: a missing package
+(:meth:`Method.unavailable`) or the error its run raised, stored as raised, never hidden. Each peer is
+configured as its documentation allows; how, and why, is written for readers in the docs.
 
-How each peer is configured, and why (docs/bench.md says the same for readers):
-
-* diffusers ``FirstBlockCacheConfig``: the residual-change threshold swept around the documented 0.05-0.2.
-* diffusers ``MagCacheConfig``: the ratios come from diffusers' own ``calibrate=True`` pass on this very model,
-  at this step count, averaged over the benchmark's calibration prompts and both CFG contexts (diffusers takes
-  one table for all contexts); retention 0.2 as documented; threshold and ``max_skip_steps`` swept exactly as
-  stepcache's MagCache ``thresh`` and ``K``.
-* diffusers ``TaylorSeerCacheConfig``: its default module patterns match nothing on Wan (no hook, no speedup,
-  no warning), so ``cache_identifiers`` names Wan's attention modules (``blocks.N.attn1``/``attn2``), as its
-  documentation allows; ``cache_interval`` (and the order) swept; float32 Taylor factors on this float32 model.
-* diffusers ``SeaCacheConfig``: works out of the box on ``WanPipeline`` (it passes step, sigma and step count
-  through ``cache_context``); threshold and ``max_consecutive_cached`` swept.
-* diffusers ``PyramidAttentionBroadcastConfig``: spatial (self) and cross-attention skip ranges swept, the
-  documented timestep range (100, 800), ``current_timestep_callback`` from the pipeline. Its state is one per
-  attention module and counts calls, not steps: on Wan's separate CFG passes the unconditional pass reuses the
-  conditional pass's attention of the same step (cross-branch reuse). That is how it ships; noted with its runs.
-* diffusers ``FasterCacheConfig``: run with its defaults; its CFG-cache splits a batched (uncond, cond) input, so
-  it crashes on Wan's separate batch-1 CFG passes. The error is recorded as raised.
-* cache-dit ``DBCacheConfig`` (F1B0, ``enable_separate_cfg=True`` because cache-dit tracks CFG branches by call
-  parity and mixes them otherwise), with and without ``TaylorSeerCalibratorConfig(taylorseer_order=1)``; the
-  residual-diff threshold swept. cache-dit patches the pipeline's *class*; each run gets a throwaway subclass so
-  nothing leaks into the next run.
+Design notes: docs/bench.md#against-the-peers-stepcache-bench (How each peer is configured)
 """
 from __future__ import annotations
 

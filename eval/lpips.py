@@ -1,23 +1,13 @@
 """LPIPS (v0.1) without torchvision, and the search for its two weight files.
 
-Why not just `import lpips`: the `lpips` package builds its backbone through torchvision, and PyPI's torchvision
-does not import beside a CPU build of torch; neither lpips nor any other package ships the ImageNet backbone
-itself (it is downloaded on first use). This module rebuilds the same computation with plain torch.nn:
+The `lpips` package builds its backbone through torchvision, which PyPI does not ship importable beside a CPU
+build of torch, so this module rebuilds the same computation with plain torch.nn; it reproduces
+`lpips.LPIPS` exactly given the same weights, by default as the published scripts use it (`spatial=True`,
+mean of the map: `spatial_mean=True`). Weights are never downloaded: the backbone from --lpips-weights,
+$LPIPS_BACKBONE_PATH or torchvision's cache; the 6 KB heads from --lpips-heads or an installed `lpips` or
+`torchmetrics`, found without importing either.
 
-  x in [-1, 1] -> scaling layer -> backbone `features` -> activations at 5 taps
-  -> unit-normalise each tap over channels -> squared difference -> 1x1 "linear head" per tap -> spatial average
-  -> sum over taps
-
-It reproduces `lpips.LPIPS` exactly given the same weights (tests/test_eval_lpips.py). The published evaluation
-scripts build `lpips.LPIPS(net="alex", spatial=True)` and take the mean of the returned map; with `spatial=True`
-each tap's map is first upsampled (bilinear) to the input size, which changes the number slightly, so that is the
-default here too (`spatial_mean=True`).
-
-Weights, never downloaded:
-  * backbone: torchvision's checkpoint (`alexnet-owt-7be5be79.pth`, 244 MB, or just its `features.*` entries),
-    from --lpips-weights, else $LPIPS_BACKBONE_PATH, else $TORCH_HOME/hub/checkpoints/ (torchvision's cache).
-  * heads (6 KB): --lpips-heads, else the copy inside an installed `lpips` or `torchmetrics` package, located
-    with importlib.util.find_spec, which does not execute the package (importing lpips would need torchvision).
+Design notes: docs/compare.md#lpips-weights-offline
 """
 from __future__ import annotations
 

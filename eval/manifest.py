@@ -1,29 +1,11 @@
 """The timing manifest: how the generation runners tell `stepcache compare` what each video cost.
 
-A runner writes `manifest.json` into the folder of videos it generated (the uncached baseline run writes one too):
+A runner writes `manifest.json` (schema 1: the method, optional label and params, and per video its `seconds`,
+with optional `dit_seconds`, `computed_passes` and `total_passes`) into the folder of videos it generated; the
+uncached baseline run writes one too. Speedup is the ratio of mean generation times over the videos both
+manifests time; pass speedup is total over computed passes.
 
-    {
-      "schema": 1,
-      "method": "teacache",                 # cache method; "none" for the uncached baseline
-      "label": "TeaCache l1=0.08",          # optional; shown in tables and plots (default: method and params)
-      "params": {"l1_threshold": 0.08},     # optional; the method's settings, copied into the report
-      "baseline_seconds": 118.4,            # optional; mean seconds per video of the uncached run, used only when
-                                            #   the reference folder has no manifest of its own
-      "videos": {
-        "<video file name>": {
-          "seconds": 41.2,                  # required; wall-clock seconds to generate this video
-          "dit_seconds": 37.9,              # optional; seconds spent in the denoising loop only
-          "computed_passes": 22,            # optional; transformer passes actually run
-          "total_passes": 50                # optional; passes an uncached run makes
-        }
-      }
-    }
-
-Speedup of a run = (sum of the reference manifest's `seconds` over the compared videos that both manifests time)
-/ (sum of the generated manifest's `seconds` over the same videos), i.e. the ratio of mean generation times; or
-`baseline_seconds` * n / (sum of the generated `seconds`) when the reference folder has no manifest.
-Pass speedup = sum of `total_passes` / sum of `computed_passes`: the ideal speedup if the transformer were the only
-cost.
+Design notes: docs/compare.md#timing-manifests
 """
 from __future__ import annotations
 

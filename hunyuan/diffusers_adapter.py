@@ -1,35 +1,13 @@
 """diffusers ``HunyuanVideoTransformer3DModel``: where its blocks are and where each method's signal lives.
 
-Blocks in call order are ``transformer_blocks`` (dual-stream) then ``single_transformer_blocks``; both take
-``(hidden_states, encoder_hidden_states, temb, ...)`` and return ``(hidden_states, encoder_hidden_states)``
-with image and text tokens apart. The cached residual covers the image tokens only, as in the reference
-(TeaCache4HunyuanVideo and MagCache4HunyuanVideo cache ``img`` only). On a reused pass the text tokens leave the
-stack as they entered it; nothing reads them afterwards, because the output head (``norm_out``, ``proj_out``)
-takes ``hidden_states`` alone.
+The block stack is ``transformer_blocks`` then ``single_transformer_blocks``; the cached residual covers the
+image tokens only, as in the reference, and the text tokens pass through a reused pass untouched (the output
+head reads the image tokens alone). The TeaCache signal is the reference's tensor, block 0's modulated image
+input, here the first output of ``transformer_blocks[0].norm1``. diffusers ships no context-parallel plan for
+this model: :func:`enable_context_parallel` gives it one (image and text tokens split, the text-padding mask cut
+per rank), under which the TeaCache signal is a shard reduced over the group.
 
-The TeaCache signal is the reference's tensor: block 0's modulated image input. In diffusers that is the
-first output of ``transformer_blocks[0].norm1`` (an ``AdaLayerNormZero``: LayerNorm without affine, times
-``1 + scale_msa``, plus ``shift_msa``), the same computation as upstream's ``img_norm1`` + ``img_mod`` chunks.
-It is evaluated from the block's own call arguments before the block decides; ``norm1`` is a pure function,
-so evaluating it once more leaves the block's result unchanged.
-
-Context parallelism. diffusers ships no ``_cp_plan`` for this model; :func:`enable_context_parallel` gives it
-one through diffusers' own ``enable_parallelism(config=..., cp_plan=...)`` (Ulysses or ring):
-
-* the first block's ``hidden_states`` (image tokens) *and* ``encoder_hidden_states`` (text tokens) are split on
-  the sequence, ``rope``'s outputs split alike, and ``proj_out``'s output gathered. The text must be split too:
-  the attention joins ``[image; text]``, and with the text whole on every rank Ulysses' all-to-all would hand
-  every text key to the attention once per rank (each rank's ``[image shard; text]``), weighting it ``n`` times;
-* the joint attention mask ``[image; text]`` (text padding) is built inside the model's forward for the full
-  sequence; a diffusers hook on every block (registered beneath the split hook) cuts it to this rank's
-  ``[image shard; text shard]``, which Ulysses' attention all-gathers into the same order its all-to-all gives the
-  keys. Ring attention reuses one mask for every rank's keys, so with padded text it is refused (an all-valid
-  mask is dropped, and ring runs).
-
-Under it the TeaCache signal is a shard of the image tokens and is reduced over the context-parallel group
-(``sequence_sharded``); EasyCache reads the model's whole input and gathered output; MagCache is rank-invariant.
-Not supported: the image-to-video "token_replace" variant (its first-frame modulation indexes the full
-sequence) and the ``ulysses_anything`` / ``ring_anything`` modes (unequal shards).
+Design notes: docs/hunyuanvideo.md#diffusers-hunyuanvideotransformer3dmodel-hunyuandiffusers_adapterpy
 """
 from __future__ import annotations
 
@@ -117,7 +95,7 @@ def _context_parallel_config(model):
 
 
 def context_parallel_plan(model) -> dict:
-    """diffusers' ``cp_plan`` for a ``HunyuanVideoTransformer3DModel`` (see the module docstring)."""
+    """diffusers' ``cp_plan`` for a ``HunyuanVideoTransformer3DModel`` (why each split: docs/hunyuanvideo.md)."""
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
     first = "transformer_blocks.0" if len(model.transformer_blocks) else "single_transformer_blocks.0"

@@ -1,33 +1,14 @@
 """The one implementation behind the drop-in scripts for the official HunyuanVideo repo (Tencent/HunyuanVideo).
 
 ``magcache_sample_video.py``, ``teacache_sample_video.py`` and ``easycache_sample_video.py`` are copied into the
-root of an upstream checkout and run with exactly the flags of upstream's ``sample_video.py``. Everything
-upstream does stays upstream's: its argument groups (``hyvideo.config``), its ``sanity_check_args``, its
-``HunyuanVideoSampler.from_pretrained`` and ``predict``, its ``save_videos_grid``. What is added:
+root of an upstream checkout and run with exactly the flags of upstream's ``sample_video.py``; everything
+upstream does stays upstream's. What is added: the method's flags, checked with every output path and input
+file before anything loads; the cache on the transformer *instance* after upstream built it (so that it also
+wraps the forward xDiT binds, where a class patch runs uncached); MagCache at any ``--video-size``; per-pass
+stats; outputs written whole. Bad input ends the script with one line and exit status 2
+(:func:`stepcache.errors.run_cli`). CFG with ``--cfg-scale > 1`` is batched by upstream: one branch.
 
-* dash-style flags for the method's parameters, a profile override and a stats file, validated before any
-  model is loaded (the published scripts hard-code them: "edit lines 294-296");
-* the cache, installed on the transformer *instance* after upstream has built it, so that it also wraps the
-  instance-level ``forward`` that upstream's xDiT ``parallelize_transformer`` binds (the published scripts
-  patch the class and are silently uncached there: the class forward never runs once an instance forward
-  is bound); under ``torchrun`` every rank caches
-  its own image-token shard, and TeaCache's shard signal is reduced over xDiT's sequence-parallel group before
-  the threshold, so every rank takes the same decision;
-* MagCache at any ``--video-size``: 720 and 544 use their published tables, any other height the nearest one
-  with a warning, or a calibrated profile given with ``--cache-profile`` (``--magcache-calibration PATH``
-  measures one in an uncached run, with the authors' rule);
-* per-pass stats, printed and written next to each video;
-* checks before anything is loaded: every output path (``--save-path``, ``--cache-stats``,
-  ``--magcache-calibration``) and every file upstream's loader will open (``--model-base``, ``--dit-weight``, the
-  fp8 map, the VAE and both text encoders), so that a command without weights stops in a second with one line
-  instead of building the 13B transformer first;
-* outputs that appear only whole: the videos, stats and profile are written under a temporary name and moved
-  into place, and ``--save-path`` is created only once the generation has succeeded.
-
-Bad input ends the script with one line ``<script>: error: ...`` and exit status 2 (:func:`stepcache.errors.run_cli`).
-
-Classifier-free guidance with ``--cfg-scale > 1`` is batched by upstream's pipeline into one call holding both
-halves, so it is one branch with one decision, as in the reference.
+Design notes: docs/hunyuanvideo.md#official-repository-tencenthunyuanvideo-drop-in-scripts
 """
 from __future__ import annotations
 

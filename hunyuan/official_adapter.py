@@ -1,28 +1,14 @@
 """Upstream ``hyvideo.modules.models.HYVideoDiffusionTransformer`` (Tencent/HunyuanVideo): where its blocks are
 and where each method's signal lives.
 
-Blocks in call order are ``double_blocks`` then ``single_blocks``. A double block takes ``(img, txt, vec, ...)``
-and returns ``(img, txt)``; a single block takes the concatenated ``x = [img; txt]`` with ``txt_len`` and
-returns ``x``. The cached residual covers the image tokens only, as in the reference (TC-HY:119-153,
-MC-HY:104-141): the image part of a single block's sequence is its first ``len(x) - txt_len`` tokens. On a
-reused pass the text tokens pass through untouched; the model's forward keeps ``x[:, :img_seq_len]`` after the
-last single block and its final layer reads only that.
+The block stack is ``double_blocks`` then ``single_blocks``; the cached residual covers the image tokens only,
+as in the reference (in a single block, the first ``len(x) - txt_len`` tokens). Every pass is the branch
+``cond``: upstream's sampler is CFG-distilled or batches cond and uncond into one call, so there is one
+decision per step either way. The TeaCache signal is block 0's modulated image input. Under xDiT the cache
+wraps upstream's instance forward, so its blocks see (and cache) this rank's image-token shard and the signal
+is summed over xDiT's sequence-parallel group.
 
-Blocks are called positionally by upstream (``block(*double_block_args)``); keyword calls are also understood.
-
-Every pass is the branch ``cond``: upstream's sampler runs either CFG-distilled (one call per step, guidance
-embedded) or true CFG with cond and uncond batched into one call, so there is one decision per step either way,
-as in the reference. The name is the one the diffusers pipeline and the docs use for the conditional branch.
-
-The TeaCache signal is the reference's (TC-HY:82-97): ``modulate(img_norm1(img), shift1, scale1)`` with the
-first two of the six chunks of ``double_blocks[0].img_mod(vec)``, computed from block 0's call arguments.
-
-Under xDiT (``--ulysses-degree`` / ``--ring-degree``), upstream's ``parallelize_transformer`` binds an instance
-``forward`` that cuts ``x`` (and RoPE) to this rank's image-token shard, calls the original forward and all-gathers
-the output. The cache is installed after it, so its own ``forward`` wraps that wrapper (EasyCache sees the whole
-latent and the gathered output, the same on every rank), while the blocks inside see the shard: the TeaCache
-signal is a shard and is summed over xDiT's sequence-parallel group (``sequence_sharded``), and the cached
-residual is this rank's shard.
+Design notes: docs/hunyuanvideo.md#official-repository-hyvideodiffusiontransformer-hunyuanofficial_adapterpy
 """
 from __future__ import annotations
 

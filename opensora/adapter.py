@@ -1,44 +1,14 @@
 """Open-Sora 1.2's ``STDiT3`` as VideoSys packages it: where its blocks are, where each signal lives, how the step
 index is known.
 
-The target is the VideoSys fork at the root of Zehong-Ma/MagCache and ali-vilab/TeaCache
-(``videosys/models/transformers/open_sora_transformer_3d.py``; its Open-Sora files equal NUS-HPC-AI-Lab/VideoSys
-6fb859f), the code the published Open-Sora numbers were made with. Its forward is
-``forward(x, timestep, all_timesteps, y, mask=None, x_mask=None, fps=None, height=None, width=None)``, and its
-RFlow sampler calls it once per step as ``model(cat([z, z]), cat([t, t]), all_timesteps, **model_args)``.
+The target is the VideoSys fork at the root of Zehong-Ma/MagCache and ali-vilab/TeaCache, the code the
+published Open-Sora numbers were made with. The stack is ``spatial_blocks[0], temporal_blocks[0], ...``; CFG is
+batched, so every pass is one branch (``"cond+uncond"``). The step index is the call's position in a generation
+that a new ``all_timesteps`` list starts, never a timestep compared for equality (the bf16 schedule makes that
+unreliable). EasyCache works on the velocity half of the ``[velocity; sigma]`` output. Sequence or CFG
+parallelism is refused: VideoSys spawns its workers before any patch can reach them.
 
-* **Blocks in call order**: the forward zips ``spatial_blocks`` and ``temporal_blocks``, so the stack is
-  ``spatial_blocks[0], temporal_blocks[0], spatial_blocks[1], ...``; the first called is ``spatial_blocks[0]``,
-  the last ``temporal_blocks[-1]``. Every block takes the ``[B, T*S, C]`` tokens first and returns them, so the
-  cached residual is ``h_L - h0`` over all spatial and temporal blocks, as in the reference (TC-OS:104-133).
-* **CFG is one branch**: the sampler batches ``[cond; uncond]`` into one call, so there is one decision and one
-  cached tensor for the whole batch, as published (branch name ``"cond+uncond"``).
-* **TeaCache signal** (TC-OS:65-72): ``t2i_modulate(norm1(x), shift_msa, scale_msa)`` of ``spatial_blocks[0]``
-  with ``(scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).chunk(6, 1)[:2]``, computed from that block's own
-  call arguments (``x`` and ``t_mlp``) without touching its result.
-* **EasyCache space**: with ``pred_sigma`` (the released checkpoint) the model returns ``2 * in_channels``
-  channels, ``[velocity; sigma]``, and the sampler keeps only the velocity half
-  (``output.chunk(2, dim=1)[0]``). EasyCache's ``x`` is the model input (``in_channels``, latent space) and its
-  ``v`` is the velocity half, so ``Δ = v - x``, the transformation rate ``k`` and the change estimate are all
-  measured in the space the sampler integrates, in float32 (the sampler's first latent is bf16, every later one
-  float32, because the forward returns float32). A reused pass returns ``[x + Δ; sigma]`` where ``sigma`` is the
-  last computed pass's sigma half (never read by RFlow): the reused output has the output's shape and dtype
-  (float32).
-* **Step index, never by bf16 equality**: the reference TeaCache forces the first and last steps by comparing
-  ``timestep[0]`` (cast to the model dtype) with ``int()`` of the bf16-cast schedule, which only works when the
-  bf16 value happens to be an integer (it fires at 480p, not at 144p nor in fp32).
-  Here a pre-forward hook reads ``all_timesteps``: the sampler builds one new list per generation, so a new list
-  object (or a timestep that goes up) starts a generation whose step count is ``len(all_timesteps)``
-  (:meth:`stepcache.api.CachedModel.start_generation`), and each call's step index is its position in that
-  generation (the per-branch pass counter). No timestep value is compared with another for equality.
-  Looking the index up by value instead (nearest entry of ``all_timesteps`` to ``timestep``) is not safe:
-  ``all_timesteps`` holds ``int(bf16(t))``, up to 2 below ``t``, while the schedule's smallest gap near t=1000
-  is 7.1 at 480p/51 frames, 4.7 at 720p and 2.4 at 720p/204 frames, so the nearest entry can be the wrong one.
-* **Multi-GPU**: VideoSys spawns its worker processes (ranks 1..n-1) in ``VideoSysEngine.__init__``, before any
-  patch can reach them; a cache on rank 0 alone would skip blocks whose all-to-alls the
-  other ranks wait in. So a model with sequence or CFG parallelism (``parallel_manager.sp_size`` or ``cp_size``
-  above 1) is refused: the multi-GPU issue's support covers HunyuanVideo and Wan2.1 (xDiT, diffusers context
-  parallelism), not VideoSys's engine.
+Design notes: docs/opensora.md#inside-the-adapter-for-contributors
 """
 from __future__ import annotations
 

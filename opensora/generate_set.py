@@ -1,32 +1,13 @@
 """Generate a set of Open-Sora 1.2 videos (one per prompt and seed) with one cache method and setting, as the
 published ``eval/{teacache,magcache}/experiments/opensora.py`` does, into a folder that ``stepcache compare``
-can pair with the baseline's folder by file name.
-
-    python -m stepcache.opensora.generate_set --prompts vbench --method none     --seeds 0 --out samples/base
-    python -m stepcache.opensora.generate_set --prompts vbench --method magcache --preset E012K3R02 \\
-        --seeds 0 --out samples/magcache-E012K3R02
-    stepcache compare --gt_video_dir samples/base --generated_video_dir samples/magcache-E012K3R02 --out report
+can pair with the baseline's folder by file name (``{prompt}-{seed}.mp4``, as the published runs).
 
 This is also the one implementation behind the drop-in scripts ``teacache_opensora.py``,
-``magcache_opensora.py`` and ``easycache_opensora.py`` (the method fixed, everything else the same).
+``magcache_opensora.py`` and ``easycache_opensora.py`` (the method fixed, everything else the same). A folder
+holds one setting and resumes (videos move into place whole, then ``manifest.json`` records them); VideoSys's
+own multi-GPU mode is refused, so throughput comes from one process per GPU with ``--shard k/N``.
 
-* **Names**: ``{prompt}-{seed}.mp4`` like the published runs, so videos pair by name with theirs too. Only what a
-  file name cannot hold is replaced (``/``, ``\\``, control characters, a leading dot) and names are cut at 200
-  bytes. Repeated prompts are dropped (keep them with ``--keep-duplicates``); two prompts that still map to the same
-  name get ``~2``, ``~3``, ... in prompt order, where the published runs overwrote the first video.
-* **Resume**: a video counts as made when ``manifest.json`` lists it and its file exists. Videos are written to
-  ``.partial/`` and moved into place whole, then recorded, so an interruption (Ctrl-C, a crash, a lost node) loses
-  at most the video in progress; run the same command again to continue.
-* **One setting per folder**: a folder whose ``manifest.json`` records another method or other parameters
-  (thresholds, rule, steps, resolution, models, ...), or that holds videos but no manifest, is refused before any
-  model loads.
-* **What it made**: ``manifest.json`` (schema: ``stepcache/eval/manifest.py``, written with
-  ``stepcache.eval.manifest.record_video``) holds per video the generation seconds (text encoding, sampling and
-  VAE decoding), the DiT-only seconds (transformer forwards, CUDA-synchronised) and the computed/total transformer
-  passes; ``opensora_set.json`` beside it maps every file name to its prompt, seed and pass pattern.
-* **Several GPUs**: VideoSys's own multi-GPU mode is refused (``--num-gpus`` must be 1; see
-  :data:`stepcache.opensora.adapter.MULTI_GPU_MESSAGE`). For throughput run one process per GPU on disjoint
-  shares of the set, ``CUDA_VISIBLE_DEVICES=k ... --shard k/N``, into the same folder (file writes are locked).
+Design notes: docs/opensora.md#the-published-comparison-end-to-end
 """
 from __future__ import annotations
 

@@ -1,25 +1,14 @@
 """Upstream Wan2.1 (``wan.modules.model.WanModel``, the official Wan-Video/Wan2.1 repo): where its blocks are,
 where each signal lives, how its sampler calls it.
 
-Upstream's forward takes ``x`` as a *list* of ``[C, F, H, W]`` latents (the batch is the list) and returns a list.
-For I2V it concatenates the image condition ``y`` onto ``x`` inside the forward, so the ``x`` the sampler passes
-is already the 16-channel latent EasyCache's ``v - x`` needs. The TeaCache signal is the timestep embedding
-``e = time_embedding(...)``, or with ``use_ret_steps`` its projection ``e0 = time_projection(e)`` (TC-WAN:520),
-taken from those modules' outputs with forward hooks.
+The TeaCache signal is the timestep embedding ``e`` (or its projection ``e0`` with ``use_ret_steps``), read with
+forward hooks. A call's CFG branch is named by which ``context`` list the sampler passed, never by call parity.
+:func:`attach` installs a method on a sampler instance (its ``WanModel``, inside FSDP, after any USP forward,
+and an instance ``generate`` that announces each generation); nothing is set on a class. Under USP the blocks
+see and cache this rank's shard, while every decision is rank-invariant (the timestep embedding, the whole
+input latent and gathered output, the step): no measurement is reduced and no collective is added.
 
-The sampler (``WanT2V`` / ``WanI2V`` / ``WanFLF2V``) calls the model once with ``**arg_c`` and once with
-``**arg_null`` per step; each dict holds one ``context`` list for the whole generation. The branch of a call is
-therefore named by *which* context list it got, never by call parity.
-
-:func:`attach` installs a method on a sampler instance: on the ``WanModel`` itself (inside an FSDP wrapper when
-``--dit_fsdp`` wrapped it, after any instance-level USP forward), and an instance-level ``generate`` wrapper that
-tells the cache where each generation starts and how many steps it has. Nothing is set on a class.
-
-Under USP (``--ulysses_size`` / ``--ring_size``) upstream binds ``usp_dit_forward`` on the model instance; it
-embeds the whole latent, cuts the token sequence to this rank's shard just before the blocks, and all-gathers
-after the head. The cache wraps that forward, so its blocks see (and cache) the shard while every decision is
-rank-invariant: TeaCache reads the timestep embedding, EasyCache the whole input latent and gathered output,
-MagCache the step. No measurement is reduced and no collective is added.
+Design notes: docs/wan21.md#inside-the-adapter-for-contributors
 """
 from __future__ import annotations
 

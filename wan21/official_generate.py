@@ -1,26 +1,13 @@
 """The one implementation behind ``magcache_generate.py``, ``teacache_generate.py`` and ``easycache_generate.py``.
 
 Each of those scripts is copied into the root of an upstream Wan-Video/Wan2.1 checkout and run with the command
-lines the method's authors published. Everything that is not a cache flag goes to upstream's own ``generate.py``:
-its argument parser and checks (``_parse_args``), its ``generate(args)`` (pipelines, prompts, saving the video)
-and its samplers' ``generate()`` run unchanged. The cache goes on the sampler *instance* the moment upstream builds
-it: on its ``WanModel`` (inside FSDP's wrapper, after any USP forward), plus an instance-level ``generate`` that
-announces each generation and its step count.
+lines the method's authors published: the cache flags keep the published scripts' names and defaults, and
+everything else goes to upstream's own ``generate.py``, which runs unchanged. The cache goes on the sampler
+*instance* the moment upstream builds it. Every value, output path and checkpoint file is checked before a
+model loads (one line, exit status 2), and a video upstream's saver failed to write ends the run with exit
+status 1 (upstream only prints the failure).
 
-The cache flags keep the published scripts' names and defaults, so that their commands behave as published:
-
-* MagCache: ``--use_magcache --magcache_thresh 0.12 --magcache_K 2 --retention_ratio 0.2 --magcache_calibration``
-* TeaCache: ``--teacache_thresh 0.2 --use_ret_steps`` (always on, as in the published script)
-* EasyCache: ``--thresh 0.05 --ret_steps 10`` (always on; the published script parses ``--ret_steps`` but
-  hard-codes 10 steps, this one honours it)
-
-plus ``--cache_profile NAME_OR_FILE``, ``--cache_stats PATH`` and (MagCache) ``--calibration_file PATH``. Every
-value is checked before a model loads, and so are the output paths and every checkpoint file upstream's samplers
-will open (T5, its tokenizer, the VAE, CLIP for I2V/FLF2V, the DiT folder): a wrong one stops the script with one
-line and exit status 2, instead of after umt5-xxl has been built. The video goes through upstream's own
-``cache_video`` / ``cache_image``, to a temporary name moved into place only when it was written: upstream's
-savers report a failure only by printing it, so the script checks, and a video that was not written ends the run
-with one line and exit status 1 and no stats file naming it.
+Design notes: docs/wan21.md#official-repository-wan-videowan21-drop-in-scripts
 """
 from __future__ import annotations
 

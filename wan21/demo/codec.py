@@ -1,25 +1,13 @@
 """The demo's fixed latent codec: a "linear VAE" with no training.
 
-``encode``: pixel-unshuffle each frame by ``FACTOR`` (4x4x3 = 48 values per latent pixel), subtract the patch
-mean and project on the first ``CHANNELS`` principal components of such patches, then divide by each
-component's standard deviation, giving a Wan-like 16-channel latent at 1/4 of the resolution with roughly unit
-variance. ``decode`` is the exact transpose (the projection is orthonormal), then pixel-shuffle; it loses only
-what the 32 discarded components held (about 35 dB PSNR on the demo clips).
+``encode`` pixel-unshuffles each frame, projects the patches on their first ``CHANNELS`` principal components
+and scales them to unit variance, giving a Wan-like 16-channel latent at 1/4 of the resolution; ``decode`` is
+the exact transpose. With a ``clock``, the last channels are fixed ramps over the frames (``"t"``) and also
+across width and height (``"txy"``, the shipped model's), which decoding ignores: the transformer has only
+relative positions, and without them a model learns "moves horizontally" but not "moves right". The basis is
+fitted once by :func:`fit`, stored with the weights, and never refitted.
 
-With a **clock** the last latent channels are not principal components but fixed ramps, the same for every
-clip, that decoding ignores. The diffusers Wan transformer has only relative (rotary) positions, so without
-them nothing in a noisy latent says which frame comes first or which side is left, and a model learns "moves
-horizontally" but not "moves right". ``clock="t"`` adds one ramp over the frames (-2 at the first frame to +2
-at the last, the same at every pixel): a 5,600-step run without it read back the right axis almost always and
-the right sign half the time, and a 5,300-step run with it generated the ramp in the right order every time
-but still moved objects the right way only a third of the time, its loss the same with "left" for "right".
-``clock="txy"`` (what the shipped model uses) adds ramps across the width and the height too, so that each
-latent pixel carries where and when it is, and "moving right" becomes a local fact (early frames hold the
-object on the left) rather than a relation the model has to discover through its rotary phases. Wan2.1's own
-VAE is not homogeneous either: its first latent frame encodes one frame, the others four.
-
-The basis is fitted once, by :func:`fit`, on clips from :mod:`.scenes` drawn from a fixed seed, and then
-stored with the model weights; it is never refitted when a model is loaded.
+Design notes: docs/demo.md#the-latent-codec
 """
 from __future__ import annotations
 

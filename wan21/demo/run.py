@@ -1,24 +1,14 @@
 """`stepcache demo`: step caching on a small trained video model that ships with stepcache, in about a minute.
 
-The demo model is a 6-layer diffusers ``WanTransformer3DModel`` trained on CPU on procedural clips (a coloured
-square or disc moving over a dark, light or gradient background (near-grey), 8 frames of 32x32), run
-through the real ``WanPipeline`` and its scheduler, so every method goes through the same adapter as on a real
-Wan2.1.
-The demo generates a few prompts uncached and with TeaCache, MagCache and EasyCache at each of the demo
-profile's presets (slow, medium, fast), and beside each cached run the same pipeline with fewer steps at the
-same number of transformer passes. Passes are counted as they run (2 per step with classifier-free guidance,
-1 without). It prints a table (wall-clock or CPU-time speedup with the spread of its repeats, ideal speedup =
-passes / computed passes, PSNR and SSIM against the uncached video, and the share of videos whose colour and
-direction still read back as prompted) and writes to ``--out``, replacing what was there only once the run
-is done: ``report.json``, every video (``videos/``, 8x upscaled mp4; a fewer-steps twin with as many steps as
-the uncached run is that run and is written once, as uncached.mp4), ``side_by_side.mp4`` (uncached, each
-method at ``medium`` and its fewer-steps twin, each labelled with its PSNR and passes, above its difference
-from uncached amplified 8x) and ``patterns.png`` (which passes each method computed).
+The demo model is a 6-layer diffusers ``WanTransformer3DModel`` trained on procedural clips (a coloured square
+or disc moving over a dark, light or gradient background (near-grey), 8 frames of 32x32), run through the real
+``WanPipeline``, so every method goes through the same adapter as on a real Wan2.1. The demo runs a few prompts
+uncached and with each method at the demo profile's presets, each beside the same pipeline with fewer steps at
+the same number of passes, prints a table and writes ``--out`` (``report.json``, videos, ``side_by_side.mp4``,
+``patterns.png``) whole once done. The check (at medium: reuse >= 25% of passes and PSNR > 25 dB against
+uncached) sets the exit status: 0 passed or not run, 1 failed, 2 bad input, 130 Ctrl-C (nothing written).
 
-The check (at medium: reuse >= 25% of passes and PSNR > 25 dB against uncached) prints, for each method
-that misses it, the rule it missed and the measured numbers. Exit status: 0 when the check passed or did not
-run (no medium preset chosen), 1 when it failed (the outputs are still complete), 2 for bad input, 130 on
-Ctrl-C (nothing is written).
+Design notes: docs/demo.md#the-demo-stepcache-demo
 """
 from __future__ import annotations
 
