@@ -44,5 +44,8 @@ setup(
         "all": DIFFUSERS + EVAL,
         "bench": DIFFUSERS + EVAL + ["cache-dit==1.5.3"],  # `stepcache bench`'s peers (cache-dit; diffusers' own)
     },
-    entry_points={"console_scripts": ["stepcache=stepcache.cli:main"]},
+    entry_points={"console_scripts": ["stepcache=stepcache.cli:main"],
+                  # The model families the core finds (stepcache.families); a family of your own adds a line.
+                  "stepcache.families": ["hunyuanvideo=stepcache.hunyuan:FAMILY", "opensora=stepcache.opensora:FAMILY",
+                                         "wan2.1=stepcache.wan21:FAMILY"]},
 )

@@ -1,7 +1,7 @@
 """What an adapter is: the one place that knows a model class. It never decides anything.
 
 Adding a model means writing one class with these members (see ``stepcache/wan21/diffusers_adapter.py``) and
-one line in ``stepcache.api.ADAPTERS``.
+one line in its family's ``FAMILY.adapters`` (:mod:`stepcache.families`).
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ class Adapter(Protocol):
     def install(self, patch: InstalledPatch, model: nn.Module, runner_of: Callable[[], Any], wants_signal: bool,
                 signal_name: Callable[[], str | None]) -> None:
         """Wrap the block stack with :func:`stepcache.patching.install_stack` (blocks in call order) and, when
-        the method ``wants_signal`` (TeaCache), make the signal reach the runner: either as ``signal_of`` to ``install_stack`` (computed from
-        the first block's call) or by setting ``runner_of().current.signal_tensor`` from a forward hook.
-        ``signal_name()`` is the profile variant's signal name (e.g. "temb"). Everything set goes through
-        ``patch`` so that it can be restored exactly."""
+        the method ``wants_signal`` (TeaCache), make the signal reach the runner: either as ``signal_of`` to
+        ``install_stack`` (computed from the first block's call, e.g. :func:`stepcache.patching.first_block_signal`)
+        or by setting ``runner_of().current.signal_tensor`` from a forward hook. ``signal_name()`` is the profile
+        variant's signal name (e.g. "temb"); a name the model cannot compute is refused, never swapped. Everything
+        set goes through ``patch`` so that it can be restored exactly."""
 
     def latent_of(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """The latent ``x`` of this call, in the space the model's output lives in (EasyCache's ``v - x``)."""

@@ -18,7 +18,6 @@ that depend on a shard are reduced over the context-parallel group, found on the
 from __future__ import annotations
 
 import contextlib
-import importlib
 import warnings
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from .distributed import MEASUREMENTS, as_group, resolve_parallel
-from . import methods
+from . import families, methods
 from .methods import MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
@@ -35,16 +34,9 @@ from .profiles import (Profile, ProfileError, check_profile_family, choose_by_re
 from .methods import VIDEO_MARK
 from .runner import CacheRunner, RunStats
 
-# Model class name -> "module:AdapterClass". Adapters are imported only for the model that needs them.
-ADAPTERS = {
-    "WanTransformer3DModel": "stepcache.wan21.diffusers_adapter:WanDiffusersAdapter",
-    "WanModel": "stepcache.wan21.official:WanOfficialAdapter",
-    "HunyuanVideoTransformer3DModel": "stepcache.hunyuan.diffusers_adapter:HunyuanVideoDiffusersAdapter",
-    "HYVideoDiffusionTransformer": "stepcache.hunyuan.official_adapter:HYVideoAdapter",
-    "STDiT3": "stepcache.opensora.adapter:STDiT3Adapter",
-}
-# Pipelines whose denoising loop we know: one call per CFG branch, wrapped in cache_context(name).
-PIPELINES = {"WanPipeline", "WanImageToVideoPipeline", "HunyuanVideoPipeline"}
+# Which adapter serves which model class, and which pipelines' denoising loops we know (one call per CFG branch,
+# wrapped in cache_context(name)), come from the families (stepcache.families); adapters are imported only for
+# the model that needs them.
 
 
 class UnsupportedModelError(TypeError):
@@ -53,11 +45,11 @@ class UnsupportedModelError(TypeError):
 
 def adapter_for(model: nn.Module):
     name = type(model).__name__
-    if name not in ADAPTERS:
+    known = families.adapters()
+    if name not in known:
         raise UnsupportedModelError(
-            f"stepcache has no adapter for {name}; supported transformers: {', '.join(ADAPTERS)}")
-    module_name, cls_name = ADAPTERS[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)()
+            f"stepcache has no adapter for {name}; supported transformers: {', '.join(known)}")
+    return families.load_object(known[name])()
 
 
 class StepClock:
@@ -274,16 +266,18 @@ def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
     if isinstance(target, nn.Module):
         return target, None
     transformer = getattr(target, "transformer", None)
+    supported = ", ".join(sorted(families.pipelines()))
     if transformer is None or not isinstance(transformer, nn.Module):
         raise UnsupportedModelError(
             f"{type(target).__name__} is neither a transformer nor a pipeline with a .transformer; supported "
-            f"pipelines: {', '.join(sorted(PIPELINES))}")
-    if type(target).__name__ not in PIPELINES:
+            f"pipelines: {supported}")
+    if type(target).__name__ not in families.pipelines():
         raise UnsupportedModelError(
-            f"unsupported pipeline class {type(target).__name__}; supported: {', '.join(sorted(PIPELINES))} "
+            f"unsupported pipeline class {type(target).__name__}; supported: {supported} "
             f"(or enable the method on the bare transformer with num_steps=)")
     if getattr(target, "transformer_2", None) is not None:
-        raise UnsupportedModelError("two-expert pipelines (Wan2.2 transformer_2) are not supported yet")
+        raise UnsupportedModelError("pipelines with a second transformer (transformer_2: two experts) are not "
+                                    "supported yet")
     return transformer, target
 
 

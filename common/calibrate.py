@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import methods
+from . import families, methods
 from .calibration_io import calibrated_source, write_profile
 from .errors import InputError
 from .methods.base import Method, mean_abs_ratio
@@ -370,9 +370,10 @@ def resampling_errors(base: dict[str, Any], measured: dict[str, Any]) -> dict[st
 def add_arguments(parser) -> None:
     parser.description = ("Run a model uncached over prompts and seeds, measure what TeaCache, MagCache and "
                           "EasyCache need, and write a profile file that every entry point accepts.")
+    shipped = ", ".join(sorted(n for f in families.families() for n in f.calibration_targets))
     parser.add_argument("--model", required=True,
-                        help="local diffusers pipeline folder (Wan2.1 or HunyuanVideo), or 'demo' for the "
-                             "shipped demo model")
+                        help=f"local diffusers pipeline folder ({', '.join(families.pipelines())}), or a model "
+                             f"that ships with stepcache: {shipped}")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", default=None, help="a .txt (one per line) or .json file of prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
@@ -381,7 +382,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--width", type=int, default=832, help="video width (default 832)")
     parser.add_argument("--frames", type=int, default=81, help="frames (default 81)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG / embedded guidance scale")
-    parser.add_argument("--true-cfg", type=float, default=1.0, help="HunyuanVideo true CFG scale")
+    parser.add_argument("--true-cfg", type=float, default=1.0,
+                        help="true CFG scale, for pipelines that take one: " + ", ".join(
+                            name for name, (_, spec) in families.pipelines().items() if spec.true_cfg))
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="transformer dtype")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--base-profile", default=None,
@@ -401,27 +404,22 @@ def _prompts(args) -> list[str]:
 
 def _diffusers_target(args):
     """(pipeline, generate(prompt, seed), meta) for a local diffusers folder."""
-    from .generate import PIPELINES, _load_pipeline, _read_json
+    from .generate import load_pipeline, pipeline_of
     folder = Path(args.model)
-    if not (folder / "model_index.json").exists():
-        raise CalibrationError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
-    if pipeline_class not in PIPELINES:
-        raise CalibrationError(f"unsupported pipeline class {pipeline_class!r}; supported: {', '.join(PIPELINES)}")
+    pipeline_class, _, spec = pipeline_of(folder, CalibrationError)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = _load_pipeline(folder, pipeline_class, args.dtype, device)
+    pipe = load_pipeline(folder, pipeline_class, spec, args.dtype, device)
     pipe.set_progress_bar_config(disable=True)
-    family = PIPELINES[pipeline_class][0]
-    guidance = args.guidance if args.guidance is not None else (6.0 if family == "hunyuanvideo" else 5.0)
-    extra = {"true_cfg_scale": args.true_cfg} if family == "hunyuanvideo" else {}
+    call = spec.call_kwargs(args.guidance, args.true_cfg)
+    guidance = call.pop("guidance_scale")
 
     def generate(prompt, seed):
         pipe(prompt=prompt, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
              num_inference_steps=args.steps, guidance_scale=guidance, output_type="latent",
-             generator=torch.Generator(device="cpu").manual_seed(seed), **extra)
+             generator=torch.Generator(device="cpu").manual_seed(seed), **call)
 
     scheduler = pipe.scheduler
-    meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance, **extra,
+    meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance, **call,
             "scheduler": type(scheduler).__name__, "shift": scheduler.config.get("shift",
                                                                                    scheduler.config.get("flow_shift")),
             "dtype": args.dtype, "pipeline": pipeline_class}
@@ -439,11 +437,8 @@ def run(args) -> int:
         if Path(args.out).suffix != ".json":
             raise CalibrationError(f"--out {args.out} must end in .json")
         base = load_profile(args.base_profile) if args.base_profile else None
-        if args.model == "demo":
-            from .wan21.demo import calibration_target
-            target, generate, meta = calibration_target(args)
-        else:
-            target, generate, meta = _diffusers_target(args)
+        named = families.calibration_target(args.model)  # e.g. "demo": a model a family ships
+        target, generate, meta = named(args) if named is not None else _diffusers_target(args)
         model, _ = _resolve_target(target)
         adapter = adapter_for(model)
         if base is not None:

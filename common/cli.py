@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from . import families
 from .cliargs import OneLineParser
 from .errors import run_cli
 
@@ -12,15 +13,17 @@ from .errors import run_cli
 # Imported lazily so that `stepcache schedule` never imports torch-heavy modules it does not need.
 SUBCOMMANDS = [
     ("schedule", "stepcache.schedule", "print a method's pass pattern for a profile, without running a model"),
-    ("generate", "stepcache.generate", "run a diffusers Wan/HunyuanVideo pipeline with a cache method"),
+    ("generate", "stepcache.generate", "run a supported diffusers pipeline from a local folder with a cache method"),
     ("compare", "stepcache.eval.compare", "compare cached videos with uncached ones (PSNR, SSIM, LPIPS)"),
     ("profiles", "stepcache.profiles", "list the known profiles and what each one holds"),
     ("calibrate", "stepcache.calibrate", "measure a model's tables (all three methods) and write a profile file"),
-    ("demo", "stepcache.wan21.demo.run", "run every method on a small trained video model shipped with stepcache "
-                                         "and compare with uncached and fewer-step runs"),
     ("bench", "stepcache.eval.bench", "benchmark vs fewer steps, diffusers' caches and cache-dit on the demo model"),
 ]
 
+
+def subcommands() -> list[tuple[str, str, str]]:
+    """The core's subcommands, then those the model families add (e.g. ``demo``)."""
+    return SUBCOMMANDS + families.commands()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -29,7 +32,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Training-free step caching (TeaCache, MagCache, EasyCache) for video diffusion transformers.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name, help_text in SUBCOMMANDS:
+    for name, module_name, help_text in subcommands():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         if only == name:
@@ -40,7 +43,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    known = {name for name, _, _ in SUBCOMMANDS}
+    known = {name for name, _, _ in subcommands()}
     parser = build_parser(command if command in known else None)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import families
 from .cliargs import int_at_least
 from .errors import InputError
 from .outputs import atomic_path, check_output_file, write_text
@@ -19,12 +20,6 @@ from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
 
-# Pipeline class -> (model family, transformer class, what the guidance flag means for it)
-PIPELINES = {
-    "WanPipeline": ("wan2.1", "WanTransformer3DModel"),
-    "WanImageToVideoPipeline": ("wan2.1", "WanTransformer3DModel"),
-    "HunyuanVideoPipeline": ("hunyuanvideo", "HunyuanVideoTransformer3DModel"),
-}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 VIDEO_SUFFIXES = (".mp4",)  # what diffusers' export_to_video writes
 
@@ -57,8 +52,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     parser.add_argument("--frames", type=int, default=81, help="number of frames (default 81)")
     parser.add_argument("--steps", type=int_at_least(2), default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="CFG scale for Wan (default 5.0); embedded guidance for HunyuanVideo (default 6.0)")
+    per_pipeline = "; ".join(f"{name}: {spec.guidance_help} (default {spec.guidance:g})"
+                             for name, (_, spec) in families.pipelines().items())
+    parser.add_argument("--guidance", type=float, default=None, help=f"guidance scale; per pipeline: {per_pipeline}")
     parser.add_argument("--true-cfg", type=float, default=1.0,
                         help="HunyuanVideo only: true CFG scale (> 1 runs a second, negative branch)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -87,23 +83,29 @@ def _read_json(path: Path) -> dict:
         raise GenerateError(f"cannot read {path}: {exc}") from exc
 
 
+def pipeline_of(folder: Path, error=GenerateError) -> tuple[str, Any, Any]:
+    """(pipeline class, family, pipeline spec) of a local diffusers folder, from its model_index.json."""
+    if not (folder / "model_index.json").exists():
+        raise error(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
+    known = families.pipelines()
+    if pipeline_class not in known:
+        raise error(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: {', '.join(known)}")
+    return (pipeline_class, *known[pipeline_class])
+
+
 def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
     folder = Path(args.model)
-    if not (folder / "model_index.json").exists():
-        raise GenerateError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
-    if pipeline_class not in PIPELINES:
-        raise GenerateError(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: "
-                            f"{', '.join(PIPELINES)}")
-    family, transformer_class = PIPELINES[pipeline_class]
+    pipeline_class, family_spec, spec = pipeline_of(folder)
+    family, transformer_class = family_spec.name, spec.transformer
     for name, value, low in (("--steps", args.steps, 2), ("--frames", args.frames, 1), ("--height", args.height, 16),
                              ("--width", args.width, 16)):
         if value < low:
             raise GenerateError(f"{name}={value} must be at least {low}")
     if args.height % 16 or args.width % 16:
         raise GenerateError(f"--height {args.height} and --width {args.width} must be multiples of 16")
-    if pipeline_class == "WanImageToVideoPipeline" and not args.image:
+    if spec.needs_image and not args.image:
         raise GenerateError("this is an image-to-video pipeline: pass --image FIRST_FRAME")
     if args.image and not Path(args.image).exists():
         raise GenerateError(f"--image {args.image} does not exist")
@@ -115,7 +117,7 @@ def plan(args) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise GenerateError(f"--device {args.device}: this machine has no CUDA device (torch "
                                 f"{torch.__version__}); use --device cpu or auto")
-    result = {"pipeline_class": pipeline_class, "family": family, "config": None}
+    result = {"pipeline_class": pipeline_class, "family": family, "spec": spec, "config": None}
     if args.method == "none":
         return result
     params = _method_params(args)
@@ -133,23 +135,15 @@ def plan(args) -> dict[str, Any]:
     return result
 
 
-def _load_pipeline(folder: Path, pipeline_class: str, dtype_name: str, device: str):
-    import torch
+def load_pipeline(folder: Path, pipeline_class: str, spec, dtype_name: str, device: str):
+    """The pipeline in ``folder``, by its family's loader when it has one, else diffusers' ``from_pretrained``."""
     import diffusers
+    import torch
 
     dtype = getattr(torch, DTYPES[dtype_name])
-    pipeline_type = getattr(diffusers, pipeline_class)
-    if pipeline_class == "HunyuanVideoPipeline":
-        from .hunyuan.diffusers_adapter import load_pipeline
-        return load_pipeline(folder, dtype, device)
-    if pipeline_class.startswith("Wan"):
-        # Wan's VAE is meant to run in float32 whatever the transformer's dtype (diffusers' Wan docs).
-        vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32,
-                                                         local_files_only=True)
-        pipe = pipeline_type.from_pretrained(folder, vae=vae, dtype=dtype, local_files_only=True)
-    else:
-        pipe = pipeline_type.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    return pipe.to(device)
+    if spec.load:
+        return families.load_object(spec.load)(folder, dtype, device)
+    return getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
 
 
 class TransformerTimer:
@@ -182,7 +176,7 @@ def generate(args) -> dict[str, Any]:
 
     checked = plan(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = _load_pipeline(Path(args.model), checked["pipeline_class"], args.dtype, device)
+    pipe = load_pipeline(Path(args.model), checked["pipeline_class"], checked["spec"], args.dtype, device)
     config = checked["config"]
     if config is not None:
         stepcache.enable(pipe, config.method, config.profile, preset=config.preset,
@@ -191,10 +185,7 @@ def generate(args) -> dict[str, Any]:
     call: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                                 width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                                 generator=torch.Generator(device="cpu").manual_seed(args.seed), output_type="np")
-    if checked["family"] == "hunyuanvideo":
-        call.update(guidance_scale=6.0 if args.guidance is None else args.guidance, true_cfg_scale=args.true_cfg)
-    else:
-        call.update(guidance_scale=5.0 if args.guidance is None else args.guidance)
+    call.update(checked["spec"].call_kwargs(args.guidance, args.true_cfg))
     if args.image:
         call["image"] = load_image(args.image)
     timer = TransformerTimer(pipe.transformer, device)

@@ -1,8 +1,8 @@
 """`stepcache schedule`: the pass pattern of an input-independent method, without a model.
 
 A method whose ``needs_model`` is None (MagCache: the step index and the profile's ratio table) has its whole
-schedule known before a model runs. The simulation drives the same runner and policies a real run uses, with one-element stand-in
-tensors, so the printed pattern is what a generation will do.
+schedule known before a model runs. The simulation drives the same runner and policies a real run uses, with
+one-element stand-in tensors, so the printed pattern is what a generation will do.
 """
 from __future__ import annotations
 

@@ -8,3 +8,13 @@
 * ``resolution``: which published MagCache table a video size uses (``--magcache-calibration`` measures a new
   one, through :mod:`stepcache.calibration_io`).
 """
+from ..families import Family, Pipeline
+
+FAMILY = Family(
+    name="hunyuanvideo",
+    adapters={"HunyuanVideoTransformer3DModel": "stepcache.hunyuan.diffusers_adapter:HunyuanVideoDiffusersAdapter",
+              "HYVideoDiffusionTransformer": "stepcache.hunyuan.official_adapter:HYVideoAdapter"},
+    pipelines={"HunyuanVideoPipeline": Pipeline(
+        "HunyuanVideoTransformer3DModel", 6.0, "embedded guidance", true_cfg=True,
+        load="stepcache.hunyuan.diffusers_adapter:load_pipeline")},
+)

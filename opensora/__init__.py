@@ -8,3 +8,6 @@ at the root of Zehong-Ma/MagCache and ali-vilab/TeaCache, the code the published
 * :mod:`.generate_set` - the VBench-style generation runner behind ``teacache_opensora.py``,
   ``magcache_opensora.py`` and ``easycache_opensora.py``.
 """
+from ..families import Family
+
+FAMILY = Family(name="opensora", adapters={"STDiT3": "stepcache.opensora.adapter:STDiT3Adapter"})

@@ -339,7 +339,7 @@ def test_generate_refuses_bad_outputs_and_devices_before_loading(pipeline_folder
     from stepcache import generate
     from stepcache.cli import main
     (tmp_path / "afile").write_text("not a folder")
-    monkeypatch.setattr(generate, "_load_pipeline", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a: pytest.fail("the model was loaded before the check"))
     argv = ["generate", "--model", str(pipeline_folder), "--prompt", "a ball", "--method", "none",
             *[e.replace("{tmp}", str(tmp_path)) for e in extra]]
     try:

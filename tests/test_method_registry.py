@@ -74,3 +74,34 @@ def test_the_runner_and_the_front_door_name_no_method():
         text = (ROOT / path).read_text()
         found = re.findall(r"teacache|magcache|easycache", text, flags=re.I)
         assert not found, f"{path} names a method: {sorted(set(found))}"
+
+
+def test_the_core_imports_no_family():
+    """Dependencies point one way: the families import the core, never the reverse (stepcache.families finds
+    them through entry points)."""
+    import ast
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.lstrip(".").split(".")
+                assert not ({"wan21", "hunyuan", "opensora"} & set(parts[:2])), f"{path.name} imports {name}"
+        text = path.read_text()
+        for family_module in ("stepcache.wan21", "stepcache.hunyuan", "stepcache.opensora"):
+            assert family_module not in text, f"{path.name} names {family_module}"
+
+
+def test_a_family_registers_its_pipelines_adapters_targets_and_commands():
+    from stepcache import families
+    names = {f.name for f in families.families()}
+    assert names == {"wan2.1", "hunyuanvideo", "opensora"}
+    assert families.pipelines()["WanImageToVideoPipeline"][1].needs_image
+    assert families.pipelines()["HunyuanVideoPipeline"][1].call_kwargs(None, 2.0) == {"guidance_scale": 6.0,
+                                                                                     "true_cfg_scale": 2.0}
+    assert families.calibration_target("demo") is not None and families.calibration_target("nope") is None
+    assert "demo" in [name for name, _, _ in families.commands()]

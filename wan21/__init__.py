@@ -1,1 +1,18 @@
-"""stepcache.wan21."""
+"""stepcache.wan21: Wan2.1 on diffusers (``WanPipeline``, ``WanImageToVideoPipeline``) and on the official
+repository (``WanModel``, the drop-in ``*_generate.py`` scripts), and the shipped demo model (:mod:`.demo`)."""
+from ..families import Family, Pipeline
+
+FAMILY = Family(
+    name="wan2.1",
+    adapters={"WanTransformer3DModel": "stepcache.wan21.diffusers_adapter:WanDiffusersAdapter",
+              "WanModel": "stepcache.wan21.official:WanOfficialAdapter"},
+    pipelines={
+        "WanPipeline": Pipeline("WanTransformer3DModel", 5.0, "CFG scale",
+                                load="stepcache.wan21.diffusers_adapter:load_pipeline"),
+        "WanImageToVideoPipeline": Pipeline("WanTransformer3DModel", 5.0, "CFG scale", needs_image=True,
+                                            load="stepcache.wan21.diffusers_adapter:load_pipeline"),
+    },
+    calibration_targets={"demo": "stepcache.wan21.demo:calibration_target"},
+    commands=[("demo", "stepcache.wan21.demo.run", "run every method on a small trained video model shipped with "
+                                                   "stepcache and compare with uncached and fewer-step runs")],
+)

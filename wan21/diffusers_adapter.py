@@ -17,6 +17,20 @@ from ..diffusers_io import DiffusersTransformerAdapter
 from ..patching import first_arg_io, install_stack
 
 
+def load_pipeline(folder, dtype, device):
+    """A Wan pipeline from a local diffusers folder, its VAE in float32 whatever the transformer's dtype (as
+    diffusers' Wan docs say it is meant to run)."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    import torch
+    pipeline_type = getattr(diffusers, json.loads((Path(folder) / "model_index.json").read_text())["_class_name"])
+    vae = diffusers.AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32,
+                                                     local_files_only=True)
+    return pipeline_type.from_pretrained(folder, vae=vae, dtype=dtype, local_files_only=True).to(device)
+
+
 # The TeaCache signals Wan computes, in the order condition_embedder returns them.
 SIGNALS = ("temb", "timestep_proj")
 

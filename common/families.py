@@ -1,0 +1,94 @@
+"""The model families stepcache reaches, each declared by its own package: the core names none of them.
+
+A family package (each model folder of this project, or a package of your own) exports ``FAMILY``, a
+:class:`Family`, and is listed under the ``stepcache.families`` entry points (setup.py). The core reads from it which adapter serves which model class, which diffusers pipelines ``generate`` and
+``calibrate`` can run and how to call them, named calibration targets (``stepcache calibrate --model demo``)
+and extra ``stepcache`` subcommands (``stepcache demo``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+GROUP = "stepcache.families"
+
+
+def load_object(spec: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute, imported only when asked for."""
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A diffusers pipeline class of a family, and how ``stepcache generate`` / ``calibrate`` run it.
+
+    ``guidance`` is the default of ``--guidance`` and what it means for this pipeline; ``true_cfg`` whether
+    ``--true-cfg`` is passed as ``true_cfg_scale``; ``needs_image`` whether ``--image`` is required; ``load`` a
+    ``"module:function"`` with ``load(folder, dtype, device)`` when the plain ``from_pretrained`` is not right.
+    """
+    transformer: str
+    guidance: float
+    guidance_help: str
+    true_cfg: bool = False
+    needs_image: bool = False
+    load: str | None = None
+
+    def call_kwargs(self, guidance: float | None, true_cfg: float) -> dict[str, Any]:
+        """The guidance arguments of a pipeline call, from the command line's values."""
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance if guidance is None else guidance}
+        if self.true_cfg:
+            kwargs["true_cfg_scale"] = true_cfg
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # a profile's model.family
+    adapters: dict[str, str] = field(default_factory=dict)  # model class name -> "module:AdapterClass"
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)  # diffusers pipeline class name -> how to run it
+    calibration_targets: dict[str, str] = field(default_factory=dict)  # --model NAME -> "module:function"
+    commands: list[tuple[str, str, str]] = field(default_factory=list)  # (subcommand, module, one-line help)
+
+
+@lru_cache(maxsize=None)
+def families() -> tuple[Family, ...]:
+    found = []
+    for entry in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        family = load_object(entry.value)
+        if not isinstance(family, Family):
+            raise TypeError(f"entry point {entry.name} = {entry.value} is not a stepcache.families.Family")
+        found.append(family)
+    if not found:
+        raise RuntimeError(f"no model family is registered under the {GROUP!r} entry points: reinstall stepcache "
+                           f"(pip install -e . in the repository) so that its families are found")
+    return tuple(found)
+
+
+def _merged(attr: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for family in families():
+        merged.update(getattr(family, attr))
+    return merged
+
+
+def adapters() -> dict[str, str]:
+    return _merged("adapters")
+
+
+def pipelines() -> dict[str, tuple[Family, Pipeline]]:
+    return {name: (family, spec) for family in families() for name, spec in family.pipelines.items()}
+
+
+def calibration_target(name: str) -> Callable | None:
+    """The function a family registered for ``stepcache calibrate --model NAME`` (None when there is none)."""
+    spec = _merged("calibration_targets").get(name)
+    return load_object(spec) if spec else None
+
+
+def commands() -> list[tuple[str, str, str]]:
+    return [command for family in families() for command in family.commands]
