@@ -207,14 +207,18 @@ class Attachment:
 
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
-           calibrate: bool = False, parallel=None) -> Attachment:
+           calibrate: bool = False, parallel="xdit") -> Attachment:
     """Install ``method`` (or nothing, or the calibration recorder) on an upstream sampler instance.
 
     ``sampler`` is a ``WanT2V`` / ``WanI2V`` / ``WanFLF2V`` whose ``model`` is a ``WanModel`` or an FSDP wrapper
     of one. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
-    ``parallel`` is passed to :func:`stepcache.enable`; Wan's decisions are rank-invariant under USP and FSDP
-    (every rank measures whole tensors), so the scripts pass nothing and no collective is added.
+    ``parallel`` is passed to :func:`stepcache.enable`; the default, ``"xdit"``, is xDiT's sequence-parallel
+    group under ``torchrun`` (the world under FSDP alone; None on one process). Wan's measurements are whole on
+    every rank, so nothing is reduced over it; it carries the one agreement each pass ends with.
     """
+    if parallel == "xdit":
+        from ..distributed import xdit_group
+        parallel = xdit_group()
     if method is not None and calibrate:
         raise ValueError("calibration runs uncached; do not combine it with a method")
     outer = sampler.model
