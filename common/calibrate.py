@@ -39,7 +39,8 @@ from .methods.magcache import residual_ratio_stats
 from .methods.teacache import relative_l1
 from .policies import Decision, ParameterError, Polynomial
 from .profiles import FORMAT, Profile, ProfileError, check_profile_family, load_profile
-from .runner import CacheRunner, PassContext, RunStats, mean_abs
+from .distributed import SequenceGroup
+from .runner import CacheRunner, PassContext, RunStats
 
 # Reuse fractions that name the speed levels (presets) of a calibrated profile.
 SPEED_LEVELS = {"slow": 0.25, "medium": 0.4, "fast": 0.5}
@@ -91,15 +92,16 @@ class CalibrationRunner(CacheRunner):
     method = "calibrate"
     wants_signal = True
 
-    def __init__(self, signal_name: str | None):
+    def __init__(self, signal_name: str | None, group: SequenceGroup | None = None,
+                 sharded: frozenset[str] = frozenset()):
+        """``group``: the sequence-parallel group when the model runs sharded (the official Wan2.1 scripts under
+        USP): the residual's per-token statistics are summed over it, and the measurements named in ``sharded``
+        are reduced as a cache run reduces them, so every rank records the full-sequence value."""
         self.spec = _Measuring()
         self.config = None
         self.signal_name = signal_name
-        # Calibration runs on one process: every measurement is over the whole sequence.
-        self.group_of = lambda: None
-        self.sharded = frozenset()
-        self.reduce_mean = lambda t: t
-        self.fit_range = None
+        self.group_of = lambda: group
+        self.sharded = frozenset(sharded)
         self.stats = RunStats("calibrate")
         self.generation = 0
         self.current: PassContext | None = None
@@ -121,8 +123,10 @@ class CalibrationRunner(CacheRunner):
             self.previous[name] = _Previous()
         return state
 
-    def _mean_abs_of(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        return [self.reduce_mean(mean_abs(t)) for t in tensors]
+    def _sum_over_group(self, sums: torch.Tensor) -> None:
+        group = self.group_of()
+        if group is not None:
+            group.sum(sums)
 
     def begin_pass(self, branch, step, num_steps, latent):
         ctx = super().begin_pass(branch, step, num_steps, latent)
@@ -136,7 +140,7 @@ class CalibrationRunner(CacheRunner):
         previous = self.previous[ctx.branch]
         if signal is not None:
             if previous.signal is not None and previous.signal.shape == signal.shape:
-                ctx.measure.signal_change = relative_l1(self._mean_abs_of, signal, previous.signal)
+                ctx.measure.signal_change = relative_l1(self.signal_mean_abs, signal, previous.signal)
             previous.signal = signal.detach()
         return None
 
@@ -148,7 +152,7 @@ class CalibrationRunner(CacheRunner):
         previous = self.previous[ctx.branch]
         if previous.residual is not None and previous.residual.shape == residual.shape:
             ctx.measure.ratio, ctx.measure.ratio_std, ctx.measure.cos_distance = residual_ratio_stats(
-                residual, previous.residual)
+                residual, previous.residual, self._sum_over_group)
         previous.residual = residual
         ctx.h0 = None
 
@@ -157,11 +161,11 @@ class CalibrationRunner(CacheRunner):
         previous = self.previous[ctx.branch]
         latent = ctx.latent
         if output is not None:
-            ctx.measure.output_mean = float(self.reduce_mean(mean_abs(output)))
+            ctx.measure.output_mean = float(self.latent_mean_abs(output)[0])
         if output is not None and previous.output is not None and previous.output.shape == output.shape:
-            ctx.measure.output_change = relative_l1(self._mean_abs_of, output, previous.output)
-            ctx.measure.input_change = float(self.reduce_mean(mean_abs(latent - previous.latent)))
-            ctx.measure.rate = mean_abs_ratio(self._mean_abs_of, output - previous.output, latent - previous.latent)
+            ctx.measure.output_change = relative_l1(self.latent_mean_abs, output, previous.output)
+            ctx.measure.input_change = float(self.latent_mean_abs(latent - previous.latent)[0])
+            ctx.measure.rate = mean_abs_ratio(self.latent_mean_abs, output - previous.output, latent - previous.latent)
         previous.output = output.detach() if output is not None else None
         previous.latent = latent.detach()
         self.measures.append(ctx.measure)
@@ -263,21 +267,30 @@ class CalibrationRun:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def install_calibration(target, num_steps: int, signal_name: str | None = None, group: SequenceGroup | None = None):
+    """Install a :class:`CalibrationRunner` on ``target`` (a pipeline or a transformer) in place of a cache: the
+    one calibrator behind ``stepcache calibrate`` and the official scripts' ``--magcache_calibration``. Returns
+    the ``CachedModel`` (``.runner`` holds the measurements; call ``start_generation(steps)`` before each
+    generation a caller's own loop runs, and ``remove()`` after)."""
+    from .api import CachedModel, StepClock, _resolve_target, adapter_for
+    model, pipeline = _resolve_target(target)
+    adapter = adapter_for(model)
+    runner = CalibrationRunner(signal_name or getattr(adapter, "default_signal", None), group,
+                               getattr(adapter, "sequence_sharded", frozenset()))
+    return CachedModel(model, adapter, "calibrate", None, None, {}, StepClock(pipeline, num_steps), runner=runner)
+
+
 def measure(target, run: CalibrationRun, generate, signal_name: str | None = None, progress=True):
     """Install a :class:`CalibrationRunner` on ``target`` (a pipeline or a transformer), call
     ``generate(prompt, seed)`` for every pair, and return the runner with its measurements."""
-    from .api import CachedModel, StepClock, _resolve_target, adapter_for
     if not run.prompts:
         raise CalibrationError("calibration needs at least one prompt; the prompt list is empty")
     if run.steps < 2:
         raise CalibrationError(f"steps={run.steps} is too few; calibration needs at least 2 denoising steps")
     if not run.seeds:
         raise CalibrationError("calibration needs at least one seed")
-    model, pipeline = _resolve_target(target)
-    adapter = adapter_for(model)
-    runner = CalibrationRunner(signal_name or getattr(adapter, "default_signal", None))
-    cached = CachedModel(model, adapter, "calibrate", None, None, {}, StepClock(pipeline, run.steps),
-                         runner=runner)
+    cached = install_calibration(target, run.steps, signal_name)
+    runner, adapter, model = cached.runner, cached.adapter, cached.model
     pairs = [(p, s) for p in run.prompts for s in run.seeds]
     try:
         from tqdm.auto import tqdm

@@ -56,6 +56,11 @@ class SequenceGroup:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         return [(packed[2 * i] / packed[2 * i + 1]).to(torch.float32) for i in range(len(tensors))]
 
+    def sum(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the group, in place (per-token statistics of a shard: calibration)."""
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
     def __repr__(self) -> str:
         return f"SequenceGroup({self.name})"
 

@@ -27,7 +27,6 @@ from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resol
 from ..policies import ParameterError
 from ..outputs import atomic_path, check_output_dir, check_output_file, write_text
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
-from .official_adapter import BRANCH
 from .resolution import choose_by_resolution, warn_unpublished
 
 FAMILY = "hunyuanvideo"
@@ -426,13 +425,10 @@ def _run(method: str, argv, load, save) -> int:
         _log(f"stepcache: {plan.config.describe()}")
         cached.start_generation(args.infer_steps)
     calibration = None
-    if plan.calibrate:
-        from ..calibration_io import ResidualRatioRecorder
-        from .official_adapter import stack_io
-        transformer = sampler.pipeline.transformer
-        # CFG is batched into one pass here: a single branch.
-        calibration = ResidualRatioRecorder(transformer, [*transformer.double_blocks, *transformer.single_blocks],
-                                            stack_io(), lambda args, kwargs: BRANCH).install()
+    if plan.calibrate:  # one process (refused under sequence parallelism); CFG is batched: the one branch
+        from ..calibrate import install_calibration
+        calibration = install_calibration(sampler.pipeline.transformer, args.infer_steps)
+        calibration.start_generation(args.infer_steps)
 
     height, width = video_size(args)
     start = time.time()
@@ -453,7 +449,7 @@ def _run(method: str, argv, load, save) -> int:
     seconds = time.time() - start
     samples = outputs["samples"]
     if calibration is not None:
-        calibration.remove()  # keeps its measurements
+        calibration.remove()  # its runner keeps the measurements
 
     if not _is_main_rank():
         return 0
@@ -469,14 +465,15 @@ def _run(method: str, argv, load, save) -> int:
         videos.append(cur_save_path)
 
     if calibration is not None:
-        from ..calibration_io import calibrated_source, magcache_profile_data, write_profile
-        base, steps = plan.profile, calibration.steps()
+        from ..calibration_io import calibrated_source, magcache_profile_data, measured_ratios, write_profile
+        base = plan.profile
+        branches, steps, ratios = measured_ratios(calibration.runner)
         name = Path(plan.calibrate).stem
         data = magcache_profile_data(
             name=name, description=f"{base.data.get('description', base.name)}; MagCache table calibrated at "
                                    f"{height}x{width}, {steps} steps",
-            model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=calibration,
-            branches=[BRANCH], steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
+            model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=ratios,
+            branches=branches, steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
             measured_on={"model": args.model, "dit_weight": Path(args.dit_weight).name, "prompt": args.prompt,
                          "seed": args.seed, "infer_steps": args.infer_steps, "flow_shift": args.flow_shift,
                          "embedded_cfg_scale": args.embedded_cfg_scale, "video_size": [height, width],

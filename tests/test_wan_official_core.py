@@ -6,12 +6,10 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
-from stepcache.calibration_io import (RatioRecord, ResidualRatioRecorder, interleave_with_padding,
+from stepcache.calibration_io import (RatioRecord, interleave_with_padding, measured_ratios,
                                       magcache_profile_data, write_profile)
 from stepcache.methods import resolve_method
-from stepcache.patching import first_arg_io
 from stepcache.profiles import load_profile
 from stepcache.wan21.official import ContextBranches, stack_latents, unstack_latents
 from stepcache.wan21.official_generate import PlanError, build_parser, make_plan, split_argv
@@ -148,55 +146,30 @@ def test_latent_lists_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(unstack_latents(stack_latents(ragged), ragged), ragged))
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return x + torch.tanh(self.linear(x))
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList([Block() for _ in range(3)])
-
-    def forward(self, x, branch):
-        h = x * 2
-        for block in self.blocks:
-            h = block(h)
-        return h
-
-
-def test_recorder_measures_per_branch_residual_ratios():
-    model = Toy()
-    recorder = ResidualRatioRecorder(model, model.blocks, first_arg_io("x"), lambda a, k: a[1]).install()
-    inputs = {b: [torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(10 * s + i)) for s in range(4)]
-              for i, b in enumerate(("cond", "uncond"))}
-    recorder.start_generation()
-    with torch.no_grad():
-        for step in range(4):
-            for branch in ("cond", "uncond"):
-                model(inputs[branch][step], branch)
-    recorder.remove()
-    for branch in ("cond", "uncond"):
-        res = []
-        for x in inputs[branch]:
-            h0 = x * 2
-            h = h0
-            for block in model.blocks:
-                h = block(h)
-            res.append((h - h0).detach())
-        ratios = [r.ratio for r in recorder.ratios(branch)]
-        expected = [(res[i].norm(dim=-1) / res[i - 1].norm(dim=-1)).mean().item() for i in range(1, 4)]
-        assert ratios == pytest.approx(expected, rel=1e-6)
-        stds = [r.std for r in recorder.ratios(branch)]
-        assert stds == pytest.approx([(res[i].norm(dim=-1) / res[i - 1].norm(dim=-1)).std().item()
-                                      for i in range(1, 4)], rel=1e-5)
-    assert recorder.order == ["cond", "uncond"] and recorder.steps() == 4
-    assert not model._forward_pre_hooks and not model.blocks[0]._forward_pre_hooks
+def test_the_calibrator_measures_per_branch_residual_ratios():
+    """The one calibrator (the runner-based one the scripts' --magcache_calibration uses) against residuals
+    captured independently with plain hooks on the first and last block, per CFG branch."""
+    import wan_tiny as W
+    from stepcache.calibrate import install_calibration
+    pipe = W.build_t2v()
+    blocks = pipe.transformer.blocks
+    captured: list[torch.Tensor] = []
+    h0 = {}
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, a, k: h0.__setitem__("x", a[0]), with_kwargs=True),
+             blocks[-1].register_forward_hook(lambda m, a, out: captured.append((out - h0["x"]).detach()))]
+    cached = install_calibration(pipe, 5)
+    W.run_t2v(pipe, steps=5)
+    cached.remove()
+    for h in hooks:
+        h.remove()
+    branches, steps, records = measured_ratios(cached.runner)
+    assert branches == ["cond", "uncond"] and steps == 5
+    for index, branch in enumerate(branches):
+        res = captured[index::2]  # the pipeline calls cond, then uncond, at every step
+        expected = [(res[i].float().norm(dim=-1) / res[i - 1].float().norm(dim=-1)).mean().item() for i in range(1, 5)]
+        assert [r.ratio for r in records[branch]] == pytest.approx(expected, rel=1e-5)
+        assert [r.step for r in records[branch]] == [1, 2, 3, 4]
+    assert "forward" not in pipe.transformer.__dict__  # removed exactly
 
 
 def test_calibrated_profile_round_trip(tmp_path):

@@ -185,7 +185,7 @@ class Attachment:
     sampler: Any
     model: nn.Module  # the WanModel (inside any FSDP wrapper)
     cached: Any = None  # stepcache.api.CachedModel, or None for an uncached or calibration run
-    recorder: Any = None  # calibration_io.ResidualRatioRecorder during --magcache_calibration
+    calibration: Any = None  # the measuring CachedModel (stepcache.calibrate) during --magcache_calibration
     adapter: WanOfficialAdapter = field(default_factory=WanOfficialAdapter)
     generations: list[GenerationRecord] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
@@ -198,8 +198,8 @@ class Attachment:
         if self._original_generate is not None and self.sampler.__dict__.get("generate") is not None:
             del self.sampler.generate
             self._original_generate = None
-        if self.recorder is not None:
-            self.recorder.remove()
+        if self.calibration is not None:
+            self.calibration.remove()  # its runner keeps the measurements
         if self.cached is not None:
             import stepcache
             stepcache.disable(self.model)
@@ -231,10 +231,9 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
                                              **(params or {}))
         attachment.adapter = attachment.cached.adapter
     if calibrate:
-        from ..calibration_io import ResidualRatioRecorder
-        adapter = attachment.adapter
-        attachment.recorder = ResidualRatioRecorder(
-            model, model.blocks, adapter.block_io, lambda a, k: adapter.branch_of(model, a, k)).install()
+        from ..calibrate import install_calibration
+        attachment.calibration = install_calibration(model, 2, group=parallel)
+        attachment.adapter = attachment.calibration.adapter
 
     clock = {"start": None}
 
@@ -271,10 +270,9 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
         record = GenerationRecord(steps)
         attachment.generations.append(record)
         attachment.adapter.start_generation()
-        if attachment.cached is not None:
-            attachment.cached.start_generation(steps)
-        if attachment.recorder is not None:
-            attachment.recorder.start_generation()
+        for installed in (attachment.cached, attachment.calibration):
+            if installed is not None:
+                installed.start_generation(steps)
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)

@@ -539,11 +539,9 @@ class Session:
         return stats
 
     def _write_calibration(self, attachment, record, path: str | None) -> str:
-        from ..calibration_io import calibrated_source, magcache_profile_data, write_profile
+        from ..calibration_io import calibrated_source, magcache_profile_data, measured_ratios, write_profile
         args, plan = self.args, self.plan
-        recorder = attachment.recorder
-        steps = recorder.steps()
-        branches = list(recorder.order)
+        branches, steps, ratios = measured_ratios(attachment.calibration.runner)
         height, width = record.pixel_size
         kind = task_kind(args.task)
         base = plan.base_profile
@@ -556,7 +554,7 @@ class Session:
                         f"{steps} steps ({args.sample_solver}, shift {args.sample_shift})",
             model={"family": FAMILY, "task": kind, "resolution": [height, width],
                    "config": model_config(attachment.model), "classes": ["WanTransformer3DModel", "WanModel"]},
-            recorder_or_ratios=recorder, branches=branches, steps=steps,
+            recorder_or_ratios=ratios, branches=branches, steps=steps,
             source=calibrated_source(where=device), defaults=defaults,
             presets=base_mag.get("presets") if base_mag else None, base=base,
             measured_on={**{k: getattr(args, k, None) for k in (
