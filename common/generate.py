@@ -16,6 +16,7 @@ from . import families
 from .cliargs import int_at_least
 from .errors import InputError
 from .outputs import atomic_path, check_output_file, write_text
+from .timing import DiTTimer
 from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
@@ -146,28 +147,6 @@ def load_pipeline(folder: Path, pipeline_class: str, spec, dtype_name: str, devi
     return getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
 
 
-class TransformerTimer:
-    """Seconds spent inside the transformer's forward (the 'DiT-only' time the published tables report)."""
-
-    def __init__(self, module, device: str):
-        import torch
-        self.seconds = 0.0
-        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
-
-    def _start(self, *args):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _stop(self, *args):
-        self._sync()
-        self.seconds += time.perf_counter() - self._t0
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def generate(args) -> dict[str, Any]:
     import torch
 
@@ -188,7 +167,7 @@ def generate(args) -> dict[str, Any]:
     call.update(checked["spec"].call_kwargs(args.guidance, args.true_cfg))
     if args.image:
         call["image"] = load_image(args.image)
-    timer = TransformerTimer(pipe.transformer, device)
+    timer = DiTTimer(pipe.transformer)
     start = time.perf_counter()
     frames = pipe(**call).frames[0]
     seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""The clocks every timed command offers (``--clock``), in one place.
+"""The clocks every timed command offers (``--clock``), and the one DiT-only timer, in one place.
 
 ``wall`` is wall-clock time; ``cpu`` is this process's CPU time, steadier on a shared machine since time spent
 waiting for a core is not counted (with one thread it is the compute this process did). GPU runs want ``wall``.
@@ -6,6 +6,9 @@ waiting for a core is not counted (with one thread it is the compute this proces
 from __future__ import annotations
 
 import time
+from typing import Any
+
+import torch
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK_NAMES = {"wall": "wall-clock time", "cpu": "CPU time of this process"}
@@ -14,3 +17,54 @@ CLOCK_HELP = "wall-clock time (default), or this process's CPU time (steadier on
 
 def add_clock_argument(parser) -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP)
+
+
+def _first_tensor(value: Any):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def synchronize(value: Any) -> None:
+    """Wait for the CUDA work behind ``value`` (a tensor, or the first tensor in a list, tuple or dict)."""
+    tensor = _first_tensor(value)
+    if tensor is not None and tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+class DiTTimer:
+    """Seconds spent inside a transformer's forward (the "DiT-only" time the published tables report), and the
+    number of forwards: hooks on ``module``, synchronised with CUDA at both ends (a host wait the measurement
+    needs; without it a GPU's queued work would be timed elsewhere). A caller times one video by reading
+    ``seconds`` and ``calls`` before and after it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.seconds = 0.0
+        self.calls = 0
+        self._start: float | None = None
+        self.handles = [module.register_forward_pre_hook(self._begin, with_kwargs=True),
+                        module.register_forward_hook(self._end, with_kwargs=True)]
+
+    def _begin(self, module, args, kwargs):
+        synchronize([args, kwargs])
+        self._start = time.perf_counter()
+
+    def _end(self, module, args, kwargs, output):
+        if self._start is None:
+            return
+        synchronize(output)
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+        self._start = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

@@ -4,7 +4,7 @@ Copy this file into the root of a HunyuanVideo checkout (with `pip install stepc
 flags of upstream's sample_video.py; --magcache-thresh, --magcache-K, --retention-ratio and the other --cache-*
 flags are listed by --help.
 """
-from stepcache.hunyuan.official import entry
+from stepcache.hunyuan.official import run_script
 
 if __name__ == "__main__":
-    entry("magcache")
+    run_script("magcache")

@@ -413,9 +413,24 @@ def _run(method: str, argv, load, save) -> int:
     for note in plan.notes:
         _log(f"stepcache: {note}")
     save_path = save_folder(args)  # created with the first video, once the generation has succeeded
-
     sampler = (load or load_sampler)(args)
     args = sampler.args
+    cached, calibration = install(plan, sampler, args)
+    outputs, seconds = predict(sampler, args)
+    if calibration is not None:
+        calibration.remove()  # its runner keeps the measurements
+    if not _is_main_rank():
+        return 0
+    videos = save_videos(outputs, save_path, save or save_video)
+    if calibration is not None:
+        write_calibration(calibration.runner, plan, args)
+    if cached is not None:
+        write_stats(cached, plan, args, seconds, videos)
+    return 0
+
+
+def install(plan: CachePlan, sampler, args):
+    """(the cache, the calibration) installed on upstream's transformer instance, either or both None."""
     parallel = None
     if args.ulysses_degree > 1 or args.ring_degree > 1:
         from ..distributed import xdit_group
@@ -429,7 +444,11 @@ def _run(method: str, argv, load, save) -> int:
         from ..calibrate import install_calibration
         calibration = install_calibration(sampler.pipeline.transformer, args.infer_steps)
         calibration.start_generation(args.infer_steps)
+    return cached, calibration
 
+
+def predict(sampler, args):
+    """Upstream sample_video.py's call of the sampler, as it makes it; (its outputs, seconds)."""
     height, width = video_size(args)
     start = time.time()
     outputs = sampler.predict(
@@ -446,56 +465,58 @@ def _run(method: str, argv, load, save) -> int:
         batch_size=args.batch_size,
         embedded_guidance_scale=args.embedded_cfg_scale,
     )
-    seconds = time.time() - start
-    samples = outputs["samples"]
-    if calibration is not None:
-        calibration.remove()  # its runner keeps the measurements
+    return outputs, time.time() - start
 
-    if not _is_main_rank():
-        return 0
+
+def save_videos(outputs, save_path: str, save) -> list[str]:
+    """Upstream's file names; each video written whole (a temporary name, then moved into place)."""
     videos = []
+    samples = outputs["samples"]
     for i in range(len(samples)):
         sample = samples[i].unsqueeze(0)
         time_flag = datetime.fromtimestamp(time.time()).strftime("%Y-%m-%d-%H:%M:%S")
         prompt = outputs["prompts"][i % len(outputs["prompts"])]
         cur_save_path = f"{save_path}/{time_flag}_seed{outputs['seeds'][i]}_{prompt[:100].replace('/', '')}.mp4"
         with atomic_path(cur_save_path) as partial:
-            (save or save_video)(sample, str(partial))
+            save(sample, str(partial))
         _log(f"Sample save to: {cur_save_path}")
         videos.append(cur_save_path)
-
-    if calibration is not None:
-        from ..calibration_io import calibrated_source, magcache_profile_data, measured_ratios, write_profile
-        base = plan.profile
-        branches, steps, ratios = measured_ratios(calibration.runner)
-        name = Path(plan.calibrate).stem
-        data = magcache_profile_data(
-            name=name, description=f"{base.data.get('description', base.name)}; MagCache table calibrated at "
-                                   f"{height}x{width}, {steps} steps",
-            model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=ratios,
-            branches=branches, steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
-            measured_on={"model": args.model, "dit_weight": Path(args.dit_weight).name, "prompt": args.prompt,
-                         "seed": args.seed, "infer_steps": args.infer_steps, "flow_shift": args.flow_shift,
-                         "embedded_cfg_scale": args.embedded_cfg_scale, "video_size": [height, width],
-                         "video_length": args.video_length},
-            defaults=base.method("magcache").get("defaults", {}), presets=base.method("magcache").get("presets"),
-            base=base)
-        profile = write_profile(plan.calibrate, data)
-        _log(f"stepcache: MagCache profile {profile.name!r} written to {plan.calibrate}; use it with "
-             f"--cache-profile {plan.calibrate}")
-    if cached is not None:
-        print(cached.stats.summary())
-        targets = [args.cache_stats] if args.cache_stats else [str(Path(v).with_suffix(".stats.json"))
-                                                               for v in videos]
-        for i, target in enumerate(targets):
-            record = stats_record(cached, plan, args, seconds, videos[i] if not args.cache_stats else None)
-            if args.cache_stats:
-                record["videos"] = videos
-            write_text(target, json.dumps(record, indent=1) + "\n")
-            _log(f"stepcache stats saved to: {target}")
-    return 0
+    return videos
 
 
-def entry(method: str) -> None:
-    """What the seed-named scripts call."""
+def write_calibration(runner, plan: CachePlan, args) -> None:
+    from ..calibration_io import calibrated_source, magcache_profile_data, measured_ratios, write_profile
+    base = plan.profile
+    height, width = video_size(args)
+    branches, steps, ratios = measured_ratios(runner)
+    data = magcache_profile_data(
+        name=Path(plan.calibrate).stem, description=f"{base.data.get('description', base.name)}; MagCache table "
+                                                   f"calibrated at {height}x{width}, {steps} steps",
+        model={**base.data.get("model", {}), "resolution": [height, width]}, recorder_or_ratios=ratios,
+        branches=branches, steps=steps, source=calibrated_source(where="MagCache's rule, MC-HY:160-282"),
+        measured_on={"model": args.model, "dit_weight": Path(args.dit_weight).name, "prompt": args.prompt,
+                     "seed": args.seed, "infer_steps": args.infer_steps, "flow_shift": args.flow_shift,
+                     "embedded_cfg_scale": args.embedded_cfg_scale, "video_size": [height, width],
+                     "video_length": args.video_length},
+        defaults=base.method("magcache").get("defaults", {}), presets=base.method("magcache").get("presets"),
+        base=base)
+    profile = write_profile(plan.calibrate, data)
+    _log(f"stepcache: MagCache profile {profile.name!r} written to {plan.calibrate}; use it with "
+         f"--cache-profile {plan.calibrate}")
+
+
+def write_stats(cached, plan: CachePlan, args, seconds: float, videos: list[str]) -> None:
+    """The stats next to each video (or all in --cache-stats)."""
+    print(cached.stats.summary())
+    targets = [args.cache_stats] if args.cache_stats else [str(Path(v).with_suffix(".stats.json")) for v in videos]
+    for i, target in enumerate(targets):
+        record = stats_record(cached, plan, args, seconds, videos[i] if not args.cache_stats else None)
+        if args.cache_stats:
+            record["videos"] = videos
+        write_text(target, json.dumps(record, indent=1) + "\n")
+        _log(f"stepcache stats saved to: {target}")
+
+
+def run_script(method: str) -> None:
+    """Entry point of the drop-in scripts (the one name every family's drop-ins call)."""
     sys.exit(main(method))

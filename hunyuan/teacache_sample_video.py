@@ -3,7 +3,7 @@
 Copy this file into the root of a HunyuanVideo checkout (with `pip install stepcache` done) and run it with the
 flags of upstream's sample_video.py; --teacache-thresh and the other --cache-* flags are listed by --help.
 """
-from stepcache.hunyuan.official import entry
+from stepcache.hunyuan.official import run_script
 
 if __name__ == "__main__":
-    entry("teacache")
+    run_script("teacache")

@@ -2,9 +2,7 @@
 beside eval/*/experiments/opensora.py; `--help` lists every flag, docs/opensora.md explains them:
     python easycache_opensora.py --prompts vbench --seeds 0 --out samples/opensora_easycache
 """
-import sys
-
-from stepcache.opensora.generate_set import main
+from stepcache.opensora.generate_set import run_script
 
 if __name__ == "__main__":
-    sys.exit(main(method="easycache"))
+    run_script("easycache")

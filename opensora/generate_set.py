@@ -471,5 +471,10 @@ def main(argv: list[str] | None = None, method: str | None = None,
         return 2
 
 
+def run_script(method: str) -> None:
+    """Entry point of the drop-in scripts (the one name every family's drop-ins call)."""
+    sys.exit(main(method=method))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,13 +8,12 @@ refuses more than one GPU before anything loads (see :data:`stepcache.opensora.a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from ..timing import DiTTimer
 from .adapter import MULTI_GPU_MESSAGE, MultiGPUNotSupported, STDiT3Adapter, check_single_process
 
 # The published runs' model ids (MC-OS eval_base; TeaCache relies on the same OpenSoraConfig defaults).
@@ -52,11 +51,6 @@ def pipeline_of(engine: Any):
     return getattr(engine, "driver_worker", engine)
 
 
-def _sync(tensor: Any) -> None:
-    if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
 @dataclass
 class VideoRecord:
     dit_seconds: float = 0.0
@@ -76,10 +70,13 @@ class Attachment:
     videos: list[VideoRecord] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
     _open: VideoRecord | None = None
+    timer: Any = None  # stepcache.timing.DiTTimer on the transformer
+    _timer_before: tuple[float, int] = (0.0, 0)
     _generations_before: set[int] = field(default_factory=set)
 
     def begin_video(self) -> VideoRecord:
         self._open = VideoRecord()
+        self._timer_before = (self.timer.seconds, self.timer.calls)
         self._generations_before = set(self.cached.stats.generation_ids()) if self.cached is not None else set()
         return self._open
 
@@ -87,6 +84,8 @@ class Attachment:
         record, self._open = self._open, None
         if record is None:
             raise RuntimeError("end_video() without begin_video()")
+        record.dit_seconds = self.timer.seconds - self._timer_before[0]
+        record.dit_calls = self.timer.calls - self._timer_before[1]
         if self.cached is not None:
             if self.cached.runner is not None:
                 self.cached.runner.reset()  # close the generation (its NothingCachedWarning, if any, is raised now)
@@ -122,22 +121,6 @@ def attach(pipeline: Any, method: str | None = None, profile=None, preset: str |
     if method is not None:
         import stepcache
         attachment.cached = stepcache.enable(transformer, method, profile=profile, preset=preset, **(params or {}))
-    clock = {"start": None}
-
-    def before(module, args, kwargs):
-        if attachment._open is None:
-            return
-        _sync(args[0] if args else kwargs.get("x"))
-        clock["start"] = time.perf_counter()
-
-    def after(module, args, kwargs, output):
-        if clock["start"] is None or attachment._open is None:
-            return
-        _sync(output)
-        attachment._open.dit_seconds += time.perf_counter() - clock["start"]
-        attachment._open.dit_calls += 1
-        clock["start"] = None
-
-    attachment._handles.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
-    attachment._handles.append(transformer.register_forward_hook(after, with_kwargs=True))
+    attachment.timer = DiTTimer(transformer)
+    attachment._handles.append(attachment.timer)
     return attachment

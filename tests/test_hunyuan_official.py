@@ -73,8 +73,8 @@ def test_seed_scripts_are_thin_entry_points(method):
     code_lines = [line for line in source.splitlines()[len(ast.get_docstring(tree).splitlines()) + 2:] if line]
     assert len(code_lines) <= 10
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert [(i.module, [a.name for a in i.names]) for i in imports] == [("stepcache.hunyuan.official", ["entry"])]
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "entry"]
+    assert [(i.module, [a.name for a in i.names]) for i in imports] == [("stepcache.hunyuan.official", ["run_script"])]
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_script"]
     assert [c.args[0].value for c in calls] == [method]
 
 

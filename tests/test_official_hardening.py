@@ -186,7 +186,7 @@ MISSING_REQUIREMENTS = [
     # Upstream's hyvideo imports loguru: a hyvideo package that does the same.
     ({"hyvideo/__init__.py": "", "hyvideo/config.py": "from loguru import logger\n"}, "loguru",
      "sys.path.insert(0, '.'); sys.argv = ['teacache_sample_video.py']; "
-     "from stepcache.hunyuan.official import entry; entry('teacache')",
+     "from stepcache.hunyuan.official import run_script; run_script('teacache')",
      "teacache_sample_video.py: error: upstream HunyuanVideo needs the Python module 'loguru', which is not "
      "installed: pip install loguru (or pip install -r requirements.txt in the HunyuanVideo checkout)"),
 ]

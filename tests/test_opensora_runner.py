@@ -195,7 +195,7 @@ def test_baseline_and_cached_sets_pair_by_name_and_compare(tmp_path, prompts):
 @pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
 def test_drop_in_scripts_fix_their_method(method, tmp_path, prompts):
     script = Path(__file__).resolve().parents[1] / "opensora" / f"{method}_opensora.py"
-    assert f'main(method="{method}")' in script.read_text()
+    assert f'run_script("{method}")' in script.read_text()
     out = tmp_path / method
     factory = Factory(steps=8)
     assert main(["--prompts", str(prompts), "--out", str(out), "--num-sampling-steps", "8", "--thresh", "0"],

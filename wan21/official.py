@@ -23,6 +23,7 @@ from torch import nn
 
 from ..patching import first_arg_io, install_stack
 from ..profiles import match_profiles
+from ..timing import DiTTimer
 
 FAMILY = "wan2.1"
 VAE_SPATIAL_SCALE = 8  # Wan's VAE downsamples height and width by 8
@@ -163,12 +164,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _sync(tensors) -> None:
-    first = tensors[0] if isinstance(tensors, (list, tuple)) and tensors else tensors
-    if isinstance(first, torch.Tensor) and first.is_cuda:
-        torch.cuda.synchronize(first.device)
-
-
 @dataclass
 class GenerationRecord:
     steps: int
@@ -235,29 +230,13 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
         attachment.calibration = install_calibration(model, 2, group=parallel)
         attachment.adapter = attachment.calibration.adapter
 
-    clock = {"start": None}
+    def size_of_the_video(module, args, kwargs):
+        if attachment.generations and attachment.generations[-1].pixel_size is None:
+            attachment.generations[-1].pixel_size = attachment.adapter.pixel_size(model, args, kwargs)
 
-    def before(module, args, kwargs):
-        if not attachment.generations:
-            return
-        x = _x_of(args, kwargs)
-        record = attachment.generations[-1]
-        if record.pixel_size is None:
-            record.pixel_size = attachment.adapter.pixel_size(model, args, kwargs)
-        _sync(x)
-        clock["start"] = time.perf_counter()
-
-    def after(module, args, kwargs, output):
-        if clock["start"] is None:
-            return
-        _sync(output)
-        record = attachment.generations[-1]
-        record.dit_seconds += time.perf_counter() - clock["start"]
-        record.dit_calls += 1
-        clock["start"] = None
-
-    attachment._handles.append(outer.register_forward_pre_hook(before, with_kwargs=True))
-    attachment._handles.append(outer.register_forward_hook(after, with_kwargs=True))
+    attachment._handles.append(outer.register_forward_pre_hook(size_of_the_video, with_kwargs=True))
+    timer = DiTTimer(outer)
+    attachment._handles.append(timer)
 
     original = sampler.generate
     signature = inspect.signature(original)
@@ -273,11 +252,12 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
         for installed in (attachment.cached, attachment.calibration):
             if installed is not None:
                 installed.start_generation(steps)
-        start = time.perf_counter()
+        start, dit_before, calls_before = time.perf_counter(), timer.seconds, timer.calls
         try:
             return original(*args, **kwargs)
         finally:
             record.generate_seconds = time.perf_counter() - start
+            record.dit_seconds, record.dit_calls = timer.seconds - dit_before, timer.calls - calls_before
             attachment.adapter.start_generation()  # drop the context lists it holds
 
     sampler.generate = generate

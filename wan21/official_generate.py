@@ -196,95 +196,110 @@ def check_profile_fits(profile: Profile, task: str, wan_configs) -> None:
 
 def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, upstream) -> Plan:
     """Check every cache flag against upstream's parsed ``args``; nothing is loaded. Raises :class:`PlanError`."""
-    task, size = args.task, args.size
-    kind = task_kind(task)
     notes: list[str] = []
-    calibrate = method == "magcache" and ours.magcache_calibration
-    active: str | None = method
-    if method == "magcache":
-        if ours.use_magcache and calibrate:
-            raise PlanError("--use_magcache and --magcache_calibration exclude each other: calibrate first (an "
-                            "uncached run that writes a profile), then run --use_magcache --cache_profile FILE")
-        if ours.calibration_file and not calibrate:
-            raise PlanError("--calibration_file is where --magcache_calibration writes its profile; add "
-                            "--magcache_calibration, or use a calibrated file with --cache_profile")
-        if calibrate and ours.cache_profile:
-            raise PlanError("--magcache_calibration measures a new table and does not read --cache_profile; name "
-                            "the file it writes with --calibration_file")
-        if not ours.use_magcache:
-            active = None
-            if ours.cache_profile and not calibrate:
-                raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
-            if ours.cache_predict is not None:  # calibration runs uncached too
-                raise PlanError("--cache_predict has no effect without --use_magcache; add --use_magcache")
-            if not calibrate:
-                notes.append("neither --use_magcache nor --magcache_calibration: this run is uncached (as with the "
-                             "published script); its DiT time is still reported")
-    if kind == "vace" and (active or calibrate):
-        raise PlanError(f"--task {task} runs VaceWanModel, whose VACE blocks these scripts do not patch; caching "
-                        f"and calibration cover t2v, t2i, i2v and flf2v")
+    active, calibrate = _which_run(method, ours, notes)
+    if task_kind(args.task) == "vace" and (active or calibrate):
+        raise PlanError(f"--task {args.task} runs VaceWanModel, whose VACE blocks these scripts do not patch; "
+                        f"caching and calibration cover t2v, t2i, i2v and flf2v")
+    _check_inputs(args, ours, needs_steps=bool(active or calibrate))
+    base = None if task_kind(args.task) == "vace" else default_profile(args.task, args.size, upstream.SIZE_CONFIGS)
+    profile = _choose_profile(active, ours, args, base, upstream, notes) if active else None
+    params = _method_params(method, active, ours, profile, args.sample_steps, notes) if active else {}
+    if method == "easycache" and active:
+        _check_easycache_leftovers(ours, notes)
+    if calibrate:
+        notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
+                     "block-stack residuals per CFG branch and step")
+    return Plan(active, profile, params, calibrate, base, notes, ours.cache_stats,
+                getattr(ours, "calibration_file", None))
 
-    # Inputs upstream would otherwise replace by its example files or fail on after loading the models.
+
+def _which_run(method: str, ours, notes: list[str]) -> tuple[str | None, bool]:
+    """(the method this run caches with, or None; whether it calibrates) from the method's own flags."""
+    calibrate = method == "magcache" and ours.magcache_calibration
+    if method != "magcache":
+        return method, False
+    if ours.use_magcache and calibrate:
+        raise PlanError("--use_magcache and --magcache_calibration exclude each other: calibrate first (an "
+                        "uncached run that writes a profile), then run --use_magcache --cache_profile FILE")
+    if ours.calibration_file and not calibrate:
+        raise PlanError("--calibration_file is where --magcache_calibration writes its profile; add "
+                        "--magcache_calibration, or use a calibrated file with --cache_profile")
+    if calibrate and ours.cache_profile:
+        raise PlanError("--magcache_calibration measures a new table and does not read --cache_profile; name "
+                        "the file it writes with --calibration_file")
+    if ours.use_magcache:
+        return method, calibrate
+    if ours.cache_profile and not calibrate:
+        raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
+    if ours.cache_predict is not None:  # calibration runs uncached too
+        raise PlanError("--cache_predict has no effect without --use_magcache; add --use_magcache")
+    if not calibrate:
+        notes.append("neither --use_magcache nor --magcache_calibration: this run is uncached (as with the "
+                     "published script); its DiT time is still reported")
+    return None, calibrate
+
+
+def _check_inputs(args, ours, needs_steps: bool) -> None:
+    """Inputs upstream would otherwise replace by its example files, or fail on after loading the models."""
+    kind = task_kind(args.task)
     if kind == "i2v":
         if not args.image:
-            raise PlanError(f"--task {task} needs --image PATH (the first frame of the video)")
+            raise PlanError(f"--task {args.task} needs --image PATH (the first frame of the video)")
         if not os.path.isfile(args.image):
             raise PlanError(f"--image {args.image!r} does not exist")
     if kind == "flf2v":
         for flag in ("first_frame", "last_frame"):
             value = getattr(args, flag, None)
             if not value:
-                raise PlanError(f"--task {task} needs --{flag} PATH")
+                raise PlanError(f"--task {args.task} needs --{flag} PATH")
             if not os.path.isfile(value):
                 raise PlanError(f"--{flag} {value!r} does not exist")
-    if (active or calibrate) and (args.sample_steps is None or args.sample_steps < 2):
+    if needs_steps and (args.sample_steps is None or args.sample_steps < 2):
         raise PlanError(f"--sample_steps {args.sample_steps} is too few; caching needs at least 2 steps")
     for flag in ("cache_stats", "calibration_file"):
         value = getattr(ours, flag, None)
         if value and not value.endswith(".json"):
             raise PlanError(f"--{flag} {value!r} must be a .json file")
 
-    height, width = pixel_size(size, upstream.SIZE_CONFIGS)
-    base = None
-    if kind != "vace":
-        base = default_profile(task, size, upstream.SIZE_CONFIGS)
-    profile = None
-    if active:
-        if ours.cache_profile:
-            try:
-                profile = load_profile(ours.cache_profile)
-            except ProfileError as exc:
-                raise PlanError(f"--cache_profile: {exc}") from exc
-            check_profile_fits(profile, task, upstream.WAN_CONFIGS)
-            if not profile.has(active):
-                have = [m for m in METHODS if profile.has(m)]
-                raise PlanError(f"--cache_profile {profile.name!r} has no {active} table (it has: "
-                                f"{', '.join(have) or 'none'})")
-        elif base is None:
-            raise PlanError(f"no published {active} table for --task {task}; calibrate one with "
-                            f"magcache_generate.py --magcache_calibration and pass the file with --cache_profile")
-        else:
-            profile = base
-            if task.startswith("t2i"):
-                notes.append(f"--task {task} runs the T2V-14B model for one frame; profile {profile.name} was "
-                             f"measured on videos")
-        if profile.resolution:
-            ph, pw = profile.resolution
-            if ph * pw != height * width:
-                notes.append(f"profile {profile.name} was measured at {pw}*{ph}; this run is {width}*{height}")
-    params = _method_params(method, active, ours, profile, args.sample_steps, notes) if active else {}
-    if method == "easycache" and active:
-        for flag, default in EASYCACHE_UNUSED.items():
-            if getattr(ours, flag) != default:
-                raise PlanError(f"--{flag} is parsed but never used by the published EasyCache code, and stepcache "
-                                f"does not implement it; leave it out")
-        if (ours.start_idx, ours.end_idx, ours.out_dir) != (0, 946, "./output"):
-            notes.append("--start_idx, --end_idx and --out_dir are accepted for compatibility and unused")
-    if calibrate:
-        notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
-                     "block-stack residuals per CFG branch and step")
-    return Plan(active, profile, params, calibrate, base, notes, ours.cache_stats,
-                getattr(ours, "calibration_file", None))
+
+def _choose_profile(active: str, ours, args, base: Profile | None, upstream, notes: list[str]) -> Profile:
+    """--cache_profile, else the published table for --task and --size; notes where it was measured elsewhere."""
+    task = args.task
+    if ours.cache_profile:
+        try:
+            profile = load_profile(ours.cache_profile)
+        except ProfileError as exc:
+            raise PlanError(f"--cache_profile: {exc}") from exc
+        check_profile_fits(profile, task, upstream.WAN_CONFIGS)
+        if not profile.has(active):
+            have = [m for m in METHODS if profile.has(m)]
+            raise PlanError(f"--cache_profile {profile.name!r} has no {active} table (it has: "
+                            f"{', '.join(have) or 'none'})")
+    elif base is None:
+        raise PlanError(f"no published {active} table for --task {task}; calibrate one with "
+                        f"magcache_generate.py --magcache_calibration and pass the file with --cache_profile")
+    else:
+        profile = base
+        if task.startswith("t2i"):
+            notes.append(f"--task {task} runs the T2V-14B model for one frame; profile {profile.name} was "
+                         f"measured on videos")
+    height, width = pixel_size(args.size, upstream.SIZE_CONFIGS)
+    if profile.resolution:
+        ph, pw = profile.resolution
+        if ph * pw != height * width:
+            notes.append(f"profile {profile.name} was measured at {pw}*{ph}; this run is {width}*{height}")
+    return profile
+
+
+def _check_easycache_leftovers(ours, notes: list[str]) -> None:
+    """Flags the published EasyCache script parses: refused where they would change nothing, noted otherwise."""
+    for flag, default in EASYCACHE_UNUSED.items():
+        if getattr(ours, flag) != default:
+            raise PlanError(f"--{flag} is parsed but never used by the published EasyCache code, and stepcache "
+                            f"does not implement it; leave it out")
+    if (ours.start_idx, ours.end_idx, ours.out_dir) != (0, 946, "./output"):
+        notes.append("--start_idx, --end_idx and --out_dir are accepted for compatibility and unused")
 
 
 def _method_params(method: str, active: str, ours, profile: Profile, steps: int, notes: list[str]) -> dict:
@@ -640,6 +655,6 @@ def _run(method: str, argv: list[str], upstream, prog: str) -> int:
 
 
 def run_script(method: str) -> None:
-    """Entry point of the drop-in scripts."""
+    """Entry point of the drop-in scripts (the one name every family's drop-ins call)."""
     sys.exit(main(method))
 
