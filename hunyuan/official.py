@@ -248,8 +248,7 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
         overrides["predict"] = args.cache_predict
     try:
         config = resolve_method(method, profile, args.cache_preset, **overrides)
-        for branch in (config.profile.magcache_branches() if method == "magcache" else ["cond"]):
-            config.make_policy(branch, args.infer_steps)  # e.g. a table that cannot be fitted to --infer-steps
+        config.spec.validate(config, args.infer_steps)  # e.g. a table that cannot be fitted to --infer-steps
     except (ProfileError, ParameterError) as exc:
         error(f"argument --infer-steps: {exc}")
     return CachePlan(method, profile, args.cache_preset, overrides, config, warning, notes)

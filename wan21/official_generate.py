@@ -316,9 +316,7 @@ def _method_params(method: str, active: str, ours, profile: Profile, steps: int,
         params["predict"] = ours.cache_predict
     try:
         config = resolve_method(active, profile, None, **params)
-        if active == "magcache":
-            for branch in profile.magcache_branches():
-                config.make_policy(branch, steps)
+        config.spec.validate(config, steps)
     except (ParameterError, ProfileError) as exc:
         raise PlanError(f"{_flag_names(method)}: {exc}") from exc
     if active == "magcache":

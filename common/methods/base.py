@@ -57,9 +57,10 @@ class Method:
     def make_policy(self, config, branch: str, num_steps: int):
         raise NotImplementedError
 
-    def validate(self, config) -> None:
-        """Build what ``make_policy`` builds once, so that a bad value fails when the method is resolved."""
-        config.make_policy("cond", 2)
+    def validate(self, config, num_steps: int | None = None) -> None:
+        """Build what ``make_policy`` builds once (at ``num_steps``, the run's, when known), so that a bad value
+        fails when the method is resolved, before any model runs."""
+        config.make_policy("cond", num_steps or 2)
 
     def generation_notes(self, config, num_steps: int) -> list[str]:
         """What a generation of ``num_steps`` steps does differently from the profile, said once in the stats."""

@@ -152,10 +152,10 @@ class MagCache(Method):
                               inclusive=table.get("inclusive", False), ratio_power=table.get("ratio_power", 1.0),
                               absolute_error=table.get("absolute_error", True))
 
-    def validate(self, config):
-        steps = int(config.profile.method(NAME)["steps"])
+    def validate(self, config, num_steps=None):
+        steps = num_steps or int(config.profile.method(NAME)["steps"])
         for branch in config.profile.magcache_branches():
-            config.make_policy(branch, steps)  # K, retention and the table's shape, now
+            config.make_policy(branch, steps)  # K, retention and the table's shape (resampled to the run's steps)
 
     def generation_notes(self, config, num_steps):
         table_steps = int(config.profile.method(NAME)["steps"])
