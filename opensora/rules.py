@@ -19,11 +19,11 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
+from ..methods.magcache import with_rule
 from ..profiles import Profile, load_profile
 
 PROFILE = "opensora-1.2"
@@ -34,22 +34,13 @@ MAGCACHE_RULES = {
                "1 - acc without abs, <=, retention 6 of 30",
     RELEASED: "MagCache's released model scripts' rule: raw ratios, |1 - acc|, <=, retention int(0.2 * steps)",
 }
-RELEASED_CHANGES = {"ratio_power": 1.0, "absolute_error": True, "inclusive": True}
 PUBLISHED_SETTINGS = {"E012K3R02": dict(thresh=0.12, K=3, retention_ratio=0.2),
                       "E024K5R02": dict(thresh=0.24, K=5, retention_ratio=0.2)}
 
 
 def released_profile(base: str | Profile = PROFILE) -> Profile:
     """``base`` with its MagCache section switched to the released scripts' rule (every other table unchanged)."""
-    base = load_profile(base)
-    data = copy.deepcopy(base.data)
-    data["name"] = f"{base.name}-released"
-    data["description"] = f"{data.get('description', base.name)}; MagCache with the released scripts' rule"
-    section = data["magcache"]
-    section.update(RELEASED_CHANGES)
-    section["rule"] = (f"{RELEASED}: {MAGCACHE_RULES[RELEASED]}; derived by stepcache.opensora.rules from "
-                       f"{base.name} (same table, same source)")
-    return Profile(data["name"], data, None)
+    return with_rule(load_profile(base), RELEASED, MAGCACHE_RULES[RELEASED])
 
 
 def magcache_profile(rule: str = REFERENCE, base: str | Profile = PROFILE) -> Profile:

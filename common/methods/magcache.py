@@ -20,6 +20,10 @@ from .base import PREDICT_HELP, STACK, Method
 NAME = "magcache"
 # The reference's table layout and decision rule, as the released Wan code has them (a table may say otherwise).
 RULE = {"inclusive": False, "ratio_power": 1.0, "absolute_error": True}
+# Named variants of the rule a table can be switched to (with_rule). The published Open-Sora numbers were made
+# with square-rooted ratios and a signed error (the opensora-1.2 table carries that rule); MagCache's released
+# model scripts use raw ratios and |1 - acc|, with <= in the single-branch script (MagCache4HunyuanVideo).
+RULES = {"released": {"ratio_power": 1.0, "absolute_error": True, "inclusive": True}}
 # MagCache's speed levels of a calibrated profile allow longer runs of reuse, as the published settings do.
 SPEED_K = {"slow": 2, "medium": 3, "fast": 4}
 # A ratio is ||r_t|| / ||r_{t-1}|| of consecutive residuals: measured tables stay within 0.5-1.5. Zero or negative
@@ -121,6 +125,23 @@ def interleave_with_padding(per_branch: dict[str, Sequence[float]], order: Seque
     for step in range(next(iter(lengths.values()), 0)):
         out.extend(float(per_branch[b][step]) for b in order)
     return out
+
+
+def with_rule(profile, rule: str, description: str):
+    """``profile`` with its MagCache section switched to the named rule of ``RULES`` (every other table
+    unchanged); named ``<profile>-<rule>``."""
+    import copy
+
+    from ..errors import ParameterError
+    from ..profiles import Profile
+    if rule not in RULES:
+        raise ParameterError(f"unknown MagCache rule {rule!r}; known rules: {', '.join(RULES)}")
+    data = copy.deepcopy(profile.data)
+    data["name"] = f"{profile.name}-{rule}"
+    data["description"] = f"{data.get('description', profile.name)}; MagCache with the {rule} rule"
+    data[NAME].update(RULES[rule])
+    data[NAME]["rule"] = f"{rule}: {description}; derived from {profile.name} (same table, same source)"
+    return Profile(data["name"], data, None)
 
 
 class MagCache(Method):
