@@ -25,7 +25,9 @@ from .errors import ParameterError
 @dataclass(frozen=True)
 class Decision:
     compute: bool
-    reason: str  # "warmup", "forced-last", "threshold", "limit", "reuse", "no-cache", "disabled", "follow"
+    # "warmup", "retention" (a retention zone of a profile), "forced-last", "threshold", "limit", "reuse",
+    # "no-cache", "disabled", "follow"
+    reason: str
     accumulator: float | None = None
 
 
@@ -116,3 +118,25 @@ def nearest_resample(values: Sequence[float], length: int) -> list[float]:
     if length == 1:
         return [float(values[-1])]
     return [float(values[round(i * (n - 1) / (length - 1))]) for i in range(length)]
+
+
+def expert_switch_step(num_steps: int, boundary: float, shift: float, num_train_timesteps: int,
+                       sigma_max: float, sigma_min: float) -> int:
+    """The first step of the low-noise expert in a two-expert (Wan2.2 A14B) run of ``num_steps`` steps, which is
+    also the number of steps the high-noise expert serves.
+
+    Wan2.2 runs the high-noise expert while the step's timestep is ``>= boundary * num_train_timesteps``, with the
+    timesteps its flow-matching scheduler makes: ``num_steps + 1`` sigmas evenly spaced from ``sigma_max`` to
+    ``sigma_min`` (the last dropped), shifted (``shift * s / (1 + (shift - 1) * s)``), times
+    ``num_train_timesteps``, truncated to integers. The arithmetic is numpy.linspace's (``i * delta + start``, in
+    float64), so the step is the one the pipeline switches at.
+    """
+    check_range("expert switch steps", num_steps, low=1, integer=True)
+    delta = (sigma_min - sigma_max) / num_steps
+    limit = boundary * num_train_timesteps
+    for step in range(num_steps):
+        sigma = step * delta + sigma_max
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        if int(sigma * num_train_timesteps) < limit:  # timesteps fall with the step: the first one below
+            return step
+    return num_steps

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError, ProfileError
-from .policies import compose_resample, nearest_resample
+from .policies import compose_resample, expert_switch_step, nearest_resample
 from .schema import RESAMPLE_MODES, check_profile_data
 
 FORMAT = "stepcache-profile/1"
@@ -61,6 +61,19 @@ class Profile:
 
     def has(self, method: str) -> bool:
         return bool(self.data.get(method))
+
+    @property
+    def experts(self) -> dict[str, Any] | None:
+        """Where a two-expert model switches experts (``model.experts``), or None for a one-expert model."""
+        return self.data.get("model", {}).get("experts")
+
+    def expert_switch_step(self, num_steps: int) -> int:
+        """The first step of the low-noise expert in a run of ``num_steps`` steps."""
+        e = self.experts
+        if not e:
+            raise ProfileError(f"profile {self.name!r} is not for a two-expert model (it has no model.experts)")
+        return expert_switch_step(num_steps, e["boundary"], e["shift"], int(e["num_train_timesteps"]),
+                                  e["sigma_max"], e["sigma_min"])
 
     # --- MagCache ---------------------------------------------------------------------------------------------
     def magcache_branches(self) -> list[str]:
@@ -222,6 +235,12 @@ def profile_summary(profile: Profile) -> str:
         if method == "magcache":
             lines.append(f"    {len(section['ratios'])} ratios for {section['steps']} steps x "
                          f"{len(section.get('branches') or ['cond'])} branch(es); source: {section.get('source')}")
+            if section.get("retention_zones"):
+                lines.append(f"    retention zones: {section['retention_zones']}")
+    if profile.experts:
+        e = profile.experts
+        lines.append(f"  experts: the low-noise expert takes over at step {e['switch_step']} of {e['steps']} "
+                     f"(boundary {e['boundary']}, shift {e['shift']}); source: {e['source']}")
     return "\n".join(lines)
 
 

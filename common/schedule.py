@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--retention", "--retention-ratio", dest="retention", type=float, default=None,
                         help=PARAMETERS["magcache"]["retention_ratio"])
     parser.add_argument("--resample", default=None, help=PARAMETERS["magcache"]["resample"])
+    parser.add_argument("--retention-rule", dest="retention_rule", default=None,
+                        help=PARAMETERS["magcache"]["retention_rule"])
     parser.add_argument("--no-cfg", action="store_true",
                         help="simulate one branch only (a run with guidance off) for a profile calibrated with CFG")
     parser.add_argument("--list-presets", action="store_true",
@@ -82,7 +84,8 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
-                            retention_ratio=args.retention, resample=args.resample)
+                            retention_ratio=args.retention, resample=args.resample,
+                            retention_rule=args.retention_rule)
     steps = args.steps or int(config.profile.method("magcache")["steps"])
     branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
     stats = simulate(config, steps, branches)

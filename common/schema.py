@@ -84,8 +84,9 @@ def check_parameters(method: str, params: dict[str, Any], where: str) -> None:
 
 # ----------------------------------------------------------------------------------------- profile checks
 class _Checker:
-    def __init__(self, source: str):
+    def __init__(self, source: str, data: dict | None = None):
         self.source = source
+        self.data = data or {}  # the whole profile, for a method's check that needs model-level facts
 
     def fail(self, key: str, value: Any, allowed: str) -> None:
         """``allowed`` is what the value should be ("a JSON object") or, from a rule, what it is not."""
@@ -136,9 +137,33 @@ class _Checker:
             self.value(value, rules[key], f"{path}.{key}")
 
 
+def _check_experts(c: _Checker, experts: dict) -> None:
+    """``model.experts``: where a two-expert model (Wan2.2 A14B) hands over from its high-noise expert to its
+    low-noise one, as the pipeline's data (boundary, scheduler shift and sigmas), and the step that gives at
+    ``steps``, which must follow from them."""
+    from .policies import expert_switch_step
+    rules = {"boundary": finite(0, 1, low_open=True, high_open=True), "shift": finite(0, low_open=True),
+             "num_train_timesteps": integer(1), "sigma_max": finite(0, 1, low_open=True),
+             "sigma_min": finite(0, 1, high_open=True), "steps": integer(2), "switch_step": integer(0)}
+    for key, rule in rules.items():
+        c.value(c.need(experts, key, "model.experts"), rule, f"model.experts.{key}")
+    if not experts["sigma_min"] < experts["sigma_max"]:
+        c.fail("model.experts.sigma_min", experts["sigma_min"], f"below sigma_max={experts['sigma_max']!r}")
+    source = c.need(experts, "source", "model.experts")
+    if not isinstance(source, str) or not source:
+        c.fail("model.experts.source", source, "a non-empty string naming where the values come from")
+    steps = int(experts["steps"])
+    computed = expert_switch_step(steps, experts["boundary"], experts["shift"], int(experts["num_train_timesteps"]),
+                                  experts["sigma_max"], experts["sigma_min"])
+    if experts["switch_step"] != computed:
+        c.fail("model.experts.switch_step", experts["switch_step"],
+               f"does not follow from the boundary, shift and sigmas: at {steps} steps they switch at step "
+               f"{computed}")
+
+
 def check_profile_data(data: Any, source: str) -> None:
     """Raise :class:`SchemaError` naming ``source``, the key and what is allowed, for the first bad entry."""
-    c = _Checker(source)
+    c = _Checker(source, data if isinstance(data, dict) else None)
     c.mapping(data, "the file")
     name = c.need(data, "name", "profile")
     if not isinstance(name, str) or not name:
@@ -153,6 +178,8 @@ def check_profile_data(data: Any, source: str) -> None:
     if "detect" in model:
         c.value(model["detect"], BOOLEAN, "model.detect")
     c.mapping(model.get("config", {}), "model.config")
+    if "experts" in model:
+        _check_experts(c, c.mapping(model["experts"], "model.experts"))
     from .methods import get, names
     if not any(data.get(m) for m in names()):
         raise SchemaError(f"profile {source}: holds no method table; allowed: at least one of {', '.join(names())}")

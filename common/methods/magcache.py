@@ -4,8 +4,10 @@ ratios stays under a threshold, at most ``K`` reuses in a row.
 * Table: per step and CFG branch, the mean over tokens of ``||r_t|| / ||r_{t-1}||`` of the residual
   ``r = h_L - h0``, measured once on uncached runs (the profile's ``ratios``, interleaved cond, uncond, ...).
 * Rule: ``ratio *= table[t]; err += |1 - ratio|``; reuse while ``err < thresh`` (or ``<=``, per table) and at
-  most K in a row; a warm-up of ``retention_ratio`` of the passes is always computed. It reads nothing from the
-  pass, so its whole schedule is known before a model runs (``stepcache schedule``).
+  most K in a row; a warm-up of ``retention_ratio`` of the passes is always computed (``retention_rule``
+  "start"), or, for a profile with ``retention_zones`` (MagCache4Wan2.2's two-expert rule), the zones it names,
+  e.g. the start of each expert. It reads nothing from the pass, so its whole schedule is known before a model
+  runs (``stepcache schedule``).
 * Calibration: the table (with its spread), and speed presets found by simulating the schedule on it.
 """
 from __future__ import annotations
@@ -29,6 +31,13 @@ SPEED_K = {"slow": 2, "medium": 3, "fast": 4}
 # A ratio is ||r_t|| / ||r_{t-1}|| of consecutive residuals: measured tables stay within 0.5-1.5. Zero or negative
 # ratios break the (fractional-)power accumulation; past 10 a table is not a measurement.
 MAX_RATIO = 10.0
+# Where a retention zone may start and end, in run order: the first pass, the first pass of the low-noise expert
+# (a two-expert model's model.experts), the end of the run.
+ANCHORS = ("start", "switch", "end")
+ZONE_KEYS = ("from", "span", "closed")
+# "start": the first retention_ratio of all passes (MagCache4Wan2.1, and MagCache4Wan2.2's one-model TI2V path);
+# "zones": the profile's retention_zones (MagCache4Wan2.2's A14B paths).
+RETENTION_RULES = ("start", "zones")
 
 
 class MagCachePolicy:
@@ -38,11 +47,18 @@ class MagCachePolicy:
     cond, ...), and the retention warm-up is ``int(retention_ratio * passes)`` over that interleaved count. So a
     policy is told its branch's position in the table layout (``branch_index`` of ``num_branches``) and works in
     pass units, which reproduces the published schedules exactly.
+
+    ``retention_zones`` replaces that warm-up with zones, each ``(start, low, high, closed)`` in steps: the passes
+    from ``start`` up to ``low + retention_ratio * (high - low)`` (in passes; below its integer part, or up to and
+    including it when ``closed``) are computed. This is MagCache4Wan2.2's rule (magcache_generate.py:294-303),
+    whose T2V zone at the low-noise expert's start compares with ``<=``. The accumulators are neither read nor
+    reset inside a zone, nor at the expert switch: the reference keeps one state for both experts.
     """
 
     def __init__(self, ratios: Sequence[float], thresh: float, K: int, retention_ratio: float,
                  num_branches: int = 1, branch_index: int = 0, inclusive: bool = False,
-                 ratio_power: float = 1.0, absolute_error: bool = True):
+                 ratio_power: float = 1.0, absolute_error: bool = True,
+                 retention_zones: Sequence[tuple[int, int, int, bool]] | None = None):
         self.thresh = check_threshold("magcache thresh", thresh)
         check_range("magcache K", K, low=1, integer=True)
         check_range("magcache retention_ratio", float(retention_ratio), low=0.0, high=1.0, high_open=True)
@@ -56,6 +72,8 @@ class MagCachePolicy:
         self.inclusive = bool(inclusive)
         self.ratio_power = float(ratio_power)
         self.absolute_error = bool(absolute_error)
+        self.retention_zones = None if retention_zones is None else [
+            (int(start), int(low), int(high), bool(closed)) for start, low, high, closed in retention_zones]
         self.reset()
 
     def reset(self) -> None:
@@ -76,9 +94,12 @@ class MagCachePolicy:
                 f"magcache ratio table has {len(self.ratios)} entries for this branch but the run has "
                 f"{num_steps} steps; resample the profile to {num_steps} steps first")
         pass_index = step * self.num_branches + self.branch_index
-        warmup_passes = int(self.retention_ratio * num_steps * self.num_branches)
-        if pass_index < warmup_passes:
-            return Decision(True, "warmup", 0.0)
+        if self.retention_zones is None:
+            warmup_passes = int(self.retention_ratio * num_steps * self.num_branches)
+            if pass_index < warmup_passes:
+                return Decision(True, "warmup", 0.0)
+        elif self.retained(pass_index):
+            return Decision(True, "retention", 0.0)
         self.accumulated_ratio *= self.ratios[step] ** self.ratio_power
         self.accumulated_steps += 1
         drift = 1.0 - self.accumulated_ratio
@@ -91,6 +112,26 @@ class MagCachePolicy:
                                                       ("threshold" if not within else "limit"))
         self.reset()
         return Decision(True, reason, error)
+
+    def retained(self, pass_index: int) -> bool:
+        """Whether a pass lies in a retention zone. Counted in passes (cond, uncond, ...) with the reference's
+        arithmetic, ``low + (high - low) * ratio`` in float64, so a bound that is not a whole pass falls alike."""
+        b = self.num_branches
+        for start, low, high, closed in self.retention_zones:
+            bound = low * b + (high * b - low * b) * self.retention_ratio
+            if pass_index >= start * b and (pass_index <= bound if closed else pass_index < int(bound)):
+                return True
+        return False
+
+
+def zone_steps(profile, zones, num_steps: int) -> list[tuple[int, int, int, bool]]:
+    """A profile's retention zones as steps of a run of ``num_steps`` steps: (from, span start, span end, closed),
+    with 'switch' where the profile's expert boundary puts the low-noise expert at that step count."""
+    at = {"start": 0, "end": num_steps}
+    if any("switch" in (zone["from"], *zone["span"]) for zone in zones):
+        at["switch"] = profile.expert_switch_step(num_steps)
+    return [(at[zone["from"]], at[zone["span"][0]], at[zone["span"][1]], bool(zone.get("closed", False)))
+            for zone in zones]
 
 
 def residual_ratio_stats(current, previous, all_reduce=lambda t: None) -> tuple[float, float, float]:
@@ -155,13 +196,23 @@ class MagCache(Method):
         "resample": ("how a table is fitted to another step count: 'compose' (default: multiply the ratios of the "
                      "merged steps, split them geometrically for more steps), 'nearest' (the reference's) or "
                      "'none' (refuse)", one_of(*RESAMPLE_MODES)),
+        "retention_rule": ("where the always-computed passes are: 'start' (the first retention_ratio of all passes) "
+                           "or 'zones' (the profile's retention_zones, e.g. MagCache4Wan2.2's start of each expert; "
+                           "the default for a profile that has them)", one_of(*RETENTION_RULES)),
         "predict": (PREDICT_HELP, PREDICT_RULE),
     }
 
     def resolve(self, profile, section, params):
+        from ..errors import ParameterError
         from ..profiles import DEFAULT_RESAMPLE
         params.setdefault("resample", DEFAULT_RESAMPLE)
         params.setdefault("retention_ratio", 0.2)
+        # Only a profile with zones gets the key by default, so every other profile's settings read as before.
+        if section.get("retention_zones"):
+            params.setdefault("retention_rule", "zones")
+        elif params.get("retention_rule") == "zones":
+            raise ParameterError(f"magcache retention_rule='zones' needs retention zones, and profile "
+                                 f"{profile.name!r} has none; allowed: 'start'")
         return params
 
     def make_policy(self, config, branch, num_steps):
@@ -169,9 +220,12 @@ class MagCache(Method):
         index, count = config.branch_layout(branch)
         table = config.profile.method(NAME)
         ratios = config.profile.magcache_ratios(num_steps, index, p["resample"])
+        zones = None
+        if p.get("retention_rule", "start") == "zones":
+            zones = zone_steps(config.profile, table["retention_zones"], num_steps)
         return MagCachePolicy(ratios, p["thresh"], p["K"], p["retention_ratio"], count, index,
                               inclusive=table.get("inclusive", False), ratio_power=table.get("ratio_power", 1.0),
-                              absolute_error=table.get("absolute_error", True))
+                              absolute_error=table.get("absolute_error", True), retention_zones=zones)
 
     def validate(self, config, num_steps=None):
         steps = num_steps or int(config.profile.method(NAME)["steps"])
@@ -200,7 +254,46 @@ class MagCache(Method):
                           ("ratio_power", finite(0, 4, low_open=True))):
             if key in section:
                 c.value(section[key], rule, f"magcache.{key}")
+        if "retention_zones" in section:
+            self._check_zones(c, section["retention_zones"])
         c.settings(section, NAME, NAME)
+        named = [("defaults", section.get("defaults", {}))] + [(f"presets.{n}", p)
+                                                              for n, p in section.get("presets", {}).items()]
+        for where, params in named:
+            if params.get("retention_rule") == "zones" and not section.get("retention_zones"):
+                c.fail(f"magcache.{where}.retention_rule", "zones",
+                       "is not allowed: the profile has no magcache.retention_zones")
+
+    @staticmethod
+    def _check_zones(c, zones):
+        """Each zone: ``from`` an anchor, ``span`` two anchors in run order (``from`` not after the span's start),
+        ``closed`` a boolean; a zone at the expert switch needs the profile's ``model.experts``."""
+        if not isinstance(zones, list) or not zones:
+            c.fail("magcache.retention_zones", zones,
+                   'a non-empty list of zones, each {"from": anchor, "span": [anchor, anchor], "closed": bool}')
+        order = {a: i for i, a in enumerate(ANCHORS)}
+        model = c.data.get("model")
+        experts = model.get("experts") if isinstance(model, dict) else None
+        for i, zone in enumerate(zones):
+            key = f"magcache.retention_zones[{i}]"
+            zone = c.mapping(zone, key)
+            for extra in zone:
+                if extra not in ZONE_KEYS:
+                    c.fail(f"{key}.{extra}", zone[extra], f"is not a zone key ({', '.join(ZONE_KEYS)})")
+            start = c.need(zone, "from", key)
+            c.value(start, one_of(*ANCHORS), f"{key}.from")
+            span = c.need(zone, "span", key)
+            if not (isinstance(span, list) and len(span) == 2 and all(isinstance(a, str) and a in order for a in span)
+                    and order[span[0]] < order[span[1]]):
+                c.fail(f"{key}.span", span, f"two anchors in run order ({', '.join(ANCHORS)}), e.g. "
+                                            f"['switch', 'end']")
+            if order[start] > order[span[0]]:
+                c.fail(f"{key}.from", start, f"is not allowed: a zone starts at or before its span ({span[0]!r})")
+            if "closed" in zone:
+                c.value(zone["closed"], BOOLEAN, f"{key}.closed")
+            if "switch" in (start, *span) and not experts:
+                c.fail(f"{key}.span", span, "is not allowed: 'switch' needs the profile's model.experts (where "
+                                            "the low-noise expert takes over), which it lacks")
 
     # --------------------------------------------------------------------------------------------- calibration
     def calibration_section(self, cal) -> dict[str, Any]:
