@@ -148,7 +148,7 @@ def _check_experts(c: _Checker, experts: dict) -> None:
     for key, rule in rules.items():
         c.value(c.need(experts, key, "model.experts"), rule, f"model.experts.{key}")
     if not experts["sigma_min"] < experts["sigma_max"]:
-        c.fail("model.experts.sigma_min", experts["sigma_min"], f"below sigma_max={experts['sigma_max']!r}")
+        c.fail("model.experts.sigma_min", experts["sigma_min"], f"is not below sigma_max={experts['sigma_max']!r}")
     source = c.need(experts, "source", "model.experts")
     if not isinstance(source, str) or not source:
         c.fail("model.experts.source", source, "a non-empty string naming where the values come from")
@@ -157,7 +157,7 @@ def _check_experts(c: _Checker, experts: dict) -> None:
                                   experts["sigma_max"], experts["sigma_min"])
     if experts["switch_step"] != computed:
         c.fail("model.experts.switch_step", experts["switch_step"],
-               f"does not follow from the boundary, shift and sigmas: at {steps} steps they switch at step "
+               f"is not the step the boundary, shift and sigmas give: at {steps} steps they switch at step "
                f"{computed}")
 
 
