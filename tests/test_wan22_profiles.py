@@ -6,6 +6,7 @@ MagCache4Wan2.2 (Zehong-Ma/MagCache@df81cb1, MagCache4Wan2.2/magcache_generate.p
 the profile's ratios, without the upstream checkout, and checked against ``stepcache schedule``.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -119,25 +120,28 @@ def test_profile_defaults_and_preset_are_the_readme_command(profile, steps, thre
         assert simulate(config, steps).pattern() == pattern
 
 
-# Spot values of each published table (magcache_generate.py line: first, last, and for the A14B tables the jump at
-# the expert switch), and where the table is stored behind the reference's padding (init_magcache: [1.0] * 2).
+# Each published table (magcache_generate.py line): its first and last value, the sum of all its values
+# (math.fsum of the list on that line, rounded to 5 decimals: any changed value shows, without a second copy of
+# the table here), and for the A14B tables the jump at the expert switch. The profile stores it behind the
+# reference's padding (init_magcache, :356: [1.0] * 2, for step 0 of each branch), as the Wan2.1 profiles do.
 TABLES = {
-    "wan2.2-t2v-a14b": (695, 1.00124, 0.80181, (0.65523, 0.65252)),
-    "wan2.2-i2v-a14b": (771, 0.99191, 0.79902, (0.91076, 0.91046)),
-    "wan2.2-ti2v-5b": (736, 0.99505, 0.97015, None),
-    "wan2.2-ti2v-5b-i2v": (738, 0.99512, 0.96616, None),
+    "wan2.2-t2v-a14b": (695, 1.00124, 0.80181, 75.773, (0.65523, 0.65252)),
+    "wan2.2-i2v-a14b": (771, 0.99191, 0.79902, 75.56108, (0.91076, 0.91046)),
+    "wan2.2-ti2v-5b": (736, 0.99505, 0.97015, 96.30585, None),
+    "wan2.2-ti2v-5b-i2v": (738, 0.99512, 0.96616, 96.23607, None),
 }
 
 
 @pytest.mark.parametrize("profile", NAMES)
 def test_tables_are_stored_as_published(profile):
-    line, first, last, jump = TABLES[profile]
+    line, first, last, total, jump = TABLES[profile]
     p = load_profile(profile)
     section = p.method("magcache")
     ratios, steps = section["ratios"], section["steps"]
     assert section["source"].endswith(f"MagCache4Wan2.2/magcache_generate.py:{line}")
     assert "df81cb181776c2c61477c08e1d21f87fda1cd938" in section["source"]
     assert len(ratios) == 2 * steps and ratios[:2] == [1.0, 1.0] and ratios[2] == first and ratios[-1] == last
+    assert round(math.fsum(ratios[2:]), 5) == total
     assert (section["inclusive"], section["ratio_power"], section["absolute_error"]) == (False, 1.0, True)
     assert section["branches"] == ["cond", "uncond"] and p.family == "wan2.2" and p.data["model"]["detect"] is False
     assert not p.has("teacache") and not p.has("easycache")  # nothing published for Wan2.2
