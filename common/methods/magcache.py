@@ -5,9 +5,9 @@ ratios stays under a threshold, at most ``K`` reuses in a row.
   ``r = h_L - h0``, measured once on uncached runs (the profile's ``ratios``, interleaved cond, uncond, ...).
 * Rule: ``ratio *= table[t]; err += |1 - ratio|``; reuse while ``err < thresh`` (or ``<=``, per table) and at
   most K in a row; a warm-up of ``retention_ratio`` of the passes is always computed (``retention_rule``
-  "start"), or, for a profile with ``retention_zones`` (MagCache4Wan2.2's two-expert rule), the zones it names,
-  e.g. the start of each expert. It reads nothing from the pass, so its whole schedule is known before a model
-  runs (``stepcache schedule``).
+  "start"), or, for a profile with ``retention_zones`` (MagCache4Wan2.2's two-expert rule), the zones it names
+  around the expert switch. It reads nothing from the pass, so its whole schedule is known before a model runs
+  (``stepcache schedule``).
 * Calibration: the table (with its spread), and speed presets found by simulating the schedule on it.
 """
 from __future__ import annotations
@@ -115,7 +115,9 @@ class MagCachePolicy:
 
     def retained(self, pass_index: int) -> bool:
         """Whether a pass lies in a retention zone. Counted in passes (cond, uncond, ...) with the reference's
-        arithmetic, ``low + (high - low) * ratio`` in float64, so a bound that is not a whole pass falls alike."""
+        arithmetic, ``low + (high - low) * ratio`` in float64, so a bound that is not a whole pass falls alike.
+        (The reference compares its tensor counter with the closed bound in float32; for retention ratios in
+        thousandths and up to 200 steps that puts no bound on the other side of a pass.)"""
         b = self.num_branches
         for start, low, high, closed in self.retention_zones:
             bound = low * b + (high * b - low * b) * self.retention_ratio
@@ -197,7 +199,7 @@ class MagCache(Method):
                      "merged steps, split them geometrically for more steps), 'nearest' (the reference's) or "
                      "'none' (refuse)", one_of(*RESAMPLE_MODES)),
         "retention_rule": ("where the always-computed passes are: 'start' (the first retention_ratio of all passes) "
-                           "or 'zones' (the profile's retention_zones, e.g. MagCache4Wan2.2's start of each expert; "
+                           "or 'zones' (the profile's retention_zones: MagCache4Wan2.2's, around the expert switch; "
                            "the default for a profile that has them)", one_of(*RETENTION_RULES)),
         "predict": (PREDICT_HELP, PREDICT_RULE),
     }
