@@ -1,21 +1,18 @@
 """Tiny random-weight HunyuanVideo models for the tests: a diffusers pipeline (offline, no text encoders) and an
-upstream Tencent/HunyuanVideo model driven through upstream's own sampler (needs HUNYUANVIDEO_REPO).
-
-Block work is counted with forward pre-hooks on the ``nn.Linear`` modules inside the block stacks, which the
-cache never touches, so a count of zero on a reused pass is a real observation and not our own bookkeeping.
+upstream Tencent/HunyuanVideo model driven through upstream's own sampler (needs HUNYUANVIDEO_REPO, gated by
+helpers.hunyuanvideo_checkout). Block work is counted by helpers.BlockWork over the stacks named here.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import types
 from pathlib import Path
 
-import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from helpers import StubVAE, sdpa
 
 # ---------------------------------------------------------------------------------------------- diffusers
 HY_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
@@ -72,81 +69,22 @@ def run(pipe, steps: int = 10, height: int = 32, width: int = 32, frames: int = 
 
 
 # ------------------------------------------------------------------------------------------ counting work
-class BlockWork:
-    """Per transformer call: how many ``nn.Linear`` calls ran inside the block stacks (and in the whole model).
-
-    ``exclude`` names Linear modules (by qualified name) not to count as block work: TeaCache's signal is block
-    0's modulation, which the method evaluates on every pass by design (the reference does the same).
-    """
-
-    def __init__(self, model: nn.Module, stacks: tuple[str, ...], exclude: tuple[str, ...] = ()):
-        self.block: list[int] = []
-        self.total: list[int] = []
-        self.handles = [model.register_forward_pre_hook(self._start)]
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                in_stack = name.split(".")[0] in stacks and name not in exclude
-                self.handles.append(module.register_forward_pre_hook(self._count(in_stack)))
-
-    def _start(self, *_):
-        self.block.append(0)
-        self.total.append(0)
-
-    def _count(self, in_stack: bool):
-        def hook(*_):
-            if self.block:
-                self.total[-1] += 1
-                if in_stack:
-                    self.block[-1] += 1
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
+# The block stacks that helpers.BlockWork counts in each model.
 DIFFUSERS_STACKS = ("transformer_blocks", "single_transformer_blocks")
 OFFICIAL_STACKS = ("double_blocks", "single_blocks")
 
 
 # ------------------------------------------------------------------------------------------------ upstream
-UPSTREAM_ENV = "HUNYUANVIDEO_REPO"
-SKIP_REASON = (f"set {UPSTREAM_ENV} to the root of a Tencent/HunyuanVideo checkout to run the official-repo "
-               f"tests (checked against fa14b001c18f37191c938a9ef6baad3b9b472759)")
-
-
-def upstream_repo() -> Path | None:
-    root = os.environ.get(UPSTREAM_ENV)
-    if not root or not (Path(root) / "hyvideo" / "modules" / "models.py").is_file():
-        return None
-    return Path(root)
-
-
-def require_upstream() -> Path:
-    root = upstream_repo()
-    if root is None:
-        pytest.skip(SKIP_REASON)
-    missing = [m for m in ("einops", "loguru") if _missing(m)]
-    if missing:
-        pytest.skip(f"upstream HunyuanVideo needs {', '.join(missing)} (pip install {' '.join(missing)})")
-    return root
-
-
-def _missing(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is None
-
-
 def flash_varlen_sdpa(q, k, v, cu_q, cu_k, max_q=None, max_k=None, dropout_p=0.0, softmax_scale=None,
                       causal=False, **_):
-    """CPU stand-in for flash_attn_varlen_func: q/k/v [total, heads, dim], attention per cu_seqlens segment."""
+    """flash_attn_varlen_func's signature around helpers.sdpa: q/k/v packed as [total, heads, dim], attention per
+    cu_seqlens segment."""
     out = torch.empty_like(q)
     for i in range(len(cu_q) - 1):
         a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
         if b > a:
-            out[a:b] = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), dropout_p=dropout_p,
-                scale=softmax_scale, is_causal=causal).transpose(0, 1)
+            out[a:b] = sdpa(q[None, a:b], k[None, c:d], v[None, c:d], dropout_p=dropout_p, scale=softmax_scale,
+                            causal=causal)[0]
     return out
 
 
@@ -222,21 +160,10 @@ class StubTextEncoder(nn.Module):
                                       attention_mask=mask)
 
 
-class StubVAE(nn.Module):
-    config = types.SimpleNamespace(block_out_channels=[1, 1, 1, 1], scaling_factor=0.476986, shift_factor=None)
-    dtype, device = torch.float32, torch.device("cpu")
-
-    def enable_tiling(self):
-        pass
-
-    def decode(self, z, return_dict=False, generator=None):
-        return (z[:, :3],)
-
-
 def build_sampler(args, model):
     """Upstream's HunyuanVideoSampler around ``model``, with stub encoders and VAE (its __init__ loads nothing)."""
     from hyvideo.inference import HunyuanVideoSampler
-    return HunyuanVideoSampler(args, vae=StubVAE(), vae_kwargs={"s_ratio": 8, "t_ratio": 4},
+    return HunyuanVideoSampler(args, vae=StubVAE(4), vae_kwargs={"s_ratio": 8, "t_ratio": 4},
                                text_encoder=StubTextEncoder(TEXT_DIM, TEXT_LEN),
                                text_encoder_2=StubTextEncoder(TEXT_DIM_2, None), model=model,
                                use_cpu_offload=False, device="cpu",

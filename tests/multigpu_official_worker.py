@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from helpers import sdpa
 from multigpu_rank import finish, join
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -60,9 +60,8 @@ class _SPGroup:
 
 
 def _sdpa(q, k, v):
-    """(B, S, H, D) attention in float32."""
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    """(B, S, H, D) attention in float32 (helpers.sdpa, the one CPU attention stand-in)."""
+    return sdpa(q.float(), k.float(), v.float())
 
 
 class LongContextAttention:
@@ -226,8 +225,7 @@ def main() -> int:
                 results[case["id"]] = run_hunyuan(case)
     if "wan" in families:
         import wan_official_tiny as W
-        up = W.load(os.environ["WAN21_REPO"])
-        with W.cpu_attention(up):
+        with W.upstream_on_cpu(os.environ["WAN21_REPO"]) as up:
             for case in (c for c in cases if c["family"] == "wan"):
                 SP["group"] = own if case.get("usp") == "self" else None
                 results[case["id"]] = run_wan(case, up)

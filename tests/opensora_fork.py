@@ -1,5 +1,5 @@
 """The VideoSys fork's Open-Sora code (the checkout ``OPENSORA_REPO`` points to: Zehong-Ma/MagCache or
-ali-vilab/TeaCache) on CPU with a tiny random ``STDiT3``, for tests only.
+ali-vilab/TeaCache; gated by helpers.opensora_checkout) on CPU with a tiny random ``STDiT3``, for tests only.
 
 What stands in, and nothing else; none of it changes the computation:
 
@@ -29,29 +29,11 @@ import types
 import torch
 from torch import nn
 
-REPO_ENV = "OPENSORA_REPO"
 TRANSFORMER = "videosys.models.transformers.open_sora_transformer_3d"
 SCHEDULER = "videosys.schedulers.scheduling_rflow_open_sora"
 EVAL_SCRIPT = os.path.join("eval", "magcache", "experiments", "opensora.py")
 TINY = dict(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16)
 TEXT_LEN = 10
-
-
-def repo_or_skip() -> str:
-    import pytest
-
-    repo = os.environ.get(REPO_ENV)
-    if not repo:
-        pytest.skip(f"{REPO_ENV} is not set: point it at a checkout of Zehong-Ma/MagCache (or ali-vilab/TeaCache), "
-                    f"whose videosys/ fork holds Open-Sora 1.2's STDiT3", allow_module_level=True)
-    if not os.path.isfile(os.path.join(repo, TRANSFORMER.replace(".", os.sep) + ".py")):
-        pytest.skip(f"{REPO_ENV}={repo} has no {TRANSFORMER.replace('.', '/')}.py: not a checkout of the VideoSys "
-                    f"fork (Zehong-Ma/MagCache or ali-vilab/TeaCache)", allow_module_level=True)
-    for name, pin in (("rotary_embedding_torch", "rotary-embedding-torch==0.9.1"), ("omegaconf", "omegaconf"),
-                      ("einops", "einops")):
-        if importlib.util.find_spec(name) is None:
-            pytest.skip(f"the fork's STDiT3 needs {name}: pip install --no-deps {pin}", allow_module_level=True)
-    return repo
 
 
 def _module(name: str, **attrs) -> types.ModuleType:

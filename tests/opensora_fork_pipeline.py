@@ -9,9 +9,9 @@ Stand-ins, besides opensora_fork.py's (none changes the transformer, the sampler
 
 * torchvision (only ``data_process.py`` imports it, for reference-image helpers text-to-video never calls) is a
   placeholder module while ``pipeline_open_sora`` imports;
-* the T5 encoder, its tokenizer and the VAE are small deterministic fakes with the interfaces the pipeline calls
-  (a checkpoint-free run); the tokenizer pads to the pipeline's hard-coded 300 tokens, so the tiny model's
-  ``model_max_length`` is 300;
+* the T5 encoder and its tokenizer are small deterministic fakes, and the VAE is helpers.StubVAE, all with the
+  interfaces the pipeline calls (a checkpoint-free run); the tokenizer pads to the pipeline's hard-coded 300
+  tokens, so the tiny model's ``model_max_length`` is 300;
 * ``STDiT3.enable_parallel`` (which builds colossalai's process-group mesh) is replaced on the instance by the
   single-process manager of opensora_fork.py, which is what it would compute for one process.
 """
@@ -27,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import opensora_fork  # noqa: E402
+from helpers import StubVAE  # noqa: E402
 
 CAPTION_CHANNELS = 32
 
@@ -60,23 +61,6 @@ class FakeT5(_Device):
 
     def forward(self, input_ids, attention_mask=None):
         return {"last_hidden_state": self.embed(input_ids)}
-
-
-class FakeVAE(_Device):
-    out_channels = 4
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Conv3d(4, 3, 1)
-
-    def get_latent_size(self, input_size):
-        frames, height, width = input_size
-        return [(frames - 1) // 17 * 5 + 1 if frames > 1 else 1, height // 8, width // 8]
-
-    def forward(self, z, decode_only=True, num_frames=None):
-        video = torch.tanh(self.proj(z.float()))
-        video = torch.nn.functional.interpolate(video, scale_factor=(1, 2, 2))
-        return video.repeat_interleave(max(num_frames // video.shape[2], 1), dim=2)[:, :, :num_frames]
 
 
 def build_pipeline(repo: str, steps: int = 30):
@@ -115,7 +99,7 @@ def build_pipeline(repo: str, steps: int = 30):
     model.enable_parallel = enable_parallel
     config = OpenSoraConfig(num_sampling_steps=steps)
     scheduler = scheduler_module.RFLOW(use_timestep_transform=True, num_sampling_steps=steps, cfg_scale=7.0)
-    return OpenSoraPipeline(config, text_encoder=FakeT5(), tokenizer=FakeTokenizer(), vae=FakeVAE(),
+    return OpenSoraPipeline(config, text_encoder=FakeT5(), tokenizer=FakeTokenizer(), vae=StubVAE(4),
                             transformer=model, scheduler=scheduler, device=torch.device("cpu"),
                             dtype=torch.float32)
 

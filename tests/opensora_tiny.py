@@ -26,23 +26,6 @@ CAPTION_CHANNELS = 16
 TEXT_LEN = 8
 
 
-class BlockCalls:
-    """Counts the transformer blocks that did their work (a reused pass must run none): a hook on each block's
-    MLP, since a skipped block is still *called* (and returns its input)."""
-
-    def __init__(self, model):
-        self.count = 0
-        self.handles = [b.mlp.register_forward_hook(self._hook)
-                        for b in [*model.spatial_blocks, *model.temporal_blocks]]
-
-    def _hook(self, *args):
-        self.count += 1
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest_eval import add_noise, random_lpips_files, smooth_frames, write_video
+from eval_videos import add_noise, random_lpips_files, smooth_frames, write_video
 
 from stepcache.cli import build_parser, main
 from stepcache.eval.errors import CompareError

@@ -3,7 +3,7 @@ LPIPS-skipped message is said once."""
 from pathlib import Path
 
 import pytest
-from conftest_eval import smooth_frames
+from eval_videos import smooth_frames
 
 from stepcache.cli import main
 

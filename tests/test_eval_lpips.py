@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from conftest_eval import random_lpips_files
+from eval_videos import random_lpips_files
 
 from stepcache.eval import lpips as ours
 from stepcache.eval.errors import CompareError

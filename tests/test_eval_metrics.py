@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest_eval import add_noise, random_lpips_files, smooth_frames, write_video
+from eval_videos import add_noise, random_lpips_files, smooth_frames, write_video
 from scipy import ndimage
 
 from stepcache.eval import metrics

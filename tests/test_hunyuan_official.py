@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import hunyuan_tiny as T
+from helpers import BlockWork, hunyuanvideo_checkout
 from stepcache.hunyuan.resolution import ResolutionWarning, choose_by_resolution
 from stepcache.profiles import load_profile
 from stepcache.runner import NothingCachedWarning
@@ -98,7 +99,7 @@ def test_table_choice_by_resolution(size, profile, warns):
 # ------------------------------------------------------------------------------------ with an upstream checkout
 @pytest.fixture(scope="module")
 def upstream():
-    root = T.require_upstream()
+    root = hunyuanvideo_checkout()
     with T.upstream_on_cpu(root):
         from stepcache.hunyuan import official
         yield types.SimpleNamespace(root=root, official=official)
@@ -265,11 +266,11 @@ def test_threshold_zero_is_bit_identical_to_upstream(upstream, model, tmp_path, 
 
 
 def test_magcache_run_reuses_passes_and_writes_stats(upstream, model, tmp_path):
-    work = T.BlockWork(model, T.OFFICIAL_STACKS)
+    work = BlockWork(model, T.OFFICIAL_STACKS)
     with pytest.warns(ResolutionWarning, match="calibrated at 64x64"):
         stats, videos = _main(upstream, "magcache", T.tiny_argv(steps=50), model, tmp_path)
     assert stats.pattern() == PUBLISHED_544P_E024K6  # 64x64 is nearest the 544p table by pixel area
-    assert "".join("C" if n else "." for n in work.block) == PUBLISHED_544P_E024K6
+    assert work.ran() == PUBLISHED_544P_E024K6
     assert len(videos) == 1
     record = json.loads(Path(videos[0]).with_suffix(".stats.json").read_text())
     assert (record["computed_passes"], record["total_passes"]) == (18, 50)
@@ -280,7 +281,7 @@ def test_magcache_run_reuses_passes_and_writes_stats(upstream, model, tmp_path):
     stats, _ = _main(upstream, "magcache", T.tiny_argv("--cache-profile", "hunyuanvideo-t2v-720p", "--cache-stats",
                                                        str(target), steps=50), model, tmp_path)
     assert stats.pattern() == PUBLISHED_720P_E024K6 and stats.counts() == (19, 50)
-    assert "".join("C" if n else "." for n in work.block) == PUBLISHED_720P_E024K6
+    assert work.ran() == PUBLISHED_720P_E024K6
     assert json.loads(target.read_text())["pattern"] == PUBLISHED_720P_E024K6
     work.remove()
 
@@ -319,7 +320,7 @@ def _reference_signal(block, img, vec):
 def test_teacache_reuses_and_reads_the_reference_signal(upstream, model, tmp_path):
     inputs = []
     hook = model.double_blocks[0].register_forward_pre_hook(lambda m, args: inputs.append((args[0], args[2])))
-    work = T.BlockWork(model, T.OFFICIAL_STACKS, exclude=("double_blocks.0.img_mod.linear",))
+    work = BlockWork(model, T.OFFICIAL_STACKS, exclude=("double_blocks.0.img_mod.linear",))
     try:
         stats, _ = _main(upstream, "teacache", T.tiny_argv("--teacache-thresh", "5", steps=12), model, tmp_path)
     finally:
@@ -340,7 +341,7 @@ def test_teacache_reuses_and_reads_the_reference_signal(upstream, model, tmp_pat
 
 
 def test_easycache_reused_pass_runs_nothing(upstream, model, tmp_path):
-    work = T.BlockWork(model, T.OFFICIAL_STACKS)
+    work = BlockWork(model, T.OFFICIAL_STACKS)
     try:
         stats, _ = _main(upstream, "easycache", T.tiny_argv("--easycache-thresh", "5", steps=12), model, tmp_path)
     finally:
@@ -406,12 +407,12 @@ def test_cache_runs_under_the_xdit_instance_forward(upstream, model, tmp_path, m
     assert all(torch.equal(a, b) for a, b in zip(calls.outputs, baseline))
     calls.remove()
 
-    work = T.BlockWork(model, T.OFFICIAL_STACKS)
+    work = BlockWork(model, T.OFFICIAL_STACKS)
     stats, _ = _main(upstream, "magcache", T.tiny_argv("--cache-profile", "hunyuanvideo-t2v-720p", steps=50),
                      model, tmp_path, sampler=load)
     work.remove()
     assert stats.pattern() == PUBLISHED_720P_E024K6
-    assert "".join("C" if n else "." for n in work.block) == PUBLISHED_720P_E024K6
+    assert work.ran() == PUBLISHED_720P_E024K6
     import stepcache
     stepcache.disable(model)
     assert model.__dict__["forward"] is xdit_forward  # xDiT's binding is back, untouched

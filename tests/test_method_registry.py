@@ -15,6 +15,7 @@ from stepcache.profiles import Profile, load_profile
 from stepcache.schema import finite
 
 import wan_tiny as W
+from helpers import BlockWork
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,13 @@ def test_a_method_defined_in_a_test_runs_on_a_real_pipeline(everyother):
     data["everyother"] = {"defaults": {"thresh": 2}}
     profile = Profile("with-everyother", data)
     pipe, plain = W.build_t2v(), W.build_t2v()
-    counter = W.BlockWorkCounter(pipe.transformer.blocks)
+    work = BlockWork(pipe.transformer)
     stepcache.enable(pipe, "everyother", profile=profile)
     out = W.run_t2v(pipe, steps=8)
     stats = stepcache.stats(pipe)
     assert stats.pattern(branch="cond") == "CCC.C.CC"
     assert stats.pattern(branch="uncond") == "CCC.C.CC"
-    assert counter.linear_calls == counter.per_block_pass * 12  # no block ran on the 4 reused passes
+    assert work.calls == work.per_pass * 12  # no block ran on the 4 reused passes
     stepcache.disable(pipe)
     assert not torch.equal(out, W.run_t2v(plain, steps=8))
     with pytest.raises(stepcache.errors.ProfileError, match=r"everyother.defaults.thresh=-1 is outside"):

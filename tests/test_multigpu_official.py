@@ -15,18 +15,14 @@ upstream checkouts are available (``HUNYUANVIDEO_REPO``, ``WAN21_REPO``):
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from helpers import hunyuanvideo_checkout, wan21_checkout
 from multigpu_launch import torchrun
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-HY_REPO, WAN_REPO = os.environ.get("HUNYUANVIDEO_REPO"), os.environ.get("WAN21_REPO")
-HY_OK = bool(HY_REPO) and os.path.isfile(os.path.join(HY_REPO, "hyvideo", "modules", "models.py"))
-WAN_OK = bool(WAN_REPO) and os.path.isfile(os.path.join(WAN_REPO, "wan", "modules", "model.py"))
 METHODS = ("teacache", "magcache", "easycache")
 HY_ARGV = {"teacache": ["--teacache-thresh", "1"], "magcache": [], "easycache": ["--easycache-thresh", "1"]}
 HY_ZERO = {"teacache": ["--teacache-thresh", "0"], "magcache": ["--magcache-thresh", "0"],
@@ -36,13 +32,11 @@ WAN_PARAMS = {"teacache": {"thresh": 500.0}, "magcache": {"thresh": 0.24, "K": 4
 RTOL = 1e-4
 
 
-def _requirements(repo_ok: bool, env: str, modules: tuple[str, ...]):
-    import importlib.util
-    if not repo_ok:
-        pytest.skip(f"set {env} to an upstream checkout to run the official-repo multi-GPU tests")
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"upstream needs {', '.join(missing)}")
+def _two_ranks(cases: list[dict], tmp_path_factory, family: str) -> list[dict]:
+    ranks, seconds = torchrun("multigpu_official_worker.py", cases, tmp_path_factory.mktemp(f"{family}-official"),
+                              timeout=150)
+    print(f"\n[multigpu] official {family}: 2-rank torchrun took {seconds:.1f} s")
+    return ranks
 
 
 def rel_err(a, b) -> float:
@@ -51,7 +45,7 @@ def rel_err(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def hunyuan(tmp_path_factory):
-    _requirements(HY_OK, "HUNYUANVIDEO_REPO", ("einops", "loguru"))
+    hunyuanvideo_checkout()
     cases = [{"id": "none-par", "family": "hunyuan", "parallel": True},
              {"id": "none-par-class", "family": "hunyuan", "parallel": True, "class_patch": True}]
     for m in METHODS:
@@ -60,15 +54,12 @@ def hunyuan(tmp_path_factory):
                   {"id": f"{m}-zero", "family": "hunyuan", "method": m, "argv": HY_ZERO[m], "parallel": True}]
     cases.append({"id": "teacache-par-class", "family": "hunyuan", "method": "teacache", "argv": HY_ARGV["teacache"],
                   "parallel": True, "class_patch": True})
-    ranks, seconds = torchrun("multigpu_official_worker.py", cases, tmp_path_factory.mktemp("hy-official"),
-                              timeout=150)
-    print(f"\n[multigpu] official HunyuanVideo: 2-rank torchrun took {seconds:.1f} s")
-    return ranks
+    return _two_ranks(cases, tmp_path_factory, "HunyuanVideo")
 
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
-    _requirements(WAN_OK, "WAN21_REPO", ("easydict", "einops", "ftfy", "regex", "PIL", "imageio"))
+    wan21_checkout()
     cases = [{"id": "none-par", "family": "wan", "usp": True},
              {"id": "none-par-class", "family": "wan", "usp": True, "class_patch": True}]
     for m in METHODS:
@@ -79,10 +70,7 @@ def wan(tmp_path_factory):
                   {"id": f"{m}-zero", "family": "wan", "method": m, "params": {**p, "thresh": 0.0}, "usp": True}]
     cases.append({"id": "magcache-par-class", "family": "wan", "method": "magcache", "params": WAN_PARAMS["magcache"],
                   "usp": True, "class_patch": True})
-    ranks, seconds = torchrun("multigpu_official_worker.py", cases, tmp_path_factory.mktemp("wan-official"),
-                              timeout=150)
-    print(f"\n[multigpu] official Wan2.1: 2-rank torchrun took {seconds:.1f} s")
-    return ranks
+    return _two_ranks(cases, tmp_path_factory, "Wan2.1")
 
 
 # ----------------------------------------------------------------------------------------------- HunyuanVideo

@@ -15,7 +15,8 @@ from stepcache.opensora.adapter import (BRANCH, MultiGPUNotSupported, STDiT3Adap
 from stepcache.opensora.rules import RELEASED, REFERENCE, magcache_profile, released_profile, schedule
 from stepcache.runner import NothingCachedWarning
 
-from opensora_tiny import BlockCalls, STDiT3, model_args, sample
+from helpers import BlockWork
+from opensora_tiny import STDiT3, model_args, sample
 
 # The MagCache eval README (eval/magcache): 0.12/K3 computes 12 of 30 steps, 0.24/K5 10 of 30.
 PUBLISHED_E012K3 = "CCCCCC...C...C...C...C...C...C"
@@ -146,14 +147,15 @@ def test_threshold_zero_is_bit_identical(tiny, z0, baseline, method):
 
 
 def test_magcache_gives_the_published_pattern_through_the_sampler(tiny, z0, baseline):
-    calls = BlockCalls(tiny)
+    work = BlockWork(tiny, ("spatial_blocks", "temporal_blocks"))
     try:
         final, stats = _run(tiny, z0, "magcache")
     finally:
-        calls.remove()
+        work.remove()
     assert stats.pattern() == PUBLISHED_E012K3
     assert stats.branches() == [BRANCH]
-    assert calls.count == 12 * 2 * len(tiny.spatial_blocks)  # a reused pass runs no block
+    # A reused pass runs no block, a computed one the whole stack (the same work on every computed pass).
+    assert work.ran() == PUBLISHED_E012K3 and set(work.block) == {0, max(work.block)}
     assert not torch.equal(final, baseline[0])
     _, stats = _run(tiny, z0, "magcache", preset="E024K5R02")
     assert stats.pattern() == PUBLISHED_E024K5

@@ -7,9 +7,10 @@ import io
 import pytest
 import torch
 
-from opensora_fork import published_model, repo_or_skip, sample, tiny_model, model_args
+from helpers import BlockWork, opensora_checkout
+from opensora_fork import published_model, sample, tiny_model, model_args
 
-REPO = repo_or_skip()
+REPO = str(opensora_checkout())
 
 import stepcache  # noqa: E402
 from stepcache.opensora.adapter import BRANCH, MultiGPUNotSupported, blocks_in_call_order  # noqa: E402
@@ -63,17 +64,15 @@ def run(s, method, profile="opensora-1.2", **params):
 def run_published(s, method, **settings):
     """The published forward on a copy of the model; returns (final, outputs, pattern of computed steps)."""
     ref = published_model(REPO, s["model"], method, **settings)
-    done = []
-    handle = ref.spatial_blocks[0].mlp.register_forward_hook(lambda *a: done.append(True))
-    pattern, outputs = [], []
-    step_hook = ref.register_forward_hook(lambda m, a, o: pattern.append("C" if done and done.pop() else "."))
+    work = BlockWork(ref, ("spatial_blocks", "temporal_blocks"))
+    outputs = []
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # MC-OS prints on every skip
             final = sample(REPO, ref, s["z0"], s["args"], outputs=outputs)
     finally:
-        handle.remove()
-        step_hook.remove()
-    return final, outputs, "".join(pattern)
+        work.remove()
+    assert set(work.block) <= {0, max(work.block)}, "a pass ran part of the block stack"
+    return final, outputs, work.ran()
 
 
 def identical(a, b):
@@ -157,6 +156,7 @@ def test_sequence_parallel_is_refused(fp32):
 def test_generate_set_on_the_forks_own_pipeline(tmp_path):
     """generate_set drives the fork's OpenSoraPipeline.generate() and save_video() unchanged (fake T5 and VAE, in a
     subprocess; see opensora_fork_pipeline.py): baseline, MagCache 0.12/K3, and MagCache at threshold 0."""
+    opensora_checkout(pipeline=True)  # the pipeline module imports more than the transformer
     import json
     import subprocess
     import sys

@@ -11,7 +11,8 @@ from stepcache.methods import resolve_method
 from stepcache.policies import ParameterError
 from stepcache.profiles import load_profile
 from stepcache.runner import CacheRunner, NothingCachedWarning
-from wan_tiny import BlockWorkCounter, build_t2v, run_t2v
+from helpers import BlockWork
+from wan_tiny import build_t2v, run_t2v
 
 PROFILE = "wan2.1-t2v-1.3b"
 
@@ -118,17 +119,14 @@ def test_linear_prediction_on_a_pipeline_keeps_the_invariants(method, params):
     outputs = {}
     for predict in ("reuse", "linear"):
         pipe = build_t2v()
-        counter = BlockWorkCounter(pipe.transformer.blocks)
-        per_pass = []
-        pipe.transformer.register_forward_pre_hook(lambda *a: per_pass.append(counter.linear_calls))
+        work = BlockWork(pipe.transformer)
         stepcache.enable(pipe, method, profile=PROFILE, **params, predict=predict)
         outputs[predict] = run_t2v(pipe)
-        per_pass.append(counter.linear_calls)
         records = stepcache.stats(pipe).of()
-        work = [b - a for a, b in zip(per_pass, per_pass[1:])]
         assert sum(not r.computed for r in records) >= 2, "precondition: the setting reuses passes"
-        for record, linear_calls in zip(records, work):
-            assert linear_calls == (counter.per_block_pass if record.computed else 0), record
+        assert len(work.block) == len(records)
+        for record, linear_calls in zip(records, work.block):
+            assert linear_calls == (work.per_pass if record.computed else 0), record
     assert not torch.equal(outputs["reuse"], outputs["linear"])
 
 

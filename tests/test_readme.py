@@ -245,8 +245,8 @@ def wan_upstream():
     if not os.environ.get("WAN21_REPO"):
         return None
     import wan_official_tiny
-    wan_official_tiny.repo_or_skip()
-    return wan_official_tiny.load(os.environ["WAN21_REPO"])
+    from helpers import wan21_checkout
+    return wan_official_tiny.load(wan21_checkout())
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,8 @@ def hunyuan_upstream():
         yield None
         return
     import hunyuan_tiny
-    root = hunyuan_tiny.require_upstream()
+    from helpers import hunyuanvideo_checkout
+    root = hunyuanvideo_checkout()
     with hunyuan_tiny.upstream_on_cpu(root):
         from stepcache.hunyuan import official
         yield official

@@ -11,7 +11,8 @@ from stepcache.policies import ParameterError
 from stepcache.profiles import ProfileError, choose_by_resolution, load_profile, match_profiles
 from stepcache.runner import NothingCachedWarning
 from stepcache.schedule import simulate
-from wan_tiny import BlockWorkCounter, build_i2v, build_t2v, run_i2v, run_t2v
+from helpers import BlockWork
+from wan_tiny import build_i2v, build_t2v, run_i2v, run_t2v
 
 PROFILE = "wan2.1-t2v-1.3b"
 # Settings that make each method reuse passes on the tiny random model at 12 steps. Its random time embedding
@@ -53,18 +54,15 @@ def test_reused_pass_runs_no_block_and_disable_restores(kind, method, baselines)
     build, run = BUILD[kind]
     pipe = build()
     transformer = pipe.transformer
-    counter = BlockWorkCounter(transformer.blocks)
-    per_pass = []
-    transformer.register_forward_pre_hook(lambda *a: per_pass.append(counter.linear_calls))
+    work = BlockWork(transformer)
     stepcache.enable(pipe, method, profile=profile_for(kind), **REUSING[method])
     cached = run(pipe)
-    per_pass.append(counter.linear_calls)
-    work = [b - a for a, b in zip(per_pass, per_pass[1:])]
     records = stepcache.stats(pipe).of()
-    assert len(work) == len(records) == 24
+    assert len(work.block) == len(records) == 24
     assert any(not r.computed for r in records), "precondition: the setting reuses passes on this model"
-    for record, linear_calls in zip(records, work):
-        assert linear_calls == (counter.per_block_pass if record.computed else 0), record
+    for record, linear_calls in zip(records, work.block):
+        assert linear_calls == (work.per_pass if record.computed else 0), record
+    work.remove()
     assert not torch.equal(cached, baselines[kind])
 
     stepcache.disable(pipe)

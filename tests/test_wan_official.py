@@ -12,10 +12,11 @@ import warnings
 import pytest
 import torch
 
-from wan_official_tiny import (TINY_SIZE, BlockWork, bare_sampler, checkpoint_layout, cpu_attention,
-                               fake_constructors, load, make_image, repo_or_skip, run_i2v, run_t2v, tiny_model)
+from helpers import BlockWork, wan21_checkout
+from wan_official_tiny import (TINY_SIZE, bare_sampler, checkpoint_layout, fake_constructors, make_image, run_i2v,
+                               run_t2v, tiny_model, up)  # up: the fixture of upstream on the CPU
 
-REPO = repo_or_skip()
+REPO = str(wan21_checkout())
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")]
 
@@ -114,13 +115,6 @@ def command_argv(command: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def up():
-    upstream = load(REPO)
-    with cpu_attention(upstream):
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def image(tmp_path_factory):
     return make_image(tmp_path_factory.mktemp("img") / "first.png")
 
@@ -139,7 +133,7 @@ def run(kind, sampler, image, steps=8):
 @pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
 def test_threshold_zero_is_bit_identical_to_upstream(up, image, baselines, kind, method):
     sampler = bare_sampler(up, kind, tiny_model(up, kind))
-    work = BlockWork(sampler.model.blocks)
+    work = BlockWork(sampler.model)
     attachment = attach(sampler, method, PROFILES[kind], {**REUSING[method], "thresh": 0.0})
     with pytest.warns(NothingCachedWarning, match="a threshold of 0 disables reuse"):
         out = run(kind, sampler, image)
@@ -155,7 +149,7 @@ def test_threshold_zero_is_bit_identical_to_upstream(up, image, baselines, kind,
 @pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
 def test_reused_passes_run_no_block(up, image, baselines, kind, method):
     sampler = bare_sampler(up, kind, tiny_model(up, kind))
-    work = BlockWork(sampler.model.blocks)
+    work = BlockWork(sampler.model)
     attachment = attach(sampler, method, PROFILES[kind], REUSING[method])
     out = run(kind, sampler, image)
     computed, total = attachment.cached.stats.counts()
@@ -242,7 +236,7 @@ def script(up, monkeypatch, tmp_path):
     made, counters = [], []
 
     def count(model):
-        counters.append(BlockWork(model.blocks))
+        counters.append(BlockWork(model))
         return model
 
     for name, build in fake_constructors(up, made, wrap=count).items():

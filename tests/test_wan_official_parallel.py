@@ -10,9 +10,10 @@ from functools import partial
 import pytest
 import torch
 
-from wan_official_tiny import BlockWork, bare_sampler, cpu_attention, load, repo_or_skip, run_t2v, tiny_model
+from helpers import BlockWork, wan21_checkout
+from wan_official_tiny import bare_sampler, run_t2v, tiny_model, up  # up: the fixture of upstream on the CPU
 
-REPO = repo_or_skip()
+wan21_checkout()  # the whole module needs the checkout
 
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
@@ -27,13 +28,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
 PROFILE = "wan2.1-t2v-1.3b"
 FSDP_FORWARD = FSDP.__dict__["forward"]
 MAGCACHE = {"thresh": 0.24, "K": 4, "retention_ratio": 0.2}
-
-
-@pytest.fixture(scope="module")
-def up():
-    upstream = load(REPO)
-    with cpu_attention(upstream):
-        yield upstream
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_fsdp_wrapped_model_is_cached_on_the_inner_instance(up, group, baseline)
         assert torch.equal(run_t2v(sampler, steps=8), baseline)
     zero.remove()
 
-    work = BlockWork(sampler.model.module.blocks)
+    work = BlockWork(sampler.model.module)
     cached = attach(sampler, "magcache", PROFILE, MAGCACHE)
     out = run_t2v(sampler, steps=8)
     computed, total = cached.cached.stats.counts()
@@ -108,7 +102,7 @@ def test_instance_level_usp_forward_is_wrapped_not_shadowing(up, baseline):
         return type(self).forward(self, *args, **kwargs)
 
     model.forward = types.MethodType(usp_like_forward, model)
-    work = BlockWork(model.blocks)
+    work = BlockWork(model)
     cached = attach(sampler, "magcache", PROFILE, MAGCACHE)
     out = run_t2v(sampler, steps=8)
     computed, total = cached.cached.stats.counts()

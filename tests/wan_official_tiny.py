@@ -1,4 +1,5 @@
-"""Upstream Wan2.1 (the checkout ``WAN21_REPO`` points to) on CPU with tiny random weights, for tests only.
+"""Upstream Wan2.1 (the checkout ``WAN21_REPO`` points to, gated by helpers.wan21_checkout) on CPU with tiny
+random weights, for tests only.
 
 What stands in for GPU- or checkpoint-bound code, and nothing else:
 
@@ -22,31 +23,17 @@ import sys
 import types
 
 import numpy as np
+import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-REPO_ENV = "WAN21_REPO"
+from helpers import StubVAE, sdpa, wan21_checkout
+
 TINY_SIZE = "64*64"  # added to upstream's size tables by the tests: the published sizes need GBs of attention
 T2V_TINY = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=32, ffn_dim=48, freq_dim=32,
                 text_dim=32, out_dim=16, num_heads=2, num_layers=3)
 # I2V: 16 noise + 4 mask + 16 image-latent channels; text_len must stay 512 (upstream splits the I2V context there).
 I2V_TINY = dict(T2V_TINY, model_type="i2v", text_len=512, in_dim=36)
-
-
-def repo_or_skip() -> str:
-    import pytest
-    repo = os.environ.get(REPO_ENV)
-    if not repo:
-        pytest.skip(f"{REPO_ENV} is not set: point it at an upstream Wan-Video/Wan2.1 checkout to run the "
-                    f"official-repo tests", allow_module_level=True)
-    if not os.path.isfile(os.path.join(repo, "wan", "modules", "model.py")):
-        pytest.skip(f"{REPO_ENV}={repo} is not a Wan-Video/Wan2.1 checkout (no wan/modules/model.py)",
-                    allow_module_level=True)
-    for name in ("easydict", "einops", "ftfy", "regex", "PIL", "imageio", "diffusers"):
-        if importlib.util.find_spec(name) is None:
-            pytest.skip(f"upstream Wan2.1 needs {name!r}, which is not installed", allow_module_level=True)
-    return repo
 
 
 class Upstream(types.SimpleNamespace):
@@ -70,6 +57,7 @@ def _stub_torchvision() -> dict[str, types.ModuleType]:
 def load(repo: str) -> Upstream:
     """Import upstream's model, samplers, configs and generate.py once per process."""
     global _LOADED
+    repo = str(repo)
     if _LOADED is not None:
         return _LOADED
     for name in ("wan", "wan.modules", "wan.utils", "wan.distributed"):
@@ -114,16 +102,15 @@ def load(repo: str) -> Upstream:
 def flash_attention_sdpa(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softmax_scale=None, q_scale=None,
                          causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16,
                          version=None):
-    """CPU reference for upstream's varlen flash_attention: keys at index >= k_lens[b] are masked out."""
+    """Upstream's padded flash_attention signature around helpers.sdpa: keys at index >= k_lens[b] are masked
+    out."""
     assert q_lens is None and window_size == (-1, -1)
     if q_scale is not None:
         q = q * q_scale
     mask = None
     if k_lens is not None:
         mask = (torch.arange(k.size(1))[None, :] < k_lens.long()[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         dropout_p=dropout_p, scale=softmax_scale, is_causal=causal)
-    return out.transpose(1, 2).type(q.dtype)
+    return sdpa(q, k, v, mask, dropout_p=dropout_p, scale=softmax_scale, causal=causal).type(q.dtype)
 
 
 @contextlib.contextmanager
@@ -134,6 +121,21 @@ def cpu_attention(up: Upstream):
         yield
     finally:
         up.model.flash_attention = saved
+
+
+@contextlib.contextmanager
+def upstream_on_cpu(repo):
+    """Upstream imported (:func:`load`) with its attention on the CPU (:func:`cpu_attention`)."""
+    up = load(repo)
+    with cpu_attention(up):
+        yield up
+
+
+@pytest.fixture(scope="module")
+def up():
+    """The test modules' fixture (``from wan_official_tiny import up``): :func:`upstream_on_cpu` of the checkout."""
+    with upstream_on_cpu(wan21_checkout()) as upstream:
+        yield upstream
 
 
 def tiny_model(up: Upstream, kind: str = "t2v", seed: int = 0) -> nn.Module:
@@ -155,23 +157,6 @@ class StubT5:
     def __call__(self, texts, device):
         return [torch.randn(6 + len(s) % 7, 32, generator=torch.Generator().manual_seed(len(s))).to(device)
                 for s in texts]
-
-
-class StubVAE:
-    """``.model.z_dim``, ``encode`` (I2V: [3, F, h, w] -> [z, (F-1)//4+1, h/8, w/8]) and ``decode`` (identity, so a
-    generation returns its final latent)."""
-
-    def __init__(self, z_dim: int = 16):
-        self.model = types.SimpleNamespace(z_dim=z_dim)
-
-    def encode(self, videos):
-        v = videos[0]
-        lat = F.avg_pool3d(v[None], (1, 8, 8))[0]
-        lat = torch.cat([lat[:, :1], lat[:, 1::4]], dim=1)
-        return [lat.repeat(6, 1, 1, 1)[: self.model.z_dim]]
-
-    def decode(self, zs):
-        return [z.clone() for z in zs]
 
 
 class StubCLIP:
@@ -213,28 +198,6 @@ def run_i2v(sampler, image, steps=6, frames=5, seed=0, **kw):
     return sampler.generate("a cat", Image.open(image).convert("RGB"), max_area=64 * 64, frame_num=frames,
                             shift=3.0, sample_solver="unipc", sampling_steps=steps, guide_scale=5.0, seed=seed,
                             offload_model=False, **kw)
-
-
-class BlockWork:
-    """Real work inside a block stack, counted by pre-hooks on the Linear layers inside the blocks: a skipped
-    block never reaches them, whatever the cache does to intercept it."""
-
-    def __init__(self, blocks):
-        self.calls = 0
-        linears = [m for b in blocks for m in b.modules() if isinstance(m, nn.Linear)]
-        self.per_pass = len(linears)
-        self.handles = [m.register_forward_pre_hook(self._count) for m in linears]
-
-    def _count(self, *args):
-        self.calls += 1
-
-    @property
-    def passes(self) -> float:
-        return self.calls / self.per_pass
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def checkpoint_layout(folder, config) -> str:

@@ -92,29 +92,6 @@ def run_i2v(pipe, steps=12, height=32, width=32, frames=5, guidance=5.0, seed=0,
     return out.frames
 
 
-class BlockWorkCounter:
-    """Counts real work inside a block stack: pre-hooks on the Linear layers inside the blocks.
-
-    Independent of how a cache intercepts blocks: a skipped block never reaches its Linear layers.
-    """
-
-    def __init__(self, blocks: nn.ModuleList):
-        self.linear_calls = 0
-        self.handles = []
-        for block in blocks:
-            for module in block.modules():
-                if isinstance(module, nn.Linear):
-                    self.handles.append(module.register_forward_pre_hook(self._count))
-        self.per_block_pass = sum(1 for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
-
-    def _count(self, *args):
-        self.linear_calls += 1
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def tiny_text_stack(words=("a", "red", "blue", "ball", "cube", "moves", "left", "right", "on", "grass")):
     """A word-level tokenizer and a 1-layer UMT5 encoder, built offline, that WanPipeline loads like real ones."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -1,7 +1,7 @@
 """Helpers shared by tests/test_eval_*.py: small videos and fake LPIPS weight files made on the spot.
 
 Not a conftest.py on purpose: the other test files of the project do not need these, so they are imported
-explicitly (`from conftest_eval import ...`; pytest puts tests/ on sys.path for rootdir-less test folders).
+explicitly (`from eval_videos import ...`; pytest puts tests/ on sys.path for rootdir-less test folders).
 """
 from __future__ import annotations
 
