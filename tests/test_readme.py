@@ -359,3 +359,12 @@ def test_docs_index_lists_every_page():
     for page in PAGES[1:]:
         if page.name != "README.md":
             assert f"]({page.name})" in index, f"docs/README.md does not link {page.name}"
+
+
+def test_the_parameter_table_lists_every_parameter_of_every_method():
+    from stepcache import methods
+    rows = {tuple(cell.strip(" `") for cell in line.split("|")[1:3])
+            for line in README.splitlines() if line.startswith("| ")}
+    for name in methods.names():
+        for parameter in methods.get(name).PARAMETERS:
+            assert (name, parameter) in rows or ("all", parameter) in rows, (name, parameter)
