@@ -29,8 +29,8 @@ from . import families, methods
 from .methods import MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
-from .profiles import (Profile, ProfileError, check_profile_family, choose_by_resolution, known_profiles,
-                       load_profile, warn_resolution)
+from .profiles import (Profile, ProfileError, ProfileFitWarning, check_profile_family, check_profile_fit,
+                       choose_by_resolution, known_profiles, load_profile, warn_resolution)
 from .methods import VIDEO_MARK
 from .runner import CacheRunner, RunStats
 
@@ -285,7 +285,6 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
     if profile is not None:
         loaded = load_profile(profile)
         check_profile_family(loaded, adapter.family)
-        from .calibrate import ProfileFitWarning, check_profile_fit
         for note in check_profile_fit(loaded, model):
             warnings.warn(note, ProfileFitWarning, stacklevel=3)
         return loaded

@@ -20,11 +20,8 @@ with the model a profile is used on.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,8 +35,9 @@ from .methods.base import Method, mean_abs_ratio
 from .methods.magcache import residual_ratio_stats
 from .methods.teacache import relative_l1
 from .policies import Decision, ParameterError, Polynomial
-from .profiles import FORMAT, Profile, ProfileError, check_profile_family, load_profile
 from .distributed import SequenceGroup
+from .profiles import (FORMAT, Profile, ProfileError, check_profile_family, check_profile_fit, config_hash,
+                       load_profile)
 from .runner import CacheRunner, PassContext, RunStats
 
 # Reuse fractions that name the speed levels (presets) of a calibrated profile.
@@ -252,12 +250,6 @@ def speed_presets(reuse) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def config_hash(config: dict[str, Any]) -> str:
-    text = json.dumps({k: v for k, v in sorted(config.items()) if not k.startswith("_")}, sort_keys=True,
-                      default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @dataclass
 class CalibrationRun:
     """What to run: one generation per (prompt, seed), each through ``generate(prompt, seed)``."""
@@ -332,30 +324,6 @@ def build_profile(runner: CalibrationRunner, adapter, model, run: CalibrationRun
     if base is not None:
         data["measured_on"]["base_profile"] = base.name
     return data
-
-
-def check_profile_fit(profile: Profile, model) -> list[str]:
-    """Refuse a calibrated profile on another model class; return warnings for a different config."""
-    measured = profile.data.get("measured_on")
-    if not measured:
-        return []
-    cls = type(model).__name__
-    if measured.get("model_class") and measured["model_class"] != cls:
-        raise ProfileError(f"profile {profile.name!r} was calibrated on {measured['model_class']}, not {cls}; "
-                           f"its tables mean nothing for another model class")
-    notes = []
-    config = dict(getattr(model, "config", {}) or {})
-    if measured.get("config_hash") and config and config_hash(config) != measured["config_hash"]:
-        notes.append(f"profile {profile.name!r} was calibrated on a {cls} with another config (hash "
-                     f"{measured['config_hash']}, this one {config_hash(config)})")
-    return notes
-
-
-class ProfileFitWarning(UserWarning):
-    pass
-
-
-warnings.simplefilter("always", ProfileFitWarning)
 
 
 # ------------------------------------------------------------------------------------------ resampling study

@@ -7,6 +7,7 @@ file, or matched on the model's config by the adapter (see :func:`match_profiles
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -220,6 +221,37 @@ def warn_resolution(message: str | None, stacklevel: int = 3) -> None:
 def check_profile_family(profile: Profile, family: str) -> None:
     if profile.family and profile.family != family:
         raise ProfileError(f"profile {profile.name!r} is for {profile.family!r} models, not {family!r}")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short hash of a model's config (what a calibrated profile records it was measured on)."""
+    text = json.dumps({k: v for k, v in sorted(config.items()) if not k.startswith("_")}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ProfileFitWarning(UserWarning):
+    """A calibrated profile is used on a model whose config differs from the one it was measured on."""
+
+
+warnings.simplefilter("always", ProfileFitWarning)
+
+
+def check_profile_fit(profile: Profile, model) -> list[str]:
+    """Refuse a calibrated profile on another model class; return warnings for a different config."""
+    measured = profile.data.get("measured_on")
+    if not measured:
+        return []
+    cls = type(model).__name__
+    if measured.get("model_class") and measured["model_class"] != cls:
+        raise ProfileError(f"profile {profile.name!r} was calibrated on {measured['model_class']}, not {cls}; "
+                           f"its tables mean nothing for another model class")
+    notes = []
+    config = dict(getattr(model, "config", {}) or {})
+    if measured.get("config_hash") and config and config_hash(config) != measured["config_hash"]:
+        notes.append(f"profile {profile.name!r} was calibrated on a {cls} with another config (hash "
+                     f"{measured['config_hash']}, this one {config_hash(config)})")
+    return notes
 
 
 def profile_summary(profile: Profile) -> str:

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import stepcache
-from stepcache.calibrate import (CalibrationError, CalibrationRun, build_profile, check_profile_fit, measure)
+from stepcache.calibrate import CalibrationError, CalibrationRun, build_profile, measure
+from stepcache.profiles import check_profile_fit
 from stepcache.calibration_io import write_profile
 from stepcache.policies import compose_resample, nearest_resample
 from stepcache.profiles import ProfileError, load_profile

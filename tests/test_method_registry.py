@@ -106,3 +106,12 @@ def test_a_family_registers_its_pipelines_adapters_targets_and_commands():
                                                                                      "true_cfg_scale": 2.0}
     assert families.calibration_target("demo") is not None and families.calibration_target("nope") is None
     assert "demo" in [name for name, _, _ in families.commands()]
+
+
+def test_the_front_door_does_not_import_calibration():
+    """Calibration builds on the front door (it installs a measuring runner like a cache); the reverse import
+    made a cycle. The profile-fit check the front door needs lives with the profiles."""
+    import ast
+    tree = ast.parse((ROOT / "common/api.py").read_text())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1]
+    assert "calibrate" not in names
