@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .methods.magcache import RULE as MAGCACHE_RULE, interleave_with_padding
-from .outputs import write_text
+from .outputs import write_json
 from .profiles import FORMAT, Profile, load_profile
 
 
@@ -114,5 +114,5 @@ def write_profile(path: str | os.PathLike, data: dict[str, Any]) -> Profile:
     if path.suffix != ".json":
         raise ValueError(f"a profile file must end in .json (got {str(path)!r})")
     Profile(str(data.get("name", path.stem)), data)  # the schema check, before anything is written
-    write_text(path, json.dumps(data, indent=1) + "\n")
+    write_json(path, data)
     return load_profile(str(path))

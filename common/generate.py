@@ -15,7 +15,7 @@ from typing import Any
 from . import families
 from .cliargs import int_at_least
 from .errors import InputError
-from .outputs import atomic_path, check_output_file, write_text
+from .outputs import atomic_path, check_output_file, write_json
 from .timing import DiTTimer
 from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
@@ -187,7 +187,7 @@ def generate(args) -> dict[str, Any]:
                  dit_seconds=timer.seconds, computed_passes=record.get("computed_passes"),
                  total_passes=record.get("total_passes"))
     stats_path = out.with_suffix(".stats.json")
-    write_text(stats_path, json.dumps(record, indent=1))
+    write_json(stats_path, record)
     print(f"wrote {out} ({seconds:.1f} s, transformer {timer.seconds:.1f} s) and {stats_path}")
     return record
 

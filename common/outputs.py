@@ -103,6 +103,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_json(path: str | os.PathLike, data, **dumps) -> Path:
+    """Write a JSON file atomically (indent 1 and a final newline unless ``dumps`` says otherwise): the one way
+    stats, profiles, settings and reports are written."""
+    import json
+    return write_text(path, json.dumps(data, **{"indent": 1, **dumps}) + "\n")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder's whole content in a temporary folder beside ``path``; on success it takes ``path``'s place

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import InputError
-from ..outputs import atomic_path, check_output_dir, write_text
+from ..outputs import atomic_path, check_output_dir, write_json
 from ..timing import CLOCKS, add_clock_argument
 
 FORMAT = "stepcache-bench/1"
@@ -323,7 +323,7 @@ class Calibrations:
         data = {"ratios": ratios, "lists": lists,
                 "source": f"mean of {len(lists)} printed tables: {len(pairs)} calibration runs x "
                           f"{len(lists) // max(len(pairs), 1)} cache contexts"}
-        write_text(path, json.dumps(data, indent=1))
+        write_json(path, data)
         return data
 
     def summary(self) -> dict:
@@ -397,12 +397,12 @@ class Store:
                 # Same benchmark, more runs (a method or sweep point added later): what was measured stays,
                 # the new runs are scored and timed against baselines timed in their own process.
                 print(f"adding {len(added)} run(s) to the benchmark in {self.folder}: {', '.join(added)}", flush=True)
-                write_text(self.settings_path, json.dumps(settings, indent=1))
+                write_json(self.settings_path, settings)
         elif self.results_path.exists():
             raise BenchError(f"{self.folder} has results but no settings.json; use another --out folder")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_text(self.settings_path, json.dumps(settings, indent=1))
+            write_json(self.settings_path, settings)
 
     def _lines(self) -> tuple[list[dict], int]:
         """The records, and the length in bytes of the whole lines that hold them. A last line without its newline
@@ -866,7 +866,7 @@ def run(args: argparse.Namespace) -> int:
         bench.setup_lpips()
     else:
         demo, model_info = build_demo(args)
-        write_text(info_path, json.dumps(model_info, indent=1))
+        write_json(info_path, model_info)
         bench = Bench(args, store, settings, runs, demo, model_info)
         try:
             bench.run()

@@ -13,7 +13,6 @@ Design notes: docs/hunyuanvideo.md#official-repository-tencenthunyuanvideo-drop-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable
 from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..policies import ParameterError
-from ..outputs import atomic_path, check_output_dir, check_output_file, write_text
+from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
 from .resolution import choose_by_resolution, warn_unpublished
 
@@ -512,7 +511,7 @@ def write_stats(cached, plan: CachePlan, args, seconds: float, videos: list[str]
         record = stats_record(cached, plan, args, seconds, videos[i] if not args.cache_stats else None)
         if args.cache_stats:
             record["videos"] = videos
-        write_text(target, json.dumps(record, indent=1) + "\n")
+        write_json(target, record)
         _log(f"stepcache stats saved to: {target}")
 
 

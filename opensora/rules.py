@@ -19,11 +19,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from ..methods.magcache import with_rule
+from ..outputs import write_json
 from ..profiles import Profile, load_profile
 
 PROFILE = "opensora-1.2"
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.write.endswith(".json"):
             print(f"error: --write {args.write!r} must be a .json file", file=sys.stderr)
             return 2
-        Path(args.write).write_text(json.dumps(released_profile().data, indent=1) + "\n", encoding="utf-8")
+        write_json(args.write, released_profile().data)
         print(f"wrote {args.write}")
     for rule in MAGCACHE_RULES:
         print(f"{rule}: {MAGCACHE_RULES[rule]}")

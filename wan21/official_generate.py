@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import InputError, run_cli
 from ..methods import PREDICT_HELP, PREDICTIONS, resolve_method
-from ..outputs import atomic_path, check_output_dir, check_output_file, write_text
+from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, load_profile
 from .official import FAMILY, model_config
@@ -546,7 +546,7 @@ class Session:
         if plan.calibrate:
             stats["calibration_file"] = self._write_calibration(attachment, record, calibration)
         if path:
-            write_text(Path(path).expanduser(), json.dumps(stats, indent=1, default=str) + "\n")
+            write_json(Path(path).expanduser(), stats, default=str)
             stats["stats_file"] = path
             print(f"[stepcache] stats written to {path}")
         return stats

@@ -19,7 +19,6 @@ the sweeps beside it, and a plot of the magnitude ratios beside the published Wa
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +28,7 @@ import torch
 
 from ...cliargs import OneLineParser, float_at_least, int_at_least
 from ...errors import run_cli
-from ...outputs import check_output_file, write_text
+from ...outputs import check_output_file, write_json
 from .model import GUIDANCE, PROFILE, STEPS, DemoPipeline, load
 from .quality import psnr_ssim
 from .scenes import ALL_SCENES
@@ -188,7 +187,7 @@ def calibrate(weights=None, out=PROFILE, n: int = 8, steps: int = STEPS, guidanc
             print(f"{method}: " + "; ".join(f"{name} {p['params']} reuse {p['reuse']:.0%} PSNR {p['psnr']:.1f} dB"
                                              for name, p in chosen.items()))
         profile = write_profile(out, data)
-    write_text(out.parent / "calibration.json", json.dumps(report, indent=1) + "\n")
+    write_json(out.parent / "calibration.json", report)
     print(describe_calibration(profile))
     if plot:
         print(f"plot: {plot_ratios(data, Path(plot))}")

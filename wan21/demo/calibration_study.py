@@ -19,7 +19,7 @@ import torch
 
 from ...cliargs import OneLineParser, float_at_least, int_at_least
 from ...errors import run_cli
-from ...outputs import check_output_dir, write_text
+from ...outputs import check_output_dir, write_json, write_text
 from .calibrate_demo import CALIBRATION_SEED, calibration_profile, calibration_prompts
 from .model import GUIDANCE, DemoPipeline, load
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         out = check_output_dir(a.out, "--out")
         torch.set_num_threads(a.threads)
         result = study(a.weights, a.prompts, a.seeds, a.guidance)
-        write_text(out / "study.json", json.dumps(result, indent=1) + "\n")
+        write_json(out / "study.json", result)
         text = render(result)
         write_text(out / "study.md", text)
         print(text)

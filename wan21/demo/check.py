@@ -8,7 +8,6 @@ moves in the prompt's direction. The pairs cycle through all 144 prompts; their 
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 
@@ -16,7 +15,7 @@ import torch
 
 from ...cliargs import OneLineParser, float_at_least, int_at_least
 from ...errors import run_cli
-from ...outputs import check_output_file, write_text
+from ...outputs import check_output_file, write_json
 from .scenes import ALL_SCENES, Scene, read_back
 
 HELD_OUT_SEED = 100_000
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         summary = prompt_match(a.weights, a.n, a.steps, a.guidance)
         if a.json:
-            write_text(a.json, json.dumps(summary, indent=1))
+            write_json(a.json, summary)
     return run_cli(body, prog="python -m stepcache.wan21.demo.check")
 
 
