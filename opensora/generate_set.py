@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InputError
+from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
-from ..policies import ParameterError
-from ..profiles import ProfileError, load_profile
+from ..profiles import load_profile
 from .adapter import MultiGPUNotSupported
 from .rules import MAGCACHE_RULES, PROFILE, REFERENCE, magcache_profile
 from .session import DEFAULT_MODELS, attach, build_engine, pipeline_of, refuse_multi_gpu
@@ -446,14 +445,15 @@ def main(argv: list[str] | None = None, method: str | None = None,
     """The command line. ``method`` fixes the method (the drop-in scripts); ``engine_factory(args)`` replaces
     :func:`stepcache.opensora.session.build_engine` (tests)."""
     args = build_parser(method).parse_args(argv)
+    prog = f"{method}_opensora.py" if method else "python -m stepcache.opensora.generate_set"
+    return run_cli(lambda: _run(args, method, engine_factory), prog)
+
+
+def _run(args: argparse.Namespace, method: str | None, engine_factory) -> int:
     try:
         plan = make_plan(args, method)
     except MultiGPUNotSupported as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (PlanError, ParameterError, ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise PlanError(str(exc)) from None
     todo = plan.remaining()
     print(f"{plan.label}: {len(plan.jobs)} video(s) in this share, {len(plan.jobs) - len(todo)} already in "
           f"{plan.out}, {len(todo)} to make")
@@ -464,11 +464,9 @@ def main(argv: list[str] | None = None, method: str | None = None,
     if not todo:
         return 0
     try:
-        engine = (engine_factory or engine_from_args)(args)
-        return run(plan, engine)
+        return run(plan, (engine_factory or engine_from_args)(args))
     except (MultiGPUNotSupported, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise PlanError(str(exc)) from None
 
 
 def run_script(method: str) -> None:
