@@ -367,7 +367,7 @@ def add_arguments(parser) -> None:
                         help="true CFG scale, for pipelines that take one: " + ", ".join(
                             name for name, (_, spec) in families.pipelines().items() if spec.true_cfg))
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="transformer dtype")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--base-profile", default=None,
                         help="a profile whose thresholds, presets and rules the new one keeps (default: the "
                              "shipped profile matched on the model's config, if any)")
@@ -385,10 +385,10 @@ def _prompts(args) -> list[str]:
 
 def _diffusers_target(args):
     """(pipeline, generate(prompt, seed), meta) for a local diffusers folder."""
-    from .generate import load_pipeline, pipeline_of
+    from .generate import load_pipeline, pipeline_of, resolve_device
     folder = Path(args.model)
     pipeline_class, _, spec = pipeline_of(folder, CalibrationError)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, CalibrationError)
     pipe = load_pipeline(folder, pipeline_class, spec, args.dtype, device)
     pipe.set_progress_bar_config(disable=True)
     call = spec.call_kwargs(args.guidance, args.true_cfg)

@@ -95,6 +95,17 @@ def pipeline_of(folder: Path, error=GenerateError) -> tuple[str, Any, Any]:
     return (pipeline_class, *known[pipeline_class])
 
 
+def resolve_device(text: str, error=GenerateError) -> str:
+    """``--device``: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N', checked before any model loads."""
+    import torch
+    if text not in ("auto", "cpu") and not text.startswith("cuda"):
+        raise error(f"--device {text!r} is not allowed; allowed: auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"--device {text}: this machine has no CUDA device (torch {torch.__version__}); use --device "
+                    f"cpu or auto")
+    return text if text != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
     folder = Path(args.model)
@@ -111,14 +122,8 @@ def plan(args) -> dict[str, Any]:
     if args.image and not Path(args.image).exists():
         raise GenerateError(f"--image {args.image} does not exist")
     check_output_file(args.out, "--out", VIDEO_SUFFIXES)
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise GenerateError(f"--device {args.device!r} is not allowed; allowed: auto, cpu, cuda or cuda:N")
-    if args.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise GenerateError(f"--device {args.device}: this machine has no CUDA device (torch "
-                                f"{torch.__version__}); use --device cpu or auto")
-    result = {"pipeline_class": pipeline_class, "family": family, "spec": spec, "config": None}
+    result = {"pipeline_class": pipeline_class, "family": family, "spec": spec, "config": None,
+              "device": resolve_device(args.device)}
     if args.method == "none":
         return result
     params = _method_params(args)
@@ -154,7 +159,7 @@ def generate(args) -> dict[str, Any]:
     from diffusers.utils import export_to_video, load_image
 
     checked = plan(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = checked["device"]
     pipe = load_pipeline(Path(args.model), checked["pipeline_class"], checked["spec"], args.dtype, device)
     config = checked["config"]
     if config is not None:

@@ -382,3 +382,17 @@ def test_a_profile_that_fails_the_schema_is_never_written(tmp_path):
     with pytest.raises(ProfileError, match=r"magcache.ratios\[3\]=nan"):
         write_profile(tmp_path / "bad.json", data)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_refuses_a_device_this_machine_lacks_before_loading(pipeline_folder, tmp_path, capsys, monkeypatch):
+    """The same --device check as generate (stepcache.generate.resolve_device), before the pipeline loads."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check is for machines without it")
+    from stepcache import generate
+    from stepcache.cli import main
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a: pytest.fail("the model was loaded before the check"))
+    code = main(["calibrate", "--model", str(pipeline_folder), "--prompt", "a ball", "--device", "cuda",
+                 "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--device cuda: this machine has no CUDA device" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.json").exists()
