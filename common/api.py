@@ -24,14 +24,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .distributed import MEASUREMENTS, as_group, resolve_parallel
 from . import families, methods
-from .methods import MethodConfig, resolve_method
+from .distributed import MEASUREMENTS, as_group, resolve_parallel
+from .methods import VIDEO_MARK, MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
 from .profiles import (Profile, ProfileError, ProfileFitWarning, check_profile_family, check_profile_fit,
                        choose_by_resolution, known_profiles, load_profile, warn_resolution)
-from .methods import VIDEO_MARK
 from .runner import CacheRunner, RunStats
 
 # Which adapter serves which model class, and which pipelines' denoising loops we know (one call per CFG branch,
@@ -198,15 +197,14 @@ class CachedModel:
         latent = self.adapter.latent_of(self.model, args, kwargs)
         videos = getattr(self.adapter, "videos_in_batch", lambda x: x.shape[0])(latent)
         if not self.per_video or videos == 1:
-            return self._forward_batch(original, args, kwargs, None, videos)
+            return self._forward_batch(original, args, kwargs, latent, None, videos)
         # One decision per video: each runs as its own pass with its own state (branch "NAME#i").
-        outputs = [self._forward_batch(original, a, k, i, 1)
+        outputs = [self._forward_batch(original, a, k, self.adapter.latent_of(self.model, a, k), i, 1)
                    for i, (a, k) in enumerate(self.adapter.split_batch(args, kwargs, videos))]
         latent = torch.cat([self.adapter.output_latent(o) for o in outputs])
         return self.adapter.build_output(self.model, latent, args, kwargs)
 
-    def _forward_batch(self, original, args, kwargs, video: int | None, videos: int):
-        latent = self.adapter.latent_of(self.model, args, kwargs)
+    def _forward_batch(self, original, args, kwargs, latent: torch.Tensor, video: int | None, videos: int):
         if self.candidates is not None:
             size = self.adapter.pixel_size(self.model, args, kwargs)
             if size != self._picked_for:  # first pass, or a generation at another size: its own table
@@ -266,12 +264,13 @@ def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
     if isinstance(target, nn.Module):
         return target, None
     transformer = getattr(target, "transformer", None)
-    supported = ", ".join(sorted(families.pipelines()))
+    known = families.pipelines()
+    supported = ", ".join(sorted(known))
     if transformer is None or not isinstance(transformer, nn.Module):
         raise UnsupportedModelError(
             f"{type(target).__name__} is neither a transformer nor a pipeline with a .transformer; supported "
             f"pipelines: {supported}")
-    if type(target).__name__ not in families.pipelines():
+    if type(target).__name__ not in known:
         raise UnsupportedModelError(
             f"unsupported pipeline class {type(target).__name__}; supported: {supported} "
             f"(or enable the method on the bare transformer with num_steps=)")
