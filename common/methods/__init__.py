@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ParameterError, ProfileError
-from ..policies import check_threshold
 from ..profiles import Profile, load_profile
 from ..schema import PREDICTIONS, check_parameters
 from .base import PREDICT_HELP, Method
@@ -128,12 +127,9 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
         params.update(presets[preset])
     params.update(overrides)
     params = spec.resolve(profile, section, params)
-    params.setdefault("predict", "reuse")
-    if params["predict"] not in PREDICTIONS:
-        raise ParameterError(f"predict={params['predict']!r} is not one of {', '.join(PREDICTIONS)}")
+    params.setdefault("predict", "reuse")  # every value itself was checked: the profile at load, overrides above
     if "thresh" not in params:
         raise ProfileError(f"profile {profile.name!r} has no published {method} threshold; pass thresh=")
-    check_threshold(f"{method} thresh", params["thresh"])
     config = MethodConfig(method, profile, params, preset)
     spec.validate(config)
     return config
