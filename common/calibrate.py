@@ -30,12 +30,12 @@ import torch
 
 from . import families, methods
 from .calibration_io import calibrated_source, write_profile
+from .distributed import SequenceGroup
 from .errors import InputError
 from .methods.base import Method, mean_abs_ratio
 from .methods.magcache import residual_ratio_stats
 from .methods.teacache import relative_l1
 from .policies import Decision, ParameterError, Polynomial
-from .distributed import SequenceGroup
 from .profiles import (FORMAT, Profile, ProfileError, check_profile_family, check_profile_fit, config_hash,
                        load_profile)
 from .runner import CacheRunner, PassContext, RunStats
