@@ -10,6 +10,7 @@ PACKAGES = {
     "stepcache": "common",
     "stepcache.methods": "common/methods",
     "stepcache.wan21": "wan21",
+    "stepcache.wan22": "wan22",
     "stepcache.hunyuan": "hunyuan",
     "stepcache.opensora": "opensora",
     "stepcache.eval": "eval",
@@ -33,7 +34,7 @@ UPSTREAM = ["einops", "loguru", "easydict", "ftfy", "regex", "omegaconf", "beaut
 setup(
     name="stepcache",
     version="0.1.0",
-    description="Training-free step caching (TeaCache, MagCache, EasyCache) for HunyuanVideo, Wan2.1 and Open-Sora",
+    description="Training-free step caching (TeaCache, MagCache, EasyCache) for HunyuanVideo, Wan2.1/2.2 and Open-Sora",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -55,5 +56,5 @@ setup(
     entry_points={"console_scripts": ["stepcache=stepcache.cli:main"],
                   # The model families the core finds (stepcache.families); a family of your own adds a line.
                   "stepcache.families": ["hunyuanvideo=stepcache.hunyuan:FAMILY", "opensora=stepcache.opensora:FAMILY",
-                                         "wan2.1=stepcache.wan21:FAMILY"]},
+                                         "wan2.1=stepcache.wan21:FAMILY", "wan2.2=stepcache.wan22:FAMILY"]},
 )

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import families, methods
 from .distributed import MEASUREMENTS, as_group, resolve_parallel
-from .methods import VIDEO_MARK, MethodConfig, resolve_method
+from .methods import EXPERTS, VIDEO_MARK, MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
 from .policies import ParameterError
 from .profiles import (Profile, ProfileError, ProfileFitWarning, check_profile_family, check_profile_fit,
@@ -42,7 +42,15 @@ class UnsupportedModelError(TypeError):
     pass
 
 
-def adapter_for(model: nn.Module):
+def adapter_for(model: nn.Module, pipeline: Any = None):
+    """The adapter for ``model``: one a family claims for this ``pipeline`` (a pipeline class two families
+    share, e.g. Wan2.1's and Wan2.2's), else the one registered for the model's class."""
+    if pipeline is not None:
+        for family in families.families():
+            if family.claim_pipeline:
+                claimed = families.load_object(family.claim_pipeline)(pipeline, model)
+                if claimed is not None:
+                    return claimed
     name = type(model).__name__
     known = families.adapters()
     if name not in known:
@@ -134,7 +142,12 @@ class CachedModel:
 
     def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile] | None,
                  preset: str | None, params: dict[str, Any], clock: StepClock, parallel: Any = "auto", runner=None,
-                 cfg_parallel: Any = None, per_video: bool = False):
+                 cfg_parallel: Any = None, per_video: bool = False, expert: str | None = None,
+                 switch_step: Callable[[], int | None] | None = None, owner: CachedModel | None = None):
+        """``expert``: which expert of a two-expert model this is (``stepcache.methods.EXPERTS``), and
+        ``switch_step()`` where the run hands over to the second one (asked once per generation). A second
+        expert is installed with ``owner``, the first one's CachedModel, whose runner, clock and stats it
+        shares: one runner sees both experts' passes, keyed by expert when experts="separate"."""
         self.model = model
         self.adapter = adapter
         self.method = method
@@ -142,6 +155,10 @@ class CachedModel:
         self.params = params
         self.clock = clock
         self.per_video = per_video
+        self.expert = expert
+        self.switch_step = switch_step
+        self.owner = owner or self
+        self.partners: list[CachedModel] = []  # the other experts installed with this one as their owner
         # The group sharded measurements are reduced over, asked at each pass (parallelism may come later).
         self.group_of = resolve_parallel(parallel, model)
         self.cfg_group = as_group(cfg_parallel)  # ranks that run different CFG branches of one step, if any
@@ -154,7 +171,10 @@ class CachedModel:
         self.config: MethodConfig | None = None
         # Stats outlive runner rebuilds, so that stats() reports every generation since enable().
         self.stats = RunStats(method)
-        if runner is not None:  # a measuring runner (calibration) instead of a cache method
+        if owner is not None:
+            self.stats = owner.stats
+            owner.partners.append(self)
+        elif runner is not None:  # a measuring runner (calibration) instead of a cache method
             self.runner = runner
             self.stats = runner.stats
         elif self.candidates is None:
@@ -166,8 +186,9 @@ class CachedModel:
         self._install_end_of_call(model)
         try:
             install_forward(self.patch, model, self._forward)
-            wants_signal = self.runner.wants_signal if self.runner is not None else methods.get(method).wants_signal
-            adapter.install(self.patch, model, lambda: self.runner, wants_signal, self._signal_name)
+            runner_now = self.owner.runner
+            wants_signal = runner_now.wants_signal if runner_now is not None else methods.get(method).wants_signal
+            adapter.install(self.patch, model, lambda: self.owner.runner, wants_signal, self._signal_name)
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
@@ -186,7 +207,8 @@ class CachedModel:
         self.patch.set(model, "_reset_stateful_cache", _reset_stateful_cache)
 
     def _signal_name(self) -> str | None:
-        return self.config.signal_name if self.config else getattr(self.runner, "signal_name", None)
+        owner = self.owner
+        return owner.config.signal_name if owner.config else getattr(owner.runner, "signal_name", None)
 
     def _build(self, profile: Profile) -> None:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
@@ -205,24 +227,25 @@ class CachedModel:
         return self.adapter.build_output(self.model, latent, args, kwargs)
 
     def _forward_batch(self, original, args, kwargs, latent: torch.Tensor, video: int | None, videos: int):
-        if self.candidates is not None:
+        owner = self.owner
+        if owner.candidates is not None:
             size = self.adapter.pixel_size(self.model, args, kwargs)
-            if size != self._picked_for:  # first pass, or a generation at another size: its own table
-                profile, warning = choose_by_resolution(self.candidates, *size, self.method)
+            if size != owner._picked_for:  # first pass, or a generation at another size: its own table
+                profile, warning = choose_by_resolution(owner.candidates, *size, self.method)
                 warn_resolution(warning, stacklevel=4)
-                self._picked_for = size
-                if self.config is None or profile.name != self.config.profile.name:
-                    self._build(profile)
+                owner._picked_for = size
+                if owner.config is None or profile.name != owner.config.profile.name:
+                    owner._build(profile)
         check_parallel = getattr(self.adapter, "check_parallel", None)
         if check_parallel is not None:
             check_parallel(self.model)
         branch_of = getattr(self.adapter, "branch_of", None)
         branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None,
                                                  lambda: self.adapter.timestep_of(self.model, args, kwargs))
-        runner = self.runner
+        runner = owner.runner
         try:
             ctx = runner.begin_pass(branch if video is None else f"{branch}{VIDEO_MARK}{video}", step, num_steps,
-                                    latent)
+                                    latent, self.expert, self.switch_step)
             if videos > 1:
                 runner.note(f"a batch of {videos} videos takes one decision per pass for all of them, as the "
                             f"published code does; per_video=True decides for each video")
@@ -243,19 +266,25 @@ class CachedModel:
 
     def end_generation(self) -> None:
         """The pipeline call ended (diffusers' ``_reset_stateful_cache``), however it went: release the tensors."""
-        if self.runner is not None:
-            self.runner.reset()
+        if self.owner.runner is not None:
+            self.owner.runner.reset()
         self.clock.start_generation()
 
     def start_generation(self, num_steps: int | None = None) -> None:
         """Mark the start of a generation explicitly (entry points that wrap upstream's sampling call)."""
-        if self.runner is not None:
-            self.runner.reset()
+        if self.owner.runner is not None:
+            self.owner.runner.reset()
         self.clock.start_generation(num_steps)
 
     def remove(self) -> None:
-        if self.runner is not None:
-            self.runner.reset()
+        """Take the cache off this model and every expert installed with it."""
+        if self.owner.runner is not None:
+            self.owner.runner.reset()
+        for partner in self.partners:
+            partner.remove()
+            if getattr(partner.model, "_stepcache", None) is partner:
+                del partner.model._stepcache
+        self.partners.clear()
         self.patch.restore()
 
 
@@ -274,10 +303,31 @@ def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
         raise UnsupportedModelError(
             f"unsupported pipeline class {type(target).__name__}; supported: {supported} "
             f"(or enable the method on the bare transformer with num_steps=)")
-    if getattr(target, "transformer_2", None) is not None:
-        raise UnsupportedModelError("pipelines with a second transformer (transformer_2: two experts) are not "
-                                    "supported yet")
     return transformer, target
+
+
+def _experts_of(pipeline: Any) -> list[nn.Module] | None:
+    """The two experts of a two-expert pipeline in run order (diffusers' Wan2.2 A14B: ``transformer`` while the
+    timestep is at or above ``boundary_ratio * num_train_timesteps``, then ``transformer_2``), or None. Without a
+    ``boundary_ratio`` the pipeline never calls ``transformer_2``."""
+    second = getattr(pipeline, "transformer_2", None)
+    config = getattr(pipeline, "config", None) or {}
+    if second is None or config.get("boundary_ratio") is None:
+        return None
+    if not isinstance(second, nn.Module):
+        raise UnsupportedModelError(f"{type(pipeline).__name__}.transformer_2 is a {type(second).__name__}, not a "
+                                    f"transformer")
+    return [pipeline.transformer, second]
+
+
+def _pipeline_switch_step(pipeline: Any) -> Callable[[], int]:
+    """Where a two-expert pipeline hands over, read off its scheduler as its loop decides it: the number of
+    timesteps at or above the boundary (one host read per generation)."""
+    def switch_step() -> int:
+        scheduler = pipeline.scheduler
+        boundary = pipeline.config["boundary_ratio"] * scheduler.config.num_train_timesteps
+        return int((scheduler.timesteps >= boundary).sum())
+    return switch_step
 
 
 def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Profile | list[Profile]:
@@ -326,7 +376,8 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     ``stepcache.enable(...).start_generation()`` before each generation when your timesteps do not fall.
     """
     model, pipeline = _resolve_target(target)
-    adapter = adapter_for(model)
+    experts = _experts_of(pipeline)
+    adapter = adapter_for(model, pipeline)
     if num_steps is not None and (int(num_steps) != num_steps or num_steps < 2):
         raise ParameterError(f"num_steps={num_steps!r} must be an integer >= 2")
     if not isinstance(per_video, bool):
@@ -334,22 +385,45 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     if per_video and not getattr(adapter, "can_split_batch", False):
         raise ParameterError(f"per_video=True needs a model whose batch stepcache can split (the diffusers "
                              f"transformers); {type(model).__name__} cannot")
+    if experts is None and params.get("experts") == "separate":  # state keyed by expert: on one, no effect
+        raise ParameterError("experts='separate' needs both experts of the model: enable the method on the "
+                             "two-expert pipeline (transformer and transformer_2 with a boundary_ratio), not on one "
+                             "of its transformers")
     resolved = _profile_for(adapter, model, profile)
-    if getattr(model, "_stepcache", None) is not None:
-        disable(model)
-    cached = CachedModel(model, adapter, method, resolved, preset, params, StepClock(pipeline, num_steps),
-                         parallel, cfg_parallel=cfg_parallel, per_video=per_video)
+    for installed in experts or [model]:
+        if getattr(installed, "_stepcache", None) is not None:
+            disable(installed)
+    clock = StepClock(pipeline, num_steps)
+    if experts is None:
+        cached = CachedModel(model, adapter, method, resolved, preset, params, clock, parallel,
+                             cfg_parallel=cfg_parallel, per_video=per_video)
+    else:
+        switch_step = _pipeline_switch_step(pipeline)
+        cached = CachedModel(model, adapter, method, resolved, preset, params, clock, parallel,
+                             cfg_parallel=cfg_parallel, per_video=per_video, expert=EXPERTS[0],
+                             switch_step=switch_step)
+        try:
+            second = experts[1]
+            second._stepcache = CachedModel(second, adapter_for(second, pipeline), method, resolved, preset, params,
+                                            clock, parallel, cfg_parallel=cfg_parallel, per_video=per_video,
+                                            expert=EXPERTS[1], switch_step=switch_step, owner=cached)
+        except BaseException:
+            cached.remove()
+            raise
     model._stepcache = cached
     return cached
 
 
 def _cached(target: Any) -> CachedModel | None:
+    """The installation on a pipeline or transformer (for either expert of a two-expert model: the first's)."""
     model = target if isinstance(target, nn.Module) else getattr(target, "transformer", None)
-    return getattr(model, "_stepcache", None)
+    cached = getattr(model, "_stepcache", None)
+    return None if cached is None else cached.owner
 
 
 def disable(target: Any) -> None:
-    """Remove the cache and restore the model's original forward exactly. A no-op when none is installed."""
+    """Remove the cache (from both experts of a two-expert model) and restore each model's original forward
+    exactly. A no-op when none is installed."""
     cached = _cached(target)
     if cached is None:
         return

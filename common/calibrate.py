@@ -100,6 +100,7 @@ class CalibrationRunner(CacheRunner):
         self.signal_name = signal_name
         self.group_of = lambda: group
         self.sharded = frozenset(sharded)
+        self.separate_experts = False  # one measurement series per branch across the experts, as the reference
         self.stats = RunStats("calibrate")
         self.generation = 0
         self.current: PassContext | None = None
@@ -113,7 +114,7 @@ class CalibrationRunner(CacheRunner):
     def _finish_generation(self) -> None:
         self.generation_open = False  # every pass computes: nothing to warn about
 
-    def _branch(self, name: str):
+    def _branch(self, name: str, expert: str | None = None):
         state = self.branches.get(name)
         if state is None:
             from .runner import BranchState
@@ -126,8 +127,8 @@ class CalibrationRunner(CacheRunner):
         if group is not None:
             group.sum(sums)
 
-    def begin_pass(self, branch, step, num_steps, latent):
-        ctx = super().begin_pass(branch, step, num_steps, latent)
+    def begin_pass(self, branch, step, num_steps, latent, expert=None, switch_step=None):
+        ctx = super().begin_pass(branch, step, num_steps, latent, expert, switch_step)
         ctx.decision = _COMPUTE
         ctx.measure = PassMeasure(self.generation, branch, step)
         return ctx

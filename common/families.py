@@ -53,6 +53,9 @@ class Family:
     pipelines: dict[str, Pipeline] = field(default_factory=dict)  # diffusers pipeline class name -> how to run it
     calibration_targets: dict[str, str] = field(default_factory=dict)  # --model NAME -> "module:function"
     commands: list[tuple[str, str, str]] = field(default_factory=list)  # (subcommand, module, one-line help)
+    # "module:function": function(pipeline, transformer) -> an adapter when this family serves that pipeline
+    # although another family registered its transformer class (Wan2.2's pipelines are Wan2.1's classes), else None.
+    claim_pipeline: str | None = None
 
 
 @lru_cache(maxsize=None)

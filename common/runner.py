@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
-from .methods import VIDEO_MARK, MethodConfig, base_branch
+from .methods import EXPERT_MARK, EXPERTS, MethodConfig, base_branch
 from .methods.base import MODEL, STACK
 from .policies import Decision
 
@@ -40,6 +40,7 @@ class PassRecord:
     reason: str
     signal: float | None
     accumulator: float | None
+    expert: str | None = None  # which expert of a two-expert model ran the pass (None: a one-expert model)
 
 
 @dataclass
@@ -55,13 +56,23 @@ class BranchState:
     computed_input: torch.Tensor | None = None  # x of the last computed pass (a MODEL method)
     computed_output: torch.Tensor | None = None  # v of the last computed pass (a MODEL method)
     decisions: dict[int, Decision] = field(default_factory=dict)
+    window: tuple[int, int] | None = None  # the steps this state serves (one expert's, experts="separate")
+
+    def decide(self, step: int, num_steps: int, measurement: float | None, have_cache: bool) -> Decision:
+        """The policy's decision, in the step numbering of the steps this state serves."""
+        if self.window is None:
+            return self.policy.decide(step, num_steps, measurement, have_cache)
+        first, end = self.window
+        return self.policy.decide(step - first, end - first, measurement, have_cache)
 
 
 @dataclass
 class PassContext:
-    branch: str
+    branch: str  # the key of the branch state: the caller's name, "@EXPERT" added with experts="separate"
     step: int
     num_steps: int
+    name: str = ""  # the caller's branch name (what the stats show)
+    expert: str | None = None
     latent: torch.Tensor | None = None
     decision: Decision | None = None
     signal: float | None = None
@@ -93,9 +104,28 @@ class RunStats:
         gen = self.records[-1].generation if generation is None else generation
         return [r for r in self.records if r.generation == gen]
 
-    def pattern(self, generation: int | None = None, branch: str | None = None) -> str:
-        """One character per transformer pass in call order: ``C`` computed, ``.`` reused."""
-        return "".join("C" if r.computed else "." for r in self.of(generation) if branch in (None, r.branch))
+    def pattern(self, generation: int | None = None, branch: str | None = None, mark_switch: bool = False) -> str:
+        """One character per transformer pass in call order: ``C`` computed, ``.`` reused; with ``mark_switch``,
+        ``|`` where a two-expert model hands over to its next expert."""
+        out, expert = [], None
+        for r in self.of(generation):
+            if branch not in (None, r.branch):
+                continue
+            if mark_switch and expert is not None and r.expert != expert:
+                out.append("|")
+            expert = r.expert
+            out.append("C" if r.computed else ".")
+        return "".join(out)
+
+    def experts(self, generation: int | None = None) -> dict[str, dict[str, int]]:
+        """Per expert of a two-expert model, in run order: computed and total passes, and its first step."""
+        found: dict[str, dict[str, int]] = {}
+        for r in self.of(generation):
+            if r.expert is not None:
+                counts = found.setdefault(r.expert, {"computed": 0, "total": 0, "first_step": r.step})
+                counts["computed"] += r.computed
+                counts["total"] += 1
+        return found
 
     def counts(self, generation: int | None = None, branch: str | None = None) -> tuple[int, int]:
         records = [r for r in self.of(generation) if branch in (None, r.branch)]
@@ -113,10 +143,13 @@ class RunStats:
         if total == 0:
             return f"{self.method}: no transformer pass ran"
         lines = [f"{self.method}: computed {computed}/{total} passes (ideal speedup {total / max(computed, 1):.2f}x)",
-                 f"  pattern {self.pattern(generation)}"]
+                 f"  pattern {self.pattern(generation, mark_switch=True)}"]
         for branch in self.branches(generation):
             c, t = self.counts(generation, branch)
             lines.append(f"  branch {branch}: computed {c}/{t}")
+        for expert, counts in self.experts(generation).items():
+            lines.append(f"  expert {expert} (from step {counts['first_step']}): computed {counts['computed']}/"
+                         f"{counts['total']}")
         gen = self.records[-1].generation if generation is None else generation
         lines += [f"  note: {note}" for note in self.notes.get(gen, [])]
         lines += [f"  {count} {text}" for text, count in self.tallies.get(gen, {}).items()]
@@ -130,6 +163,7 @@ class RunStats:
             "total_passes": total,
             "ideal_speedup": total / computed if computed else None,
             "pattern": self.pattern(generation),
+            "experts": self.experts(generation),
             "branches": {b: dict(zip(("computed", "total"), self.counts(generation, b)))
                          for b in self.branches(generation)},
             "notes": self.notes.get(self.records[-1].generation if generation is None and self.records
@@ -157,6 +191,7 @@ class CacheRunner:
         self.stats = RunStats(config.method)
         self.spec = config.spec
         self.predict = config.params.get("predict", "reuse")
+        self.separate_experts = config.params.get("experts") == "separate"
         self.method_state = self.spec.start(config)
         self.generation = 0
         self.current: PassContext | None = None
@@ -194,6 +229,9 @@ class CacheRunner:
         self.signature: tuple | None = None
         self.branches_at_start: set[str] = set()
         self.finished_branches: set[str] = set()
+        self.last_steps: dict[str, int] = {}  # the caller's branch name -> its latest step (any expert)
+        self.switch_step: int | None = None  # where a two-expert run's second expert starts, when told
+        self.expert: str | None = None  # the expert of the latest pass
         self.generation_open = False
 
     def reset(self) -> None:
@@ -213,12 +251,13 @@ class CacheRunner:
             warnings.warn(f"stepcache: {self.config.describe()} reused no pass in this generation ({total} passes "
                           f"computed): {why}.", NothingCachedWarning, stacklevel=3)
 
-    def _start_generation(self, num_steps: int, signature: tuple) -> None:
+    def _start_generation(self, num_steps: int, signature: tuple, switch_step: int | None) -> None:
         self.reset()
         self.generation += 1
         self.generation_open = True
         self.num_steps = num_steps
         self.signature = signature
+        self.switch_step = switch_step
         for note in self.spec.generation_notes(self.config, num_steps):
             self.note(note)
 
@@ -228,26 +267,66 @@ class CacheRunner:
         if text not in notes:
             notes.append(text)
 
-    def _branch(self, name: str) -> BranchState:
-        state = self.branches.get(name)
+    def _branch(self, key: str, expert: str | None) -> BranchState:
+        state = self.branches.get(key)
         if state is None:
-            state = self.branches[name] = BranchState(self.config.make_policy(name, self.num_steps))
+            window = self._expert_window(expert) if self.separate_experts and expert is not None else None
+            policy = self.config.make_policy(key, self.num_steps, window, self.switch_step)
+            state = self.branches[key] = BranchState(policy, window=window)
         return state
 
+    # ---------------------------------------------------------------------------------------------- experts
+    def _run_switch_step(self) -> int:
+        if self.switch_step is not None:
+            return self.switch_step
+        if not self.config.profile.experts:
+            raise ValueError(f"stepcache was not told where this two-expert run switches experts, and profile "
+                             f"{self.config.profile.name!r} has no model.experts to compute it from")
+        return self.config.profile.expert_switch_step(self.num_steps)
+
+    def _expert_window(self, expert: str) -> tuple[int, int]:
+        """The steps ``expert`` serves in this run: the first expert up to the switch, the second after it."""
+        if expert not in EXPERTS:
+            raise ValueError(f"unknown expert {expert!r}; a two-expert model's experts are {', '.join(EXPERTS)}")
+        switch = self._run_switch_step()
+        return (0, switch) if expert == EXPERTS[0] else (switch, self.num_steps)
+
+    def _enter_expert(self, expert: str, step: int) -> None:
+        """A pass of ``expert``: with separate states, the one expert before it is done for this generation, so
+        its tensors are released; a pass outside the expert's steps means the switch step was wrong."""
+        if self.separate_experts:
+            first, end = self._expert_window(expert)
+            if not first <= step < end:
+                raise ValueError(f"expert {expert!r} ran step {step}, but this run's switch step "
+                                 f"{self._run_switch_step()} gives it steps [{first}, {end})")
+            if self.expert is not None and expert != self.expert:
+                ended = EXPERT_MARK + self.expert
+                for key in [k for k in self.branches if k.endswith(ended)]:
+                    del self.branches[key]
+        self.expert = expert
+
     # ------------------------------------------------------------------------------------------------- passes
-    def begin_pass(self, branch: str, step: int, num_steps: int, latent: torch.Tensor) -> PassContext:
+    def begin_pass(self, branch: str, step: int, num_steps: int, latent: torch.Tensor, expert: str | None = None,
+                   switch_step: int | Callable[[], int | None] | None = None) -> PassContext:
+        """Start one pass of CFG branch ``branch`` at ``step``. A two-expert model names the ``expert`` running
+        it and, at least at a generation's first pass, the ``switch_step`` where the second expert takes over
+        (or a function giving it, called only when a generation starts)."""
         signature = (tuple(latent.shape), latent.device)
-        previous = self.branches.get(branch)
+        last = self.last_steps.get(branch)
         if (not self.generation_open or num_steps != self.num_steps or signature != self.signature
-                or (previous is not None and previous.last_step is not None and step <= previous.last_step)):
-            self._start_generation(num_steps, signature)
+                or (last is not None and step <= last)):
+            self._start_generation(num_steps, signature, switch_step() if callable(switch_step) else switch_step)
         if not 0 <= step < num_steps:
             raise ValueError(f"step index {step} is outside [0, {num_steps}) for branch {branch!r}")
         if step == 0:
             self.branches_at_start.add(branch)
-        state = self._branch(branch)
+        self.last_steps[branch] = step
+        if expert is not None:
+            self._enter_expert(expert, step)
+        key = branch + EXPERT_MARK + expert if self.separate_experts and expert is not None else branch
+        state = self._branch(key, expert)
         state.last_step = step
-        ctx = self.current = PassContext(branch, step, num_steps, latent=latent)
+        ctx = self.current = PassContext(key, step, num_steps, branch, expert, latent=latent)
         if self.spec.skips == MODEL:
             self._decide_on_input(ctx, state)
         return ctx
@@ -260,12 +339,13 @@ class CacheRunner:
         state = self.branches[ctx.branch]
         have_cache = state.residual is not None and state.residual.shape == h0.shape
         ctx.signal = self.spec.measure(self, state, ctx, h0, signal)
-        decision = state.policy.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache)
+        decision = state.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache)
         decision = ctx.decision = self._agreed(decision, state, h0.device)
         ctx.h0 = h0
         if decision.compute:
             return None
-        return h0 + self._predicted_residual(state, ctx.step).to(h0.dtype)
+        # .to: a no-op unless the model moved (offloading) since the residual was stored
+        return h0 + self._predicted_residual(state, ctx.step).to(h0.device, h0.dtype)
 
     def leave_stack(self, h_out: torch.Tensor) -> None:
         ctx = self._require_pass()
@@ -300,10 +380,10 @@ class CacheRunner:
         if decision is None:
             raise RuntimeError("the adapter never reached the block stack in this pass")
         state.decisions[ctx.step] = decision
-        self.stats.records.append(PassRecord(self.generation, ctx.branch, ctx.step, decision.compute,
-                                             decision.reason, ctx.signal, decision.accumulator))
+        self.stats.records.append(PassRecord(self.generation, ctx.name, ctx.step, decision.compute,
+                                             decision.reason, ctx.signal, decision.accumulator, ctx.expert))
         if ctx.step == ctx.num_steps - 1:
-            self.finished_branches.add(ctx.branch)
+            self.finished_branches.add(ctx.name)
             if self.branches_at_start and self.branches_at_start <= self.finished_branches:
                 self.reset()
 
@@ -331,7 +411,7 @@ class CacheRunner:
         that branch's decision of the same step (from its rank, under CFG parallelism)."""
         x = ctx.latent
         leader = self.config.decide_on
-        if leader is not None and VIDEO_MARK in ctx.branch:  # a video follows its own leader branch
+        if leader is not None:  # a video (and an expert's state) follows its own leader branch
             leader += ctx.branch[len(base_branch(ctx.branch)):]
         leader_state = self.branches.get(leader) if leader and leader != ctx.branch else None
         have_cache = state.residual is not None and state.residual.shape == x.shape
@@ -348,9 +428,9 @@ class CacheRunner:
             self.spec.follow(self, state, ctx, x)
         else:
             ctx.signal = self.spec.measure(self, state, ctx, x, None)
-            ctx.decision = self._agreed(state.policy.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache), state,
+            ctx.decision = self._agreed(state.decide(ctx.step, ctx.num_steps, ctx.signal, have_cache), state,
                                         x.device)
             if remote:
                 share_decision(self.cfg_group, ctx.decision, x.device)
         if not ctx.decision.compute:
-            ctx.reused_output = x + self._predicted_residual(state, ctx.step)
+            ctx.reused_output = x + self._predicted_residual(state, ctx.step).to(x.device)

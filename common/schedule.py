@@ -14,17 +14,21 @@ from .methods import PARAMETERS, resolve_method
 
 
 def simulate(config, num_steps: int, branches: list[str] | None = None):
-    """Run the real runner over ``num_steps`` steps with stand-in tensors; returns its stats."""
+    """Run the real runner over ``num_steps`` steps with stand-in tensors; returns its stats. For a two-expert
+    profile the passes before the profile's switch step are the first expert's, the rest the second's."""
     import torch
 
+    from .methods import EXPERTS
     from .runner import CacheRunner
 
     branches = branches or config.profile.magcache_branches()
     runner = CacheRunner(config)
     one = torch.zeros(1)
+    switch = config.profile.expert_switch_step(num_steps) if config.profile.experts else None
     for step in range(num_steps):
+        expert = None if switch is None else EXPERTS[step >= switch]
         for branch in branches:
-            runner.begin_pass(branch, step, num_steps, one)
+            runner.begin_pass(branch, step, num_steps, one, expert, switch)
             if runner.enter_stack(one) is None:
                 runner.leave_stack(one)
             runner.end_pass(one)
@@ -46,6 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resample", default=None, help=PARAMETERS["magcache"]["resample"])
     parser.add_argument("--retention-rule", dest="retention_rule", default=None,
                         help=PARAMETERS["magcache"]["retention_rule"])
+    parser.add_argument("--experts", default=None, help=PARAMETERS["magcache"]["experts"])
     parser.add_argument("--no-cfg", action="store_true",
                         help="simulate one branch only (a run with guidance off) for a profile calibrated with CFG")
     parser.add_argument("--list-presets", action="store_true",
@@ -85,14 +90,17 @@ def run(args) -> int:
         return 2
     config = resolve_method(args.method, args.profile, args.preset, thresh=args.thresh, K=args.K,
                             retention_ratio=args.retention, resample=args.resample,
-                            retention_rule=args.retention_rule)
+                            retention_rule=args.retention_rule, experts=args.experts)
     steps = args.steps or int(config.profile.method("magcache")["steps"])
     branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
     stats = simulate(config, steps, branches)
     computed, total = stats.counts()
     branches = stats.branches()
     print(config.describe())
-    print(f"{steps} steps x {len(branches)} branch(es) ({', '.join(branches)}), passes in call order:")
-    print(stats.pattern())
+    experts = stats.experts()
+    switch = (f"; '|' where expert {list(experts)[1]} takes over at step {experts[list(experts)[1]]['first_step']}"
+              if len(experts) > 1 else "")
+    print(f"{steps} steps x {len(branches)} branch(es) ({', '.join(branches)}), passes in call order{switch}:")
+    print(stats.pattern(mark_switch=True))
     print(f"computed {computed}/{total} passes (ideal speedup {total / computed:.2f}x)")
     return 0

@@ -17,6 +17,9 @@ from .errors import ParameterError, ProfileError
 
 RESAMPLE_MODES = ("nearest", "compose", "none")
 PREDICTIONS = ("reuse", "linear")
+# How a two-expert model (Wan2.2 A14B) keeps cache state: one state for both experts, as the published code does,
+# or one per expert (stepcache's expert-aware rule). See stepcache.methods.base.EXPERTS_HELP.
+EXPERT_STATES = ("shared", "separate")
 
 
 class SchemaError(ProfileError):
@@ -60,6 +63,7 @@ def one_of(*allowed) -> tuple[Callable[[Any], bool], str]:
 NAME_OR_NONE = (lambda v: v is None or (isinstance(v, str) and bool(v)), "is not a branch name or null")
 
 PREDICT_RULE = one_of(*PREDICTIONS)
+EXPERTS_RULE = one_of(*EXPERT_STATES)
 
 
 def _rules(method: str) -> dict[str, tuple[Callable[[Any], bool], str]]:

@@ -81,6 +81,10 @@ HUNYUANVIDEO = dict(env_name="HUNYUANVIDEO_REPO", marker_file="hyvideo/modules/m
 WAN21 = dict(env_name="WAN21_REPO", marker_file="wan/modules/model.py",
              requirements=("easydict", "einops", "ftfy", "regex", "PIL", "imageio", "diffusers"),
              what="a Wan-Video/Wan2.1 checkout")
+# wan/textimage2video.py (WanTI2V) is Wan2.2's alone: a Wan2.1 checkout under WAN22_REPO is told apart.
+WAN22 = dict(env_name="WAN22_REPO", marker_file="wan/textimage2video.py",
+             requirements=("easydict", "einops", "ftfy", "regex", "PIL", "imageio", "diffusers"),
+             what="a Wan-Video/Wan2.2 checkout (checked against 42bf4cfaa384bc21833865abc2f9e6c0e67233dc)")
 OPENSORA = dict(env_name="OPENSORA_REPO", marker_file="videosys/models/transformers/open_sora_transformer_3d.py",
                 requirements=("rotary_embedding_torch", "omegaconf", "einops", "rich", "diffusers"),
                 what="a Zehong-Ma/MagCache or ali-vilab/TeaCache checkout (its videosys/ fork holds Open-Sora 1.2's "
@@ -120,6 +124,10 @@ def hunyuanvideo_checkout() -> Path:
 
 def wan21_checkout() -> Path:
     return upstream_checkout(**WAN21)
+
+
+def wan22_checkout() -> Path:
+    return upstream_checkout(**WAN22)
 
 
 def opensora_checkout(pipeline: bool = False) -> Path:

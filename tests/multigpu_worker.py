@@ -181,7 +181,7 @@ class _IdentityTeaCache:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def make_policy(self, branch, num_steps):
+    def make_policy(self, branch, num_steps, window=None, switch_step=None):
         from stepcache.methods.teacache import TeaCachePolicy
         return TeaCachePolicy([1.0, 0.0], self.thresh, warmup_steps=1, force_last=True)
 

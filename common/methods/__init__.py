@@ -13,8 +13,8 @@ from typing import Any
 
 from ..errors import ParameterError, ProfileError
 from ..profiles import Profile, load_profile
-from ..schema import PREDICTIONS, check_parameters
-from .base import PREDICT_HELP, Method
+from ..schema import EXPERT_STATES, PREDICTIONS, check_parameters
+from .base import EXPERTS_HELP, PREDICT_HELP, Method
 
 # Method name -> module holding its METHOD. Imported on first use.
 REGISTRY: dict[str, str] = {
@@ -60,10 +60,15 @@ PARAMETERS = _Parameters()
 
 # A per-video branch state is "BRANCH#INDEX" (enable(per_video=True)); its table and leader are BRANCH's.
 VIDEO_MARK = "#"
+# A per-expert branch state is "BRANCH@EXPERT" (experts="separate"); its table and leader are BRANCH's too.
+EXPERT_MARK = "@"
+# The experts of a two-expert model in the order a generation runs them (Wan2.2 A14B: high noise, then low).
+EXPERTS = ("high", "low")
 
 
 def base_branch(branch: str) -> str:
-    return branch.split(VIDEO_MARK, 1)[0]
+    """The CFG branch a state key belongs to: "cond" for "cond", "cond#1", "cond@low" and "cond#1@low"."""
+    return branch.split(EXPERT_MARK, 1)[0].split(VIDEO_MARK, 1)[0]
 
 
 @dataclass
@@ -99,8 +104,15 @@ class MethodConfig:
         branch = base_branch(branch)
         return (names.index(branch) if branch in names else 0), len(names)
 
-    def make_policy(self, branch: str, num_steps: int):
-        return self.spec.make_policy(self, branch, num_steps)
+    def make_policy(self, branch: str, num_steps: int, window: tuple[int, int] | None = None,
+                    switch_step: int | None = None):
+        """The policy of one branch state. ``window`` ``(first, end)``: the state serves only those steps of the
+        run (one expert's, with experts="separate") and is asked ``decide(step - first, end - first)``, so it
+        treats them as a run of its own. ``switch_step``: where this run's low-noise expert starts, when the
+        caller knows it (else a two-expert profile's own boundary gives it). Passed only when given, so a method
+        written for one-expert models keeps its three-argument ``make_policy``."""
+        given = {k: v for k, v in (("window", window), ("switch_step", switch_step)) if v is not None}
+        return self.spec.make_policy(self, branch, num_steps, **given)
 
     def describe(self) -> str:
         shown = {k: v for k, v in self.params.items() if k != "coefficients"}
@@ -126,6 +138,7 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
                                  f"known presets: {', '.join(presets) or 'none'}")
         params.update(presets[preset])
     params.update(overrides)
+    _resolve_experts(profile, params)
     params = spec.resolve(profile, section, params)
     params.setdefault("predict", "reuse")  # every value itself was checked: the profile at load, overrides above
     if "thresh" not in params:
@@ -135,5 +148,14 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
     return config
 
 
-__all__ = ["PARAMETERS", "PREDICTIONS", "PREDICT_HELP", "REGISTRY", "VIDEO_MARK", "MethodConfig", "Method",
-           "base_branch", "get", "names", "register", "resolve_method", "unregister"]
+def _resolve_experts(profile: Profile, params: dict[str, Any]) -> None:
+    """``experts`` belongs to two-expert profiles (``model.experts``), where it defaults to the published rule."""
+    if profile.experts:
+        params.setdefault("experts", EXPERT_STATES[0])
+    elif "experts" in params:
+        raise ParameterError(f"experts={params['experts']!r} applies to two-expert models only, and profile "
+                             f"{profile.name!r} is for a one-expert model (it has no model.experts); leave it out")
+
+
+__all__ = ["PARAMETERS", "PREDICTIONS", "PREDICT_HELP", "REGISTRY", "VIDEO_MARK", "EXPERT_MARK", "EXPERTS",
+           "EXPERTS_HELP", "MethodConfig", "Method", "base_branch", "get", "names", "register", "resolve_method", "unregister"]

@@ -27,6 +27,13 @@ MODEL = "model"
 # and cache-dit's TaylorSeer do), which the published thresholds were not tuned for. The runner applies it.
 PREDICT_HELP = ("how a reused pass estimates the skipped work: 'reuse' (default, as published: the last computed "
                 "residual) or 'linear' (extrapolated, by step index, from the last two computed residuals)")
+# Two-expert models (Wan2.2 A14B: a high-noise expert, then a low-noise one). "shared" is the published rule
+# (MagCache4Wan2.2, EasyCache4Wan2.2: the state lives on the model class, which both experts share); "separate"
+# is stepcache's: accumulators, residuals and history never cross the switch, and each expert's part of the run
+# is treated as a run of its own (warm-up at its start, its last step where the method computes a last step).
+EXPERTS_HELP = ("two-expert models only (Wan2.2 A14B): 'shared' (default, as published: one cache state for both "
+                "experts, carried across the switch) or 'separate' (one state per expert, each expert's steps "
+                "warmed up and decided as a run of their own)")
 
 
 def mean_abs_ratio(mean_abs_of, numerator, denominator) -> float | None:
@@ -54,7 +61,10 @@ class Method:
         """The profile section's default parameters, before any preset."""
         return dict(section.get("defaults", {}))
 
-    def make_policy(self, config, branch: str, num_steps: int):
+    def make_policy(self, config, branch: str, num_steps: int, window: tuple[int, int] | None = None,
+                    switch_step: int | None = None):
+        """A pure decision rule for one branch state (see :meth:`MethodConfig.make_policy` for ``window`` and
+        ``switch_step``; a rule that reads only the step it is given needs neither)."""
         raise NotImplementedError
 
     def validate(self, config, num_steps: int | None = None) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..policies import Decision, check_range, check_threshold, forced_reason
-from ..schema import BOOLEAN, NAME_OR_NONE, PREDICT_RULE, finite, integer
-from .base import MODEL, PREDICT_HELP, Method, mean_abs_ratio
+from ..schema import BOOLEAN, EXPERTS_RULE, NAME_OR_NONE, PREDICT_RULE, finite, integer
+from .base import EXPERTS_HELP, MODEL, PREDICT_HELP, Method, mean_abs_ratio
 
 NAME = "easycache"
 # The rate counts as settled once it changes by less than this from step to step, SETTLED_RUN times in a row.
@@ -72,12 +72,13 @@ class EasyCache(Method):
         "decide_on": ("branch whose decision the other CFG branches follow ('cond' as published for Wan), or None",
                       NAME_OR_NONE),
         "predict": (PREDICT_HELP, PREDICT_RULE),
+        "experts": (EXPERTS_HELP, EXPERTS_RULE),
     }
 
     def base_params(self, section):
         return {**section.get("defaults", {}), **{k: section[k] for k in TOP_LEVEL if k in section}}
 
-    def make_policy(self, config, branch, num_steps):
+    def make_policy(self, config, branch, num_steps, window=None, switch_step=None):
         p = config.params
         return EasyCachePolicy(p["thresh"], p["warmup_steps"], p["force_last"])
 

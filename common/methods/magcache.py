@@ -16,8 +16,8 @@ import warnings
 from typing import Any, Sequence
 
 from ..policies import Decision, check_range, check_threshold
-from ..schema import BOOLEAN, PREDICT_RULE, RESAMPLE_MODES, finite, integer, one_of
-from .base import PREDICT_HELP, STACK, Method
+from ..schema import BOOLEAN, EXPERTS_RULE, PREDICT_RULE, RESAMPLE_MODES, finite, integer, one_of
+from .base import EXPERTS_HELP, PREDICT_HELP, STACK, Method
 
 NAME = "magcache"
 # The reference's table layout and decision rule, as the released Wan code has them (a table may say otherwise).
@@ -126,12 +126,13 @@ class MagCachePolicy:
         return False
 
 
-def zone_steps(profile, zones, num_steps: int) -> list[tuple[int, int, int, bool]]:
+def zone_steps(profile, zones, num_steps: int, switch_step: int | None = None) -> list[tuple[int, int, int, bool]]:
     """A profile's retention zones as steps of a run of ``num_steps`` steps: (from, span start, span end, closed),
-    with 'switch' where the profile's expert boundary puts the low-noise expert at that step count."""
+    with 'switch' at ``switch_step`` (the run's, when its caller knows it), else where the profile's expert
+    boundary puts the low-noise expert at that step count."""
     at = {"start": 0, "end": num_steps}
     if any("switch" in (zone["from"], *zone["span"]) for zone in zones):
-        at["switch"] = profile.expert_switch_step(num_steps)
+        at["switch"] = profile.expert_switch_step(num_steps) if switch_step is None else int(switch_step)
     return [(at[zone["from"]], at[zone["span"][0]], at[zone["span"][1]], bool(zone.get("closed", False)))
             for zone in zones]
 
@@ -202,6 +203,7 @@ class MagCache(Method):
                            "or 'zones' (the profile's retention_zones: MagCache4Wan2.2's, around the expert switch; "
                            "the default for a profile that has them)", one_of(*RETENTION_RULES)),
         "predict": (PREDICT_HELP, PREDICT_RULE),
+        "experts": (EXPERTS_HELP, EXPERTS_RULE),
     }
 
     def resolve(self, profile, section, params):
@@ -209,22 +211,29 @@ class MagCache(Method):
         from ..profiles import DEFAULT_RESAMPLE
         params.setdefault("resample", DEFAULT_RESAMPLE)
         params.setdefault("retention_ratio", 0.2)
+        if params.get("experts") == "separate":
+            if params.get("retention_rule") == "zones":
+                raise ParameterError("magcache retention_rule='zones' is the shared-state rule's (zones around the "
+                                     "expert switch); with experts='separate' each expert computes the first "
+                                     "retention_ratio of its own passes; leave retention_rule out")
         # Only a profile with zones gets the key by default, so every other profile's settings read as before.
-        if section.get("retention_zones"):
+        elif section.get("retention_zones"):
             params.setdefault("retention_rule", "zones")
         elif params.get("retention_rule") == "zones":
             raise ParameterError(f"magcache retention_rule='zones' needs retention zones, and profile "
                                  f"{profile.name!r} has none; allowed: 'start'")
         return params
 
-    def make_policy(self, config, branch, num_steps):
+    def make_policy(self, config, branch, num_steps, window=None, switch_step=None):
         p = config.params
         index, count = config.branch_layout(branch)
         table = config.profile.method(NAME)
         ratios = config.profile.magcache_ratios(num_steps, index, p["resample"])
         zones = None
-        if p.get("retention_rule", "start") == "zones":
-            zones = zone_steps(config.profile, table["retention_zones"], num_steps)
+        if window is not None:  # one expert's steps, as a run of their own: its ratios, its own warm-up
+            ratios = ratios[window[0]:window[1]]
+        elif p.get("retention_rule", "start") == "zones":
+            zones = zone_steps(config.profile, table["retention_zones"], num_steps, switch_step)
         return MagCachePolicy(ratios, p["thresh"], p["K"], p["retention_ratio"], count, index,
                               inclusive=table.get("inclusive", False), ratio_power=table.get("ratio_power", 1.0),
                               absolute_error=table.get("absolute_error", True), retention_zones=zones)

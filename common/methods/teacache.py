@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..policies import Decision, Polynomial, check_threshold, check_range, forced_reason
-from ..schema import BOOLEAN, PREDICT_RULE, finite, integer, one_of
-from .base import PREDICT_HELP, STACK, Method, mean_abs_ratio
+from ..schema import BOOLEAN, EXPERTS_RULE, PREDICT_RULE, finite, integer, one_of
+from .base import EXPERTS_HELP, PREDICT_HELP, STACK, Method, mean_abs_ratio
 
 NAME = "teacache"
 DEGREE = 4  # of the fitted polynomial, as published
@@ -76,6 +76,7 @@ class TeaCache(Method):
         "force_last": ("always compute the last step (default: the variant's)", BOOLEAN),
         "clamp_polynomial": ("clamp the rescaling polynomial at 0 (not in the reference; off by default)", BOOLEAN),
         "predict": (PREDICT_HELP, PREDICT_RULE),
+        "experts": (EXPERTS_HELP, EXPERTS_RULE),
     }
 
     def resolve(self, profile, section, params):
@@ -95,7 +96,7 @@ class TeaCache(Method):
     def signal_name(self, config) -> str:
         return config.profile.method(NAME)["variants"][config.params["variant"]]["signal"]
 
-    def make_policy(self, config, branch, num_steps):
+    def make_policy(self, config, branch, num_steps, window=None, switch_step=None):
         p = config.params
         return TeaCachePolicy(p["coefficients"], p["thresh"], p["warmup_steps"], p["force_last"],
                               p["clamp_polynomial"])

@@ -1,0 +1,231 @@
+"""Wan2.2 on diffusers: both experts of A14B (``transformer`` then ``transformer_2``) and TI2V-5B, with the
+published shared-state rule and stepcache's expert-aware one, on tiny random-weight pipelines."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import stepcache
+from stepcache.methods import EXPERT_MARK
+from stepcache.policies import ParameterError
+from stepcache.profiles import ProfileError, ProfileFitWarning, load_profile
+from stepcache.runner import NothingCachedWarning
+from helpers import BlockWork
+from wan22_tiny import BUILD, PROFILES, build_a14b, build_ti2v, run
+
+pytestmark = pytest.mark.filterwarnings(f"ignore::{ProfileFitWarning.__module__}.{ProfileFitWarning.__name__}")
+
+# Settings that reuse passes on the tiny random experts at 12 steps (their ratios are not the published table's).
+REUSING = {"magcache": dict(thresh=0.3, K=4, retention_ratio=0.2), "teacache": dict(thresh=800.0),
+           "easycache": dict(thresh=0.5, warmup_steps=2)}
+A14B = ("t2v-a14b", "i2v-a14b")
+
+
+def with_teacache(tmp_path, kind):
+    """The Wan2.2 profile with Wan2.1-14B's TeaCache polynomial (none is published for Wan2.2)."""
+    data = json.loads(load_profile(PROFILES[kind]).path.read_text())
+    data["name"] = f"{data['name']}-test-teacache"
+    data["teacache"] = load_profile("wan2.1-t2v-14b").method("teacache")
+    path = tmp_path / f"{data['name']}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def profile_of(kind, method, tmp_path):
+    return with_teacache(tmp_path, kind) if method == "teacache" else PROFILES[kind]
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    return {kind: run(build()) for kind, build in BUILD.items()}
+
+
+def switch_of(pipe, steps=12):
+    pipe.scheduler.set_timesteps(steps)
+    return int((pipe.scheduler.timesteps >= pipe.config.boundary_ratio * 1000).sum())
+
+
+# EasyCache4Wan2.2 runs I2V-A14B uncached, so that profile has no easycache table.
+WITH_TABLE = [(kind, method) for kind in A14B for method in ("teacache", "magcache", "easycache")
+              if load_profile(PROFILES[kind]).has(method) or method == "teacache"]
+
+
+@pytest.mark.parametrize("experts", ["shared", "separate"])
+@pytest.mark.parametrize("kind,method", WITH_TABLE)
+def test_threshold_zero_is_bit_identical_on_both_experts(kind, method, experts, baselines, tmp_path):
+    pipe = BUILD[kind]()
+    stepcache.enable(pipe, method, profile=profile_of(kind, method, tmp_path), experts=experts,
+                     **{**REUSING[method], "thresh": 0.0})
+    with pytest.warns(NothingCachedWarning, match="a threshold of 0 disables reuse"):
+        out = run(pipe)
+    assert torch.equal(out, baselines[kind])
+    experts_seen = stepcache.stats(pipe).experts()
+    assert list(experts_seen) == ["high", "low"] and experts_seen["low"]["first_step"] == switch_of(pipe)
+
+
+@pytest.mark.parametrize("kind", ["ti2v", "ti2v-i2v"])
+@pytest.mark.parametrize("method", ["magcache", "easycache"])
+def test_threshold_zero_is_bit_identical_on_ti2v(kind, method, baselines):
+    pipe = BUILD[kind]()
+    stepcache.enable(pipe, method, profile=PROFILES[kind], **{**REUSING[method], "thresh": 0.0})
+    with pytest.warns(NothingCachedWarning):
+        assert torch.equal(run(pipe), baselines[kind])
+    assert stepcache.stats(pipe).experts() == {}  # one model: no expert in the stats
+
+
+@pytest.mark.parametrize("experts", ["shared", "separate"])
+@pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
+def test_a_reused_pass_runs_no_block_of_either_expert_and_disable_restores_both(method, experts, baselines,
+                                                                                 tmp_path):
+    kind = "t2v-a14b"
+    pipe = BUILD[kind]()
+    works = [BlockWork(pipe.transformer), BlockWork(pipe.transformer_2)]
+    stepcache.enable(pipe, method, profile=profile_of(kind, method, tmp_path), experts=experts, **REUSING[method])
+    cached = run(pipe)
+    records = stepcache.stats(pipe).of()
+    per_call = works[0].block + works[1].block  # the high expert's passes come first
+    assert len(per_call) == len(records) == 24
+    for expert in ("high", "low"):
+        assert any(not r.computed for r in records if r.expert == expert), f"precondition: {expert} reuses"
+    for record, linear_calls in zip(records, per_call):
+        assert linear_calls == (works[0].per_pass if record.computed else 0), record
+    assert not torch.equal(cached, baselines[kind])
+    for work in works:
+        work.remove()
+    stepcache.disable(pipe)
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        assert "forward" not in transformer.__dict__ and "cache_context" not in transformer.__dict__
+        assert all("forward" not in block.__dict__ for block in transformer.blocks)
+        assert not hasattr(transformer, "_stepcache")
+    assert torch.equal(run(pipe), baselines[kind])
+
+
+def test_separate_state_never_crosses_the_switch_and_the_first_expert_is_released():
+    pipe = build_a14b("t2v")
+    cached = stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="separate",
+                              **{**REUSING["magcache"], "retention_ratio": 0.5})
+    switch = switch_of(pipe)
+    seen = []
+    original = cached.runner.begin_pass
+
+    def spy(branch, step, *args, **kwargs):
+        ctx = original(branch, step, *args, **kwargs)
+        seen.append((step, ctx.branch, sorted(cached.runner.branches)))
+        return ctx
+
+    cached.runner.begin_pass = spy
+    run(pipe)
+    for step, key, keys in seen:
+        expert = "high" if step < switch else "low"
+        assert key.endswith(EXPERT_MARK + expert)
+        assert all(k.endswith(EXPERT_MARK + expert) for k in keys), (step, keys)  # the other expert's: gone
+    # Each expert warms up on its own passes: half of the low expert's 2 x 4 passes, after the switch too.
+    records = stepcache.stats(pipe).of()
+    assert [r.reason for r in records if r.expert == "low"][:5] == ["warmup"] * 4 + ["reuse"]
+    assert [r.reason for r in records if r.expert == "high"][:9] == ["warmup"] * 8 + ["reuse"]
+
+
+def test_shared_state_carries_over_the_switch_as_published():
+    """The reference keeps one state: the low expert's first passes see the high expert's accumulators (here
+    with the start-only retention, so nothing forces them to compute)."""
+    pipe = build_a14b("t2v")
+    cached = stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], retention_rule="start",
+                              thresh=10.0, K=100, retention_ratio=0.1)
+    keys = []
+    original = cached.runner.begin_pass
+    cached.runner.begin_pass = lambda *a, **k: keys.append(original(*a, **k).branch) or cached.runner.current
+    run(pipe)
+    assert set(keys) == {"cond", "uncond"}
+    records = stepcache.stats(pipe).of()
+    first_low = next(r for r in records if r.expert == "low")
+    assert not first_low.computed  # reused the high expert's residual at the switch
+
+
+def test_stats_show_the_switch():
+    pipe = build_a14b("t2v")
+    stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], **REUSING["magcache"])
+    run(pipe)
+    stats = stepcache.stats(pipe)
+    switch = switch_of(pipe)
+    summary = stats.summary()
+    assert f"pattern {stats.pattern()[:2 * switch]}|{stats.pattern()[2 * switch:]}" in summary
+    assert f"expert low (from step {switch})" in summary
+    assert stats.to_dict()["experts"]["low"]["first_step"] == switch
+
+
+@pytest.mark.parametrize("experts", ["shared", "separate"])
+def test_a_generation_cut_off_in_the_low_expert_does_not_leak_into_the_next(experts, baselines):
+    pipe = build_a14b("t2v")
+    stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts=experts, **REUSING["magcache"])
+    fresh = build_a14b("t2v")
+    stepcache.enable(fresh, "magcache", profile=PROFILES["t2v-a14b"], experts=experts, **REUSING["magcache"])
+    expected = run(fresh)
+    calls = {"n": 0}
+
+    def stop(pipeline, step, t, callback_kwargs):
+        calls["n"] += 1
+        if step == 9:  # in the low expert (the switch is at 8)
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(pipe, callback_on_step_end=stop)
+    assert torch.equal(run(pipe), expected)
+
+
+def test_state_is_per_instance_and_other_sizes_start_afresh(baselines):
+    pipe = build_a14b("t2v")
+    stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="separate", **REUSING["magcache"])
+    first = run(pipe)
+    other = run(pipe, height=48)
+    again = run(pipe)
+    assert torch.equal(first, again) and other.shape != first.shape
+    untouched = build_a14b("t2v")
+    assert torch.equal(run(untouched), baselines["t2v-a14b"])
+
+
+def test_profiles_are_chosen_from_the_pipeline():
+    """A14B's experts have Wan2.1-14B's config, so the pipeline (boundary_ratio, in_channels) names the profile."""
+    big = dict(num_layers=40, num_attention_heads=40, attention_head_dim=2, ffn_dim=8)
+    for kind, name in (("t2v", "wan2.2-t2v-a14b"), ("i2v", "wan2.2-i2v-a14b")):
+        pipe = build_a14b(kind, **big)
+        assert stepcache.enable(pipe, "magcache").config.profile.name == name
+    ti2v = dict(num_layers=30, num_attention_heads=24, attention_head_dim=2, ffn_dim=8)
+    for image, name in ((False, "wan2.2-ti2v-5b"), (True, "wan2.2-ti2v-5b-i2v")):
+        assert stepcache.enable(build_ti2v(image, **ti2v), "easycache").config.profile.name == name
+    with pytest.raises(ProfileError, match="no shipped profile matches"):
+        stepcache.enable(build_a14b("t2v"), "magcache")  # a tiny config matches no published model
+
+
+def test_bad_expert_settings_are_refused_before_anything_is_installed():
+    pipe = build_a14b("t2v")
+    with pytest.raises(ParameterError, match="experts='both' is not one of shared, separate"):
+        stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="both")
+    with pytest.raises(ParameterError, match="needs both experts"):
+        stepcache.enable(pipe.transformer, "magcache", profile=PROFILES["t2v-a14b"], experts="separate",
+                         num_steps=12)
+    with pytest.raises(ParameterError, match="retention_rule='zones' is the shared-state rule"):
+        stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="separate", retention_rule="zones")
+    with pytest.raises(ParameterError, match="two-expert models only"):
+        stepcache.enable(build_a14b("t2v").transformer, "magcache", profile="wan2.1-t2v-14b", experts="shared",
+                         num_steps=12)
+    with pytest.raises(ProfileError, match="is for 'wan2.1' models, not 'wan2.2'"):
+        stepcache.enable(pipe, "magcache", profile="wan2.1-t2v-14b")
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        assert "forward" not in transformer.__dict__ and not hasattr(transformer, "_stepcache")
+
+
+def test_the_published_rule_at_the_published_steps_is_the_schedule():
+    """40 steps at Wan2.2 T2V's shift 12: the run switches where the profile says, and MagCache's pattern is the
+    one `stepcache schedule` prints for the README command (52/80)."""
+    from stepcache.methods import resolve_method
+    from stepcache.schedule import simulate
+    pipe = build_a14b("t2v", shift=12.0)
+    stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], thresh=0.06, K=2, retention_ratio=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingCachedWarning)
+        run(pipe, steps=40, height=16, width=16, frames=1)
+    expected = simulate(resolve_method("magcache", PROFILES["t2v-a14b"], thresh=0.06, K=2, retention_ratio=0.4), 40)
+    assert stepcache.stats(pipe).pattern(mark_switch=True) == expected.pattern(mark_switch=True)
+    assert stepcache.stats(pipe).counts() == (52, 80)
