@@ -173,7 +173,6 @@ class CachedModel:
         self.stats = RunStats(method)
         if owner is not None:
             self.stats = owner.stats
-            owner.partners.append(self)
         elif runner is not None:  # a measuring runner (calibration) instead of a cache method
             self.runner = runner
             self.stats = runner.stats
@@ -192,6 +191,8 @@ class CachedModel:
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
+        if owner is not None:
+            owner.partners.append(self)
 
     def _install_end_of_call(self, model: nn.Module) -> None:
         """diffusers pipelines call the denoiser's ``_reset_stateful_cache`` when a call ends (in
@@ -282,10 +283,10 @@ class CachedModel:
             self.owner.runner.reset()
         for partner in self.partners:
             partner.remove()
-            if getattr(partner.model, "_stepcache", None) is partner:
-                del partner.model._stepcache
         self.partners.clear()
         self.patch.restore()
+        if self.model.__dict__.get("_stepcache") is self:
+            del self.model._stepcache
 
 
 def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
@@ -390,27 +391,40 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
                              "two-expert pipeline (transformer and transformer_2 with a boundary_ratio), not on one "
                              "of its transformers")
     resolved = _profile_for(adapter, model, profile)
-    for installed in experts or [model]:
+    return install(experts or [model], adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset,
+                   params=params, parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video,
+                   switch_step=_pipeline_switch_step(pipeline) if experts else None)
+
+
+def install(models: list[nn.Module], adapter, method: str, profile: Profile | list[Profile] | None, clock: StepClock,
+            *, preset: str | None = None, params: dict[str, Any] | None = None, parallel: Any = "auto",
+            cfg_parallel: Any = None, per_video: bool = False,
+            switch_step: Callable[[], int | None] | None = None, runner=None) -> CachedModel:
+    """Install ``method`` (or a measuring ``runner``) on one model, or on the two experts of a two-expert model
+    in run order, sharing one runner, clock and stats; ``switch_step()`` says where the second expert starts,
+    once per generation. Entry points that drive their own loop (the official-repo drop-ins) call this with their
+    adapter; :func:`enable` is the front door. Replaces whatever was installed on those models before."""
+    params = dict(params or {})
+    if len(models) not in (1, len(EXPERTS)):
+        raise ValueError(f"install() takes one model or the {len(EXPERTS)} experts of a two-expert model")
+    if len(models) == 1 and params.get("experts") == "separate":
+        raise ParameterError("experts='separate' needs both experts of the model; it was given one")
+    for installed in models:
         if getattr(installed, "_stepcache", None) is not None:
             disable(installed)
-    clock = StepClock(pipeline, num_steps)
-    if experts is None:
-        cached = CachedModel(model, adapter, method, resolved, preset, params, clock, parallel,
-                             cfg_parallel=cfg_parallel, per_video=per_video)
-    else:
-        switch_step = _pipeline_switch_step(pipeline)
-        cached = CachedModel(model, adapter, method, resolved, preset, params, clock, parallel,
-                             cfg_parallel=cfg_parallel, per_video=per_video, expert=EXPERTS[0],
-                             switch_step=switch_step)
-        try:
-            second = experts[1]
-            second._stepcache = CachedModel(second, adapter_for(second, pipeline), method, resolved, preset, params,
-                                            clock, parallel, cfg_parallel=cfg_parallel, per_video=per_video,
-                                            expert=EXPERTS[1], switch_step=switch_step, owner=cached)
-        except BaseException:
-            cached.remove()
-            raise
-    model._stepcache = cached
+    experts = EXPERTS if len(models) > 1 else (None,)
+    cached = None
+    try:
+        for model, expert in zip(models, experts):
+            installed = CachedModel(model, adapter, method, profile, preset, params, clock, parallel,
+                                    runner=runner, cfg_parallel=cfg_parallel, per_video=per_video, expert=expert,
+                                    switch_step=switch_step, owner=cached)
+            model._stepcache = installed
+            cached = cached or installed
+    except BaseException:
+        if cached is not None:
+            disable(cached.model)
+        raise
     return cached
 
 
@@ -425,10 +439,8 @@ def disable(target: Any) -> None:
     """Remove the cache (from both experts of a two-expert model) and restore each model's original forward
     exactly. A no-op when none is installed."""
     cached = _cached(target)
-    if cached is None:
-        return
-    cached.remove()
-    del cached.model._stepcache
+    if cached is not None:
+        cached.remove()
 
 
 def stats(target: Any) -> RunStats:

@@ -265,12 +265,14 @@ def install_calibration(target, num_steps: int, signal_name: str | None = None, 
     one calibrator behind ``stepcache calibrate`` and the official scripts' ``--magcache_calibration``. Returns
     the ``CachedModel`` (``.runner`` holds the measurements; call ``start_generation(steps)`` before each
     generation a caller's own loop runs, and ``remove()`` after)."""
-    from .api import CachedModel, StepClock, _resolve_target, adapter_for
+    from .api import StepClock, _experts_of, _pipeline_switch_step, _resolve_target, adapter_for, install
     model, pipeline = _resolve_target(target)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, pipeline)
+    experts = _experts_of(pipeline)
     runner = CalibrationRunner(signal_name or getattr(adapter, "default_signal", None), group,
                                getattr(adapter, "sequence_sharded", frozenset()))
-    return CachedModel(model, adapter, "calibrate", None, None, {}, StepClock(pipeline, num_steps), runner=runner)
+    return install(experts or [model], adapter, "calibrate", None, StepClock(pipeline, num_steps), runner=runner,
+                   switch_step=_pipeline_switch_step(pipeline) if experts else None)
 
 
 def measure(target, run: CalibrationRun, generate, signal_name: str | None = None, progress=True):

@@ -43,14 +43,16 @@ class DiTTimer:
     """Seconds spent inside a transformer's forward (the "DiT-only" time the published tables report), and the
     number of forwards: hooks on ``module``, synchronised with CUDA at both ends (a host wait the measurement
     needs; without it a GPU's queued work would be timed elsewhere). A caller times one video by reading
-    ``seconds`` and ``calls`` before and after it."""
+    ``seconds`` and ``calls`` before and after it. Several modules (the experts of a two-expert model, which run
+    one at a time) are timed together."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module):
         self.seconds = 0.0
         self.calls = 0
         self._start: float | None = None
-        self.handles = [module.register_forward_pre_hook(self._begin, with_kwargs=True),
-                        module.register_forward_hook(self._end, with_kwargs=True)]
+        self.handles = [handle for module in modules for handle in (
+            module.register_forward_pre_hook(self._begin, with_kwargs=True),
+            module.register_forward_hook(self._end, with_kwargs=True))]
 
     def _begin(self, module, args, kwargs):
         synchronize([args, kwargs])

@@ -94,6 +94,7 @@ class ContextBranches:
 
 class WanOfficialAdapter:
     family = FAMILY
+    vae_spatial_scale = VAE_SPATIAL_SCALE
     block_io = first_arg_io("x")
     sequence_sharded = frozenset()  # e, e0 and the model's input/output are whole on every rank (see above)
 
@@ -139,7 +140,12 @@ class WanOfficialAdapter:
 
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         latent = _x_of(args, kwargs)[0]
-        return latent.shape[-2] * VAE_SPATIAL_SCALE, latent.shape[-1] * VAE_SPATIAL_SCALE
+        scale = self.vae_scale(model)
+        return latent.shape[-2] * scale, latent.shape[-1] * scale
+
+    def vae_scale(self, model) -> int:
+        """How much the VAE of this model's checkpoint downsamples height and width."""
+        return self.vae_spatial_scale
 
     def output_latent(self, output: Any) -> torch.Tensor:
         return stack_latents(output)
@@ -171,6 +177,7 @@ class GenerationRecord:
     generate_seconds: float = 0.0
     dit_calls: int = 0
     pixel_size: tuple[int, int] | None = None
+    switch_step: int | None = None  # a two-expert sampler's: the first step of its second expert
 
 
 @dataclass
@@ -178,7 +185,8 @@ class Attachment:
     """What :func:`attach` installed on one sampler; :meth:`remove` takes it all off again."""
 
     sampler: Any
-    model: nn.Module  # the WanModel (inside any FSDP wrapper)
+    model: nn.Module  # the WanModel (inside any FSDP wrapper); the first expert's for a two-expert sampler
+    models: list[nn.Module] = field(default_factory=list)  # every WanModel the sampler runs, in run order
     cached: Any = None  # stepcache.api.CachedModel, or None for an uncached or calibration run
     calibration: Any = None  # the measuring CachedModel (stepcache.calibrate) during --magcache_calibration
     adapter: WanOfficialAdapter = field(default_factory=WanOfficialAdapter)
@@ -196,46 +204,53 @@ class Attachment:
         if self.calibration is not None:
             self.calibration.remove()  # its runner keeps the measurements
         if self.cached is not None:
-            import stepcache
-            stepcache.disable(self.model)
+            self.cached.remove()
             self.cached = None
 
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
-           calibrate: bool = False, parallel="xdit") -> Attachment:
+           calibrate: bool = False, parallel="xdit", experts: tuple[str, ...] = ("model",),
+           adapter: WanOfficialAdapter | None = None, switch_step=None) -> Attachment:
     """Install ``method`` (or nothing, or the calibration recorder) on an upstream sampler instance.
 
     ``sampler`` is a ``WanT2V`` / ``WanI2V`` / ``WanFLF2V`` whose ``model`` is a ``WanModel`` or an FSDP wrapper
-    of one. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
-    ``parallel`` is passed to :func:`stepcache.enable`; the default, ``"xdit"``, is xDiT's sequence-parallel
-    group under ``torchrun`` (the world under FSDP alone; None on one process). Wan's measurements are whole on
-    every rank, so nothing is reduced over it; it carries the one agreement each pass ends with.
+    of one; or (Wan2.2) a sampler whose ``experts`` attributes hold two of them in run order, one cache over both,
+    with ``switch_step(arguments)`` giving the first step of the second from a generate() call's bound
+    arguments. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
+    ``parallel``: the default, ``"xdit"``, is xDiT's sequence-parallel group under ``torchrun`` (the world under
+    FSDP alone; None on one process). Wan's measurements are whole on every rank, so nothing is reduced over it;
+    it carries the one agreement each pass ends with.
     """
+    from ..api import StepClock, _profile_for, install
     if parallel == "xdit":
         from ..distributed import xdit_group
         parallel = xdit_group()
     if method is not None and calibrate:
         raise ValueError("calibration runs uncached; do not combine it with a method")
-    outer = sampler.model
-    model = unwrap(outer)
-    WanOfficialAdapter.check(model)
-    attachment = Attachment(sampler, model)
+    outers = [getattr(sampler, name) for name in experts]
+    models = [unwrap(outer) for outer in outers]
+    for model in models:
+        WanOfficialAdapter.check(model)
+    adapter = adapter or WanOfficialAdapter()
+    attachment = Attachment(sampler, models[0], models, adapter=adapter)
+    switch = {"step": None}  # this generation's, set when it starts
+    shared_switch = (lambda: switch["step"]) if len(models) > 1 else None
     if method is not None:
-        import stepcache
-        attachment.cached = stepcache.enable(model, method, profile=profile, parallel=parallel,
-                                             **(params or {}))
-        attachment.adapter = attachment.cached.adapter
+        attachment.cached = install(models, adapter, method, _profile_for(adapter, models[0], profile),
+                                    StepClock(), params=params, parallel=parallel, switch_step=shared_switch)
     if calibrate:
-        from ..calibrate import install_calibration
-        attachment.calibration = install_calibration(model, 2, group=parallel)
-        attachment.adapter = attachment.calibration.adapter
+        from ..calibrate import CalibrationRunner
+        runner = CalibrationRunner(None, parallel, adapter.sequence_sharded)  # magnitude ratios only
+        attachment.calibration = install(models, adapter, "calibrate", None, StepClock(), runner=runner,
+                                         switch_step=shared_switch)
 
     def size_of_the_video(module, args, kwargs):
         if attachment.generations and attachment.generations[-1].pixel_size is None:
-            attachment.generations[-1].pixel_size = attachment.adapter.pixel_size(model, args, kwargs)
+            attachment.generations[-1].pixel_size = adapter.pixel_size(module, args, kwargs)
 
-    attachment._handles.append(outer.register_forward_pre_hook(size_of_the_video, with_kwargs=True))
-    timer = DiTTimer(outer)
+    for outer in outers:
+        attachment._handles.append(outer.register_forward_pre_hook(size_of_the_video, with_kwargs=True))
+    timer = DiTTimer(*outers)
     attachment._handles.append(timer)
 
     original = sampler.generate
@@ -248,6 +263,8 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
         steps = int(bound.arguments["sampling_steps"])
         record = GenerationRecord(steps)
         attachment.generations.append(record)
+        if switch_step is not None:
+            switch["step"] = record.switch_step = switch_step(bound.arguments)
         attachment.adapter.start_generation()
         for installed in (attachment.cached, attachment.calibration):
             if installed is not None:
