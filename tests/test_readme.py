@@ -201,11 +201,12 @@ CACHE_FLAG = re.compile(r"^--(cache|magcache|teacache|easycache|retention|use[-_
                         r"ret[-_]steps|calibration)")
 
 
-def _check_wan_drop_in(method: str, argv: list[str], upstream, tmp_path) -> None:
+def _check_wan_drop_in(method: str, argv: list[str], upstream, tmp_path, repo=None) -> None:
     import shutil
 
-    from stepcache.wan21.official_generate import default_profile, make_plan, split_argv, upstream_args
-    ours, rest = split_argv(method, argv)
+    from stepcache.wan21.official_generate import WAN21, make_plan, split_argv, upstream_args
+    repo = repo or WAN21
+    ours, rest = split_argv(method, argv, repo)
     assert not [w for w in rest if CACHE_FLAG.match(w)], f"cache flags {method}_generate.py does not know: {rest}"
     if upstream is None:
         return
@@ -219,11 +220,11 @@ def _check_wan_drop_in(method: str, argv: list[str], upstream, tmp_path) -> None
         # A file an earlier command of the page writes (--magcache_calibration): the task's shipped profile has
         # the same layout and model, which is what the plan checks.
         (tmp_path / profile).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(default_profile(args.task, args.size, upstream.generate.SIZE_CONFIGS).path, tmp_path / profile)
+        shutil.copy(repo.default_profile(args, upstream.generate).path, tmp_path / profile)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        make_plan(method, ours, args, upstream.generate)  # PlanError on a combination that cannot run
+        make_plan(method, ours, args, upstream.generate, repo)  # PlanError on a combination that cannot run
     finally:
         os.chdir(cwd)
 

@@ -64,21 +64,122 @@ DIT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.s
                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 
 
+class WanRepo:
+    """What the drop-ins need to know about one official Wan repository: Wan2.1 here; Wan2.2 subclasses it
+    (:mod:`stepcache.wan22.official_generate`). Everything else in this module is the same for both."""
+
+    name = "Wan2.1"
+    github = "Wan-Video/Wan2.1"
+    family = FAMILY
+    samplers = SAMPLERS
+    # upstream's savers (module attributes of its generate.py) and whether one returns the file name on success
+    savers = ("cache_video", "cache_image")
+    saver_returns_name = True
+    magcache_defaults = MAGCACHE_CLI_DEFAULTS
+    magcache_help_extra = ""
+
+    def task_kind(self, task: str) -> str:
+        return task_kind(task)
+
+    def in_channels(self, kind: str) -> int:
+        return 36 if kind in ("i2v", "flf2v") else 16
+
+    def uncached_task(self, task: str) -> str | None:
+        """Why caching and calibration cannot run for ``task`` (None: they can)."""
+        if task_kind(task) == "vace":
+            return (f"--task {task} runs VaceWanModel, whose VACE blocks these scripts do not patch; caching and "
+                    f"calibration cover t2v, t2i, i2v and flf2v")
+        return None
+
+    def default_profile(self, args, upstream) -> Profile | None:
+        names = DEFAULT_PROFILES.get((task_kind(args.task), model_tag(args.task)))
+        if not names:
+            return None
+        return _nearest(names, *pixel_size(args.size, upstream.SIZE_CONFIGS))
+
+    def no_table(self, method: str, args) -> str:
+        """Why no shipped table serves ``method`` for this run, and what to do instead."""
+        return (f"no published {method} table for --task {args.task}; calibrate one with magcache_generate.py "
+                f"--magcache_calibration and pass the file with --cache_profile")
+
+    def add_easycache_flags(self, group) -> None:
+        group.add_argument("--thresh", type=float, default=0.05,
+                           help="accumulated transformation-rate budget, a fraction: 0.05 is 5%% (default 0.05)")
+        group.add_argument("--ret_steps", type=int, default=10,
+                           help="steps always computed at the start (default 10; honoured here, unlike in the "
+                                "published script, which hard-codes 10)")
+        group.add_argument("--alpha", type=float, default=EASYCACHE_UNUSED["alpha"],
+                           help="parsed by the published script but never used; only the default is accepted")
+        group.add_argument("--beta", type=float, default=EASYCACHE_UNUSED["beta"],
+                           help="parsed by the published script but never used; only the default is accepted")
+        group.add_argument("--start_idx", type=int, default=0, help="accepted for compatibility; unused")
+        group.add_argument("--end_idx", type=int, default=946, help="accepted for compatibility; unused")
+        group.add_argument("--out_dir", type=str, default="./output", help="accepted for compatibility; unused "
+                                                                          "(stats go next to the video)")
+
+    def easycache_params(self, ours, args, notes: list[str]) -> dict[str, Any]:
+        _check_easycache_leftovers(ours, notes)
+        return {"thresh": ours.thresh, "warmup_steps": ours.ret_steps}
+
+    def check_inputs(self, args) -> None:
+        """Inputs upstream would otherwise replace by its example files, or fail on after loading the models."""
+        kind = task_kind(args.task)
+        if kind == "i2v":
+            _need_file(args, "image", f"--task {args.task} needs --image PATH (the first frame of the video)")
+        if kind == "flf2v":
+            for flag in ("first_frame", "last_frame"):
+                _need_file(args, flag, f"--task {args.task} needs --{flag} PATH")
+
+    def checkpoint_files(self, args, cfg) -> list[tuple[str, str, Any]]:
+        """(what, file under --ckpt_dir, test) for every file upstream's sampler opens, in its order, DiT last."""
+        needed = [("the T5 checkpoint", cfg.t5_checkpoint, os.path.isfile),
+                  ("the T5 tokenizer folder", cfg.t5_tokenizer, os.path.isdir),
+                  ("the VAE checkpoint", cfg.vae_checkpoint, os.path.isfile)]
+        if task_kind(args.task) in ("i2v", "flf2v"):
+            needed += [("the CLIP checkpoint", cfg.clip_checkpoint, os.path.isfile),
+                       ("the CLIP tokenizer folder", cfg.clip_tokenizer, os.path.isdir)]
+        return needed
+
+    def dit_folders(self, args, cfg) -> list[str]:
+        """The folders under --ckpt_dir that hold a DiT (config.json and weights): the root for Wan2.1."""
+        return [""]
+
+    def attach(self, sampler, plan: Plan):
+        from .official import attach
+        return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate)
+
+    def calibrated_model(self, args, kind: str, height: int, width: int, attachment) -> dict[str, Any]:
+        """The ``model`` section of a profile calibrated by --magcache_calibration."""
+        return {"family": self.family, "task": kind, "resolution": [height, width],
+                "config": model_config(attachment.model), "classes": ["WanTransformer3DModel", "WanModel"]}
+
+
+def _need_file(args, flag: str, missing: str) -> None:
+    value = getattr(args, flag, None)
+    if not value:
+        raise PlanError(missing)
+    if not os.path.isfile(value):
+        raise PlanError(f"--{flag} {value!r} does not exist")
+
+
 # ------------------------------------------------------------------------------------------------------- flags
-def build_parser(method: str) -> argparse.ArgumentParser:
+def build_parser(method: str, repo: WanRepo | None = None) -> argparse.ArgumentParser:
     """The cache flags of one script. Upstream's parser gets everything else."""
+    repo = repo or WAN21
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     parser = argparse.ArgumentParser(prog=f"{method}_generate.py", add_help=False, allow_abbrev=False,
                                      description=f"{method} options (stepcache)")
     group = parser.add_argument_group(f"{method} (stepcache; names and defaults as in the published script)")
     if method == "magcache":
-        group.add_argument("--magcache_thresh", type=float, default=0.12,
-                           help="the upper bound of the accumulated magnitude error (default 0.12)")
-        group.add_argument("--retention_ratio", type=float, default=0.2,
-                           help="fraction of the passes always computed at the start (default 0.2)")
-        group.add_argument("--magcache_K", type=int, default=2,
-                           help="at most this many passes in a row reuse the cache (default 2)")
+        d = repo.magcache_defaults
+        group.add_argument("--magcache_thresh", type=float, default=d["thresh"],
+                           help=f"the upper bound of the accumulated magnitude error (default {d['thresh']})")
+        group.add_argument("--retention_ratio", type=float, default=d["retention_ratio"],
+                           help=f"fraction of the passes always computed{repo.magcache_help_extra} (default "
+                                f"{d['retention_ratio']})")
+        group.add_argument("--magcache_K", type=int, default=d["K"],
+                           help=f"at most this many passes in a row reuse the cache (default {d['K']})")
         group.add_argument("--use_magcache", action="store_true", default=False,
                            help="use MagCache (without it and without --magcache_calibration the run is uncached)")
         group.add_argument("--magcache_calibration", action="store_true", default=False,
@@ -95,19 +196,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                            help="the published retention-steps variant: e0 as signal, 5 warm-up steps, no forced "
                                 "last step")
     else:
-        group.add_argument("--thresh", type=float, default=0.05,
-                           help="accumulated transformation-rate budget, a fraction: 0.05 is 5%% (default 0.05)")
-        group.add_argument("--ret_steps", type=int, default=10,
-                           help="steps always computed at the start (default 10; honoured here, unlike in the "
-                                "published script, which hard-codes 10)")
-        group.add_argument("--alpha", type=float, default=EASYCACHE_UNUSED["alpha"],
-                           help="parsed by the published script but never used; only the default is accepted")
-        group.add_argument("--beta", type=float, default=EASYCACHE_UNUSED["beta"],
-                           help="parsed by the published script but never used; only the default is accepted")
-        group.add_argument("--start_idx", type=int, default=0, help="accepted for compatibility; unused")
-        group.add_argument("--end_idx", type=int, default=946, help="accepted for compatibility; unused")
-        group.add_argument("--out_dir", type=str, default="./output", help="accepted for compatibility; unused "
-                                                                          "(stats go next to the video)")
+        repo.add_easycache_flags(group)
     group.add_argument("--cache_predict", choices=PREDICTIONS, default=None,
                        help=f"stepcache option, any method: {PREDICT_HELP}")
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
@@ -119,10 +208,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return parser
 
 
-def split_argv(method: str, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def split_argv(method: str, argv: list[str], repo: WanRepo | None = None) -> tuple[argparse.Namespace, list[str]]:
     """(cache flags, the rest for upstream's parser). Only exact flag names are taken (no abbreviations), so
     upstream's flags and their abbreviations reach upstream's parser untouched."""
-    parser = build_parser(method)
+    parser = build_parser(method, repo)
     try:
         ours, rest = parser.parse_known_args(argv)
     except SystemExit as exc:  # a cache flag with a malformed value; argparse printed why
@@ -152,12 +241,12 @@ def model_tag(task: str) -> str:
     return task.split("-", 1)[1].lower() if "-" in task else task.lower()
 
 
-def expected_config(task: str, wan_configs) -> dict[str, Any]:
+def expected_config(task: str, wan_configs, repo: WanRepo | None = None) -> dict[str, Any]:
     """What a profile for ``task`` must have been measured on, from upstream's config for the task."""
+    repo = repo or WAN21
     cfg = wan_configs[task]
-    kind = task_kind(task)
     return {"num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "in_channels": 36 if kind in ("i2v", "flf2v") else 16}
+            "in_channels": repo.in_channels(repo.task_kind(task))}
 
 
 def pixel_size(size: str, size_configs) -> tuple[int, int]:
@@ -170,43 +259,37 @@ def _nearest(names: list[str], height: int, width: int) -> Profile:
     return min(profiles, key=lambda p: abs(p.resolution[0] * p.resolution[1] - height * width))
 
 
-def default_profile(task: str, size: str, size_configs) -> Profile | None:
-    names = DEFAULT_PROFILES.get((task_kind(task), model_tag(task)))
-    if not names:
-        return None
-    return _nearest(names, *pixel_size(size, size_configs))
-
-
-def check_profile_fits(profile: Profile, task: str, wan_configs) -> None:
+def check_profile_fits(profile: Profile, task: str, wan_configs, repo: WanRepo | None = None) -> None:
+    repo = repo or WAN21
     model = profile.data.get("model", {})
-    if profile.family and profile.family != FAMILY:
-        raise PlanError(f"--cache_profile {profile.name!r} is for {profile.family!r} models, not Wan2.1")
-    kind, theirs = task_kind(task), model.get("task")
+    if profile.family and profile.family != repo.family:
+        raise PlanError(f"--cache_profile {profile.name!r} is for {profile.family!r} models, not {repo.name}")
+    kind, theirs = repo.task_kind(task), model.get("task")
     if theirs and theirs != kind:
-        raise PlanError(f"--cache_profile {profile.name!r} was measured on a Wan2.1 {theirs.upper()} model, but "
+        raise PlanError(f"--cache_profile {profile.name!r} was measured on a {repo.name} {theirs.upper()} model, but "
                         f"--task {task} runs {kind.upper()}; use a {kind.upper()} profile (default for this task: "
                         f"leave --cache_profile out) or calibrate one with magcache_generate.py "
                         f"--magcache_calibration")
-    wanted = expected_config(task, wan_configs)
+    wanted = expected_config(task, wan_configs, repo)
     wrong = {k: (v, wanted[k]) for k, v in model.get("config", {}).items() if k in wanted and wanted[k] != v}
     if wrong:
         detail = ", ".join(f"{k}={a} (--task {task} has {b})" for k, (a, b) in wrong.items())
         raise PlanError(f"--cache_profile {profile.name!r} was measured on another model: {detail}")
 
 
-def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, upstream) -> Plan:
+def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, upstream,
+              repo: WanRepo | None = None) -> Plan:
     """Check every cache flag against upstream's parsed ``args``; nothing is loaded. Raises :class:`PlanError`."""
+    repo = repo or WAN21
     notes: list[str] = []
     active, calibrate = _which_run(method, ours, notes)
-    if task_kind(args.task) == "vace" and (active or calibrate):
-        raise PlanError(f"--task {args.task} runs VaceWanModel, whose VACE blocks these scripts do not patch; "
-                        f"caching and calibration cover t2v, t2i, i2v and flf2v")
-    _check_inputs(args, ours, needs_steps=bool(active or calibrate))
-    base = None if task_kind(args.task) == "vace" else default_profile(args.task, args.size, upstream.SIZE_CONFIGS)
-    profile = _choose_profile(active, ours, args, base, upstream, notes) if active else None
-    params = _method_params(method, active, ours, profile, args.sample_steps, notes) if active else {}
-    if method == "easycache" and active:
-        _check_easycache_leftovers(ours, notes)
+    uncached = repo.uncached_task(args.task)
+    if uncached and (active or calibrate):
+        raise PlanError(uncached)
+    _check_inputs(args, ours, needs_steps=bool(active or calibrate), repo=repo)
+    base = None if uncached else repo.default_profile(args, upstream)
+    profile = _choose_profile(active, ours, args, base, upstream, notes, repo) if active else None
+    params = _method_params(method, active, ours, profile, args, notes, repo) if active else {}
     if calibrate:
         notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
                      "block-stack residuals per CFG branch and step")
@@ -240,21 +323,8 @@ def _which_run(method: str, ours, notes: list[str]) -> tuple[str | None, bool]:
     return None, calibrate
 
 
-def _check_inputs(args, ours, needs_steps: bool) -> None:
-    """Inputs upstream would otherwise replace by its example files, or fail on after loading the models."""
-    kind = task_kind(args.task)
-    if kind == "i2v":
-        if not args.image:
-            raise PlanError(f"--task {args.task} needs --image PATH (the first frame of the video)")
-        if not os.path.isfile(args.image):
-            raise PlanError(f"--image {args.image!r} does not exist")
-    if kind == "flf2v":
-        for flag in ("first_frame", "last_frame"):
-            value = getattr(args, flag, None)
-            if not value:
-                raise PlanError(f"--task {args.task} needs --{flag} PATH")
-            if not os.path.isfile(value):
-                raise PlanError(f"--{flag} {value!r} does not exist")
+def _check_inputs(args, ours, needs_steps: bool, repo: WanRepo) -> None:
+    repo.check_inputs(args)
     if needs_steps and (args.sample_steps is None or args.sample_steps < 2):
         raise PlanError(f"--sample_steps {args.sample_steps} is too few; caching needs at least 2 steps")
     for flag in ("cache_stats", "calibration_file"):
@@ -263,7 +333,8 @@ def _check_inputs(args, ours, needs_steps: bool) -> None:
             raise PlanError(f"--{flag} {value!r} must be a .json file")
 
 
-def _choose_profile(active: str, ours, args, base: Profile | None, upstream, notes: list[str]) -> Profile:
+def _choose_profile(active: str, ours, args, base: Profile | None, upstream, notes: list[str],
+                    repo: WanRepo) -> Profile:
     """--cache_profile, else the published table for --task and --size; notes where it was measured elsewhere."""
     task = args.task
     if ours.cache_profile:
@@ -271,14 +342,13 @@ def _choose_profile(active: str, ours, args, base: Profile | None, upstream, not
             profile = load_profile(ours.cache_profile)
         except ProfileError as exc:
             raise PlanError(f"--cache_profile: {exc}") from exc
-        check_profile_fits(profile, task, upstream.WAN_CONFIGS)
+        check_profile_fits(profile, task, upstream.WAN_CONFIGS, repo)
         if not profile.has(active):
             have = [m for m in METHODS if profile.has(m)]
             raise PlanError(f"--cache_profile {profile.name!r} has no {active} table (it has: "
                             f"{', '.join(have) or 'none'})")
-    elif base is None:
-        raise PlanError(f"no published {active} table for --task {task}; calibrate one with "
-                        f"magcache_generate.py --magcache_calibration and pass the file with --cache_profile")
+    elif base is None or not base.has(active):
+        raise PlanError(repo.no_table(active, args))
     else:
         profile = base
         if task.startswith("t2i"):
@@ -302,13 +372,15 @@ def _check_easycache_leftovers(ours, notes: list[str]) -> None:
         notes.append("--start_idx, --end_idx and --out_dir are accepted for compatibility and unused")
 
 
-def _method_params(method: str, active: str, ours, profile: Profile, steps: int, notes: list[str]) -> dict:
+def _method_params(method: str, active: str, ours, profile: Profile, args, notes: list[str],
+                   repo: WanRepo) -> dict:
+    steps = args.sample_steps
     if method == "magcache":
         params = {"thresh": ours.magcache_thresh, "K": ours.magcache_K, "retention_ratio": ours.retention_ratio}
     elif method == "teacache":
         params = {"thresh": ours.teacache_thresh, "variant": "use_ret_steps" if ours.use_ret_steps else "default"}
     else:
-        params = {"thresh": ours.thresh, "warmup_steps": ours.ret_steps}
+        params = repo.easycache_params(ours, args, notes)
         if ours.ret_steps >= steps:
             raise PlanError(f"--ret_steps {ours.ret_steps} covers all {steps} sampling steps, so nothing could be "
                             f"reused; use fewer than --sample_steps")
@@ -335,23 +407,30 @@ def _flag_names(method: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ running
-def import_upstream(name: str = "generate"):
-    """Upstream's ``generate.py``: this script must sit next to it, in the root of a Wan2.1 checkout."""
+def import_upstream(name: str = "generate", repo: WanRepo | None = None):
+    """Upstream's ``generate.py``: this script must sit next to it, in the root of a checkout of ``repo``."""
+    repo = repo or WAN21
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
         missing = getattr(exc, "name", None)
         if missing == name:
-            raise PlanError("upstream Wan2.1's generate.py is not importable: copy this script into the root of a "
-                            "Wan-Video/Wan2.1 checkout and run it from there") from exc
+            raise PlanError(f"upstream {repo.name}'s generate.py is not importable: copy this script into the root "
+                            f"of a {repo.github} checkout and run it from there") from exc
         if missing:
             package = PIP_NAMES.get(missing.split(".")[0], missing.split(".")[0])
-            raise PlanError(f"upstream Wan2.1 needs the Python module {missing!r}, which is not installed: pip "
-                            f"install {package} (or pip install -r requirements.txt in the Wan2.1 checkout)") from exc
-        raise PlanError(f"upstream Wan2.1's generate.py cannot be imported: {exc}") from exc
+            raise PlanError(f"upstream {repo.name} needs the Python module {missing!r}, which is not installed: pip "
+                            f"install {package} (or pip install -r requirements.txt in the {repo.name} "
+                            f"checkout)") from exc
+        raise PlanError(f"upstream {repo.name}'s generate.py cannot be imported: {exc}") from exc
     if not all(hasattr(module, n) for n in ("_parse_args", "generate", "wan", "WAN_CONFIGS", "SIZE_CONFIGS")):
-        raise PlanError(f"{getattr(module, '__file__', name)} is not upstream Wan2.1's generate.py: copy this script "
-                        f"into the root of a Wan-Video/Wan2.1 checkout")
+        raise PlanError(f"{getattr(module, '__file__', name)} is not upstream {repo.name}'s generate.py: copy this "
+                        f"script into the root of a {repo.github} checkout")
+    missing_samplers = [n for n in repo.samplers if not hasattr(module.wan, n)]
+    if missing_samplers:
+        raise PlanError(f"{getattr(module, '__file__', name)} is not upstream {repo.name}'s generate.py (its wan "
+                        f"package has no {', '.join(missing_samplers)}): use the drop-in scripts of this repository's "
+                        f"version, or copy these into a {repo.github} checkout")
     return module
 
 
@@ -367,41 +446,47 @@ def upstream_args(upstream, prog: str, rest: list[str]) -> argparse.Namespace:
         sys.argv = saved
 
 
-def check_checkpoints(args: argparse.Namespace, upstream) -> None:
+def check_checkpoints(args: argparse.Namespace, upstream, repo: WanRepo | None = None) -> None:
     """Every file upstream's sampler constructor opens for ``--task`` exists under ``--ckpt_dir``, in the order
     it opens them (``WanT2V/WanI2V/WanFLF2V/WanVace.__init__``: T5 and its tokenizer, the VAE, CLIP and its
     tokenizer for I2V/FLF2V, then the DiT through ``from_pretrained(ckpt_dir)``), named by upstream's config for
     the task. Upstream builds umt5-xxl before it opens the first of them."""
+    repo = repo or WAN21
     root = args.ckpt_dir
     if not os.path.isdir(root):
         what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         raise PlanError(f"--ckpt_dir {root!r} {what}; give the folder of the downloaded --task {args.task} "
                         f"checkpoint")
     cfg = upstream.WAN_CONFIGS[args.task]
-    needed = [("the T5 checkpoint", cfg.t5_checkpoint, os.path.isfile),
-              ("the T5 tokenizer folder", cfg.t5_tokenizer, os.path.isdir),
-              ("the VAE checkpoint", cfg.vae_checkpoint, os.path.isfile)]
-    if task_kind(args.task) in ("i2v", "flf2v"):
-        needed += [("the CLIP checkpoint", cfg.clip_checkpoint, os.path.isfile),
-                   ("the CLIP tokenizer folder", cfg.clip_tokenizer, os.path.isdir)]
-    needed.append(("the DiT config", "config.json", os.path.isfile))
+    needed = repo.checkpoint_files(args, cfg)
     for what, name, exists in needed:
         if not exists(os.path.join(root, name)):
             raise PlanError(f"--ckpt_dir {root!r} has no {name} ({what} upstream loads for --task {args.task})")
-    weights = [n for n in DIT_WEIGHTS if os.path.isfile(os.path.join(root, n))]
+    for folder in repo.dit_folders(args, cfg):
+        _check_dit_folder(root, folder, args.task)
+
+
+def _check_dit_folder(root: str, folder: str, task: str) -> None:
+    """A DiT that diffusers' ``from_pretrained`` can load from ``root/folder``: its config and every weight file."""
+    where = os.path.join(root, folder) if folder else root
+    shown = f"{folder}/" if folder else ""
+    if not os.path.isfile(os.path.join(where, "config.json")):
+        raise PlanError(f"--ckpt_dir {root!r} has no {shown}config.json (the DiT config upstream loads for --task "
+                        f"{task})")
+    weights = [n for n in DIT_WEIGHTS if os.path.isfile(os.path.join(where, n))]
     if not weights:
-        raise PlanError(f"--ckpt_dir {root!r} has no DiT weights ({' or '.join(DIT_WEIGHTS[:2])}) for --task "
-                        f"{args.task}")
+        raise PlanError(f"--ckpt_dir {root!r} has no DiT weights ({shown}{DIT_WEIGHTS[0]} or {shown}{DIT_WEIGHTS[1]}) "
+                        f"for --task {task}")
     if weights[0].endswith(".index.json"):
-        index = os.path.join(root, weights[0])
+        index = os.path.join(where, weights[0])
         try:
             with open(index, encoding="utf-8") as handle:
                 shards = sorted(set(json.load(handle)["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise PlanError(f"--ckpt_dir {root!r}: {weights[0]} is not a weight index ({exc})") from exc
-        absent = [n for n in shards if not os.path.isfile(os.path.join(root, n))]
+            raise PlanError(f"--ckpt_dir {root!r}: {shown}{weights[0]} is not a weight index ({exc})") from exc
+        absent = [n for n in shards if not os.path.isfile(os.path.join(where, n))]
         if absent:
-            raise PlanError(f"--ckpt_dir {root!r} has no {absent[0]} (a DiT shard listed in {weights[0]}"
+            raise PlanError(f"--ckpt_dir {root!r} has no {shown}{absent[0]} (a DiT shard listed in {weights[0]}"
                             f"{f', and {len(absent) - 1} more' if len(absent) > 1 else ''})")
 
 
@@ -434,7 +519,8 @@ def check_outputs(args: argparse.Namespace, plan: Plan) -> None:
 class Session:
     """One run of upstream's generate(): installs the plan on each sampler upstream builds, then reports."""
 
-    def __init__(self, method: str, plan: Plan, args: argparse.Namespace, upstream):
+    def __init__(self, method: str, plan: Plan, args: argparse.Namespace, upstream, repo: WanRepo | None = None):
+        self.repo = repo or WAN21
         self.script = method
         self.plan = plan
         self.args = args
@@ -447,8 +533,8 @@ class Session:
         the very same sampler, with the cache attached to that instance. Its ``cache_video`` / ``cache_image``
         write to a temporary name that is moved into place only when the file was written."""
         wan = self.upstream.wan
-        saved = {name: wan.__dict__[name] for name in SAMPLERS if name in wan.__dict__}
-        savers = {name: getattr(self.upstream, name) for name in ("cache_video", "cache_image")
+        saved = {name: wan.__dict__[name] for name in self.repo.samplers if name in wan.__dict__}
+        savers = {name: getattr(self.upstream, name) for name in self.repo.savers
                   if callable(getattr(self.upstream, name, None))}
         for name, cls in saved.items():
             setattr(wan, name, self._builder(cls))
@@ -464,10 +550,12 @@ class Session:
             for attachment in self.attachments:
                 attachment.remove()
 
-    @staticmethod
-    def _checked_saver(name: str, saver):
+    def _checked_saver(self, name: str, saver):
         """Upstream's saver, writing to a temporary name beside ``save_file``: on success (it returns the file
-        name and the file has content) the file takes its real name, else the run fails and nothing is left."""
+        name, where it returns one at all, and the file has content) the file takes its real name, else the run
+        fails and nothing is left."""
+        returns_name = self.repo.saver_returns_name
+
         @functools.wraps(saver)
         def save(tensor, save_file=None, *args, **kwargs):
             if not save_file:  # upstream always names the file; without one its savers pick a name in /tmp
@@ -475,7 +563,7 @@ class Session:
             target = save_file
             try:
                 with atomic_path(target) as partial:
-                    if saver(tensor, str(partial), *args, **kwargs) is None:
+                    if saver(tensor, str(partial), *args, **kwargs) is None and returns_name:
                         raise VideoNotSavedError(f"upstream's {name} did not write {target!r} (its message is "
                                                  f"above); no video and no stats were written")
             except OSError as exc:
@@ -493,9 +581,7 @@ class Session:
         return build
 
     def attach(self, sampler):
-        from .official import attach
-        attachment = attach(sampler, self.plan.method, self.plan.profile, self.plan.params,
-                            calibrate=self.plan.calibrate)
+        attachment = self.repo.attach(sampler, self.plan)
         self.attachments.append(attachment)
         profile = self.plan.profile
         if profile is not None:
@@ -556,17 +642,17 @@ class Session:
         args, plan = self.args, self.plan
         branches, steps, ratios = measured_ratios(attachment.calibration.runner)
         height, width = record.pixel_size
-        kind = task_kind(args.task)
+        repo = self.repo
+        kind = repo.task_kind(args.task)
         base = plan.base_profile
         base_mag = base.data.get("magcache") if base is not None and base.has("magcache") else None
         defaults = dict(base_mag.get("defaults", MAGCACHE_CLI_DEFAULTS)) if base_mag else dict(MAGCACHE_CLI_DEFAULTS)
         device = _device_name(attachment.model)
         data = magcache_profile_data(
-            name=f"{FAMILY}-{kind}-{model_tag(args.task)}-{height}x{width}-{steps}steps-calibrated",
-            description=f"Wan2.1 {args.task}: MagCache table calibrated at {width}*{height}, {args.frame_num} frames, "
-                        f"{steps} steps ({args.sample_solver}, shift {args.sample_shift})",
-            model={"family": FAMILY, "task": kind, "resolution": [height, width],
-                   "config": model_config(attachment.model), "classes": ["WanTransformer3DModel", "WanModel"]},
+            name=f"{repo.family}-{kind}-{model_tag(args.task)}-{height}x{width}-{steps}steps-calibrated",
+            description=f"{repo.name} {args.task}: MagCache table calibrated at {width}*{height}, {args.frame_num} "
+                        f"frames, {steps} steps ({args.sample_solver}, shift {args.sample_shift})",
+            model=repo.calibrated_model(args, kind, height, width, attachment),
             recorder_or_ratios=ratios, branches=branches, steps=steps,
             source=calibrated_source(where=device), defaults=defaults,
             presets=base_mag.get("presets") if base_mag else None, base=base,
@@ -610,35 +696,35 @@ def _version() -> str:
     return __version__
 
 
-def main(method: str, argv: list[str] | None = None, upstream=None) -> int:
+def main(method: str, argv: list[str] | None = None, upstream=None, repo: WanRepo | None = None) -> int:
     """Run one script: ``method`` is the script's method; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit
     status: 0; 2 after one line for bad input; 1 after one line when upstream did not write the video."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"{method}_generate.py"
-    return run_cli(lambda: _run(method, argv, upstream, prog), prog)
+    return run_cli(lambda: _run(method, argv, upstream, prog, repo or WAN21), prog)
 
 
-def _run(method: str, argv: list[str], upstream, prog: str) -> int:
-    upstream = upstream or import_upstream()
+def _run(method: str, argv: list[str], upstream, prog: str, repo: WanRepo) -> int:
+    upstream = upstream or import_upstream(repo=repo)
     if "-h" in argv or "--help" in argv:
         try:
             upstream_args(upstream, prog, ["-h"])
         except SystemExit:
             pass
         print()
-        print(build_parser(method).format_help())
+        print(build_parser(method, repo).format_help())
         return 0
-    ours, rest = split_argv(method, argv)
+    ours, rest = split_argv(method, argv, repo)
     args = upstream_args(upstream, prog, rest)
-    plan = make_plan(method, ours, args, upstream)
-    check_checkpoints(args, upstream)
+    plan = make_plan(method, ours, args, upstream, repo)
+    check_checkpoints(args, upstream, repo)
     check_outputs(args, plan)
     for note in plan.notes:
         print(f"[stepcache] note: {note}")
     if plan.method:
         print(f"[stepcache] {plan.method} on profile {plan.profile.name}: "
               + ", ".join(f"{k}={v}" for k, v in plan.params.items()))
-    session = Session(method, plan, args, upstream)
+    session = Session(method, plan, args, upstream, repo)
     with session.installed():
         try:
             upstream.generate(args)
@@ -652,7 +738,10 @@ def _run(method: str, argv: list[str], upstream, prog: str) -> int:
     return 0
 
 
-def run_script(method: str) -> None:
+def run_script(method: str, repo: WanRepo | None = None) -> None:
     """Entry point of the drop-in scripts (the one name every family's drop-ins call)."""
-    sys.exit(main(method))
+    sys.exit(main(method, repo=repo))
+
+
+WAN21 = WanRepo()
 
