@@ -98,6 +98,8 @@ def magcache_profile_data(*, name: str, description: str, model: dict[str, Any],
     }
     if presets:
         data["magcache"]["presets"] = dict(presets)
+    if rule.get("retention_zones"):  # part of the base's rule (Wan2.2 A14B's zones around the expert switch)
+        data["magcache"]["retention_zones"] = json.loads(json.dumps(rule["retention_zones"]))
     if base is not None:
         from .methods import names
         for method in names():
