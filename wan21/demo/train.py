@@ -41,7 +41,10 @@ EXPORT = "demo_wan.safetensors"
 # Hyper-parameters that define a run; stored in the checkpoint, and a resumed run keeps them.
 DEFAULTS = dict(seed=0, steps=10000, batch=24, lr=1e-3, min_lr_frac=0.05, warmup=200, weight_decay=0.01,
                 betas=(0.9, 0.99), clip=1.0, ema=0.999, cfg_drop=0.1, t_shift=2.0, t_uniform=0.25,
-                codec_clips=1024, clock="txy")
+                codec_clips=1024, clock="txy", init=None, t_max=1.0, train_text=True)
+# init: a demo weight file to start from (its transformer, prompt encoder and codec) instead of random weights;
+# t_max: timesteps are drawn below it only (t_max=0.875: a low-noise expert, stepcache.wan22.demo); train_text:
+# False keeps the prompt encoder of init fixed (two experts of one pipeline share it).
 # Runs started before the clock existed have no "clock" key and keep the codec they were trained with (none);
 # clock=True is the frame clock alone.
 
@@ -63,7 +66,7 @@ def sample_t(n: int, h: dict, g: torch.Generator) -> torch.Tensor:
     uniform = torch.rand(n, generator=g)
     u = torch.where(torch.rand(n, generator=g) < h["t_uniform"], uniform, u)
     s = h["t_shift"]
-    return s * u / (1 + (s - 1) * u)
+    return h.get("t_max", 1.0) * (s * u / (1 + (s - 1) * u))
 
 
 class Trainer:
@@ -71,18 +74,26 @@ class Trainer:
         self.h = h
         torch.manual_seed(h["seed"])
         self.tokenizer = WordTokenizer()
-        self.codec = codec_mod.fit(make_batch(h["codec_clips"], torch.Generator().manual_seed(h["seed"] + 7))[1],
-                                   clock=h.get("clock", False))
         self.model = build_transformer(TRANSFORMER_CONFIG, seed=h["seed"])
         torch.manual_seed(h["seed"] + 1)
         self.text = WordEncoder(len(self.tokenizer))
+        if h.get("init"):  # fine-tune a trained demo model: its weights, prompt encoder and codec
+            from .model import load
+            start = load(h["init"])
+            self.model.load_state_dict(start.transformer.state_dict())
+            self.text.load_state_dict(start.text_encoder.state_dict())
+            self.codec = start.codec
+        else:
+            self.codec = codec_mod.fit(make_batch(h["codec_clips"], torch.Generator().manual_seed(h["seed"] + 7))[1],
+                                       clock=h.get("clock", False))
         self.ema_model = build_transformer(TRANSFORMER_CONFIG)
         self.ema_model.load_state_dict(self.model.state_dict())
         self.ema_text = WordEncoder(len(self.tokenizer))
         self.ema_text.load_state_dict(self.text.state_dict())
         for m in (self.ema_model, self.ema_text):
             m.requires_grad_(False)
-        params = list(self.model.parameters()) + list(self.text.parameters())
+        self.text.requires_grad_(h.get("train_text", True))
+        params = list(self.model.parameters()) + (list(self.text.parameters()) if h.get("train_text", True) else [])
         self.opt = torch.optim.AdamW(params, lr=h["lr"], betas=tuple(h["betas"]), weight_decay=h["weight_decay"])
         self.step = 0
 
@@ -103,7 +114,8 @@ class Trainer:
         tt = t.view(-1, 1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * noise
         self.model.train()
-        cond = self.text.encode(self.tokenizer, prompts, MAX_TOKENS)
+        with torch.set_grad_enabled(h.get("train_text", True)):
+            cond = self.text.encode(self.tokenizer, prompts, MAX_TOKENS)
         pred = self.model(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=cond, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
         lr = lr_at(self.step, h)
@@ -263,6 +275,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int_at_least(1), default=None, help=f"clips per step (default {DEFAULTS['batch']})")
     p.add_argument("--seed", type=int, default=None, help="seed of the run (default 0)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--warmup", type=int_at_least(0), default=None,
+                   help=f"learning-rate warm-up steps (default {DEFAULTS['warmup']})")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start from this demo weight file (a .safetensors written by this script) instead of random "
+                        "weights: its transformer, prompt encoder and codec")
+    p.add_argument("--t-max", dest="t_max", type=float, default=None,
+                   help="draw training timesteps below this fraction of the noise range only (default 1; 0.875 "
+                        "trains a low-noise expert)")
+    p.add_argument("--freeze-text", action="store_true",
+                   help="keep the prompt encoder of --init fixed (experts of one pipeline share it)")
     p.add_argument("--threads", type=int_at_least(1), default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine one thread was 2.5x faster than two)")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
@@ -277,7 +299,21 @@ def main(argv=None) -> int:
     return run_cli(lambda: _main(a), prog="python -m stepcache.wan21.demo.train")
 
 
+def _init_path(init: str | None) -> str | None:
+    """--init checked before anything runs: an existing demo weight file ("demo": the shipped one)."""
+    if init is None:
+        return None
+    if init == "demo":
+        from .model import WEIGHTS
+        return str(WEIGHTS)
+    if not Path(init).is_file():
+        raise InputError(f"--init {init!r} does not exist; give a demo weight file (.safetensors) or 'demo'")
+    return str(Path(init).resolve())
+
+
 def _main(a: argparse.Namespace) -> int:
+    if a.t_max is not None and not 0 < a.t_max <= 1:
+        raise InputError(f"--t-max {a.t_max} is outside (0, 1]")
     if a.export:
         torch.set_num_threads(a.threads)
         out = Path(a.out)
@@ -291,7 +327,8 @@ def _main(a: argparse.Namespace) -> int:
         return 0
     train(a.out, steps=a.steps, resume=a.resume, checkpoint_every=a.checkpoint_every, threads=a.threads,
           progress=not a.no_progress, check=a.check, stop_at=a.stop_at, max_minutes=a.max_minutes, batch=a.batch,
-          seed=a.seed, lr=a.lr)
+          seed=a.seed, lr=a.lr, warmup=a.warmup, init=_init_path(a.init), t_max=a.t_max,
+          train_text=False if a.freeze_text else None)
     return 0
 
 
