@@ -386,10 +386,6 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     if per_video and not getattr(adapter, "can_split_batch", False):
         raise ParameterError(f"per_video=True needs a model whose batch stepcache can split (the diffusers "
                              f"transformers); {type(model).__name__} cannot")
-    if experts is None and params.get("experts") == "separate":  # state keyed by expert: on one, no effect
-        raise ParameterError("experts='separate' needs both experts of the model: enable the method on the "
-                             "two-expert pipeline (transformer and transformer_2 with a boundary_ratio), not on one "
-                             "of its transformers")
     resolved = _profile_for(adapter, model, profile)
     return install(experts or [model], adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset,
                    params=params, parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video,
@@ -407,8 +403,10 @@ def install(models: list[nn.Module], adapter, method: str, profile: Profile | li
     params = dict(params or {})
     if len(models) not in (1, len(EXPERTS)):
         raise ValueError(f"install() takes one model or the {len(EXPERTS)} experts of a two-expert model")
-    if len(models) == 1 and params.get("experts") == "separate":
-        raise ParameterError("experts='separate' needs both experts of the model; it was given one")
+    if len(models) == 1 and "experts" in params:
+        raise ParameterError(f"experts={params['experts']!r} applies to two-expert models (Wan2.2 A14B: install on "
+                             f"the pipeline, with transformer_2 and a boundary_ratio), and this is one model; leave "
+                             f"it out")
     for installed in models:
         if getattr(installed, "_stepcache", None) is not None:
             disable(installed)

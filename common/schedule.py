@@ -11,6 +11,7 @@ import sys
 from .cliargs import int_at_least
 from . import methods
 from .methods import PARAMETERS, resolve_method
+from .profiles import load_profile
 
 
 def simulate(config, num_steps: int, branches: list[str] | None = None):
@@ -84,6 +85,10 @@ def run(args) -> int:
         print("\n".join(list_presets(args.profile, args.steps)))
         return 0
     needs_model = methods.get(args.method).needs_model
+    if args.experts is not None and not load_profile(args.profile).experts:
+        print(f"error: --experts needs a two-expert profile (with model.experts, where the switch is); "
+              f"{args.profile} has none", file=sys.stderr)
+        return 2
     if needs_model:
         print(f"error: {needs_model}; run it (e.g. `stepcache generate`) and read its stats instead.",
               file=sys.stderr)

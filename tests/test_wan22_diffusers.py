@@ -202,12 +202,11 @@ def test_bad_expert_settings_are_refused_before_anything_is_installed():
     pipe = build_a14b("t2v")
     with pytest.raises(ParameterError, match="experts='both' is not one of shared, separate"):
         stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="both")
-    with pytest.raises(ParameterError, match="needs both experts"):
-        stepcache.enable(pipe.transformer, "magcache", profile=PROFILES["t2v-a14b"], experts="separate",
-                         num_steps=12)
+    with pytest.raises(ParameterError, match="applies to two-expert models .* and this is one model"):
+        stepcache.enable(pipe.transformer, "magcache", profile="wan2.1-t2v-14b", experts="separate", num_steps=12)
     with pytest.raises(ParameterError, match="retention_rule='zones' is the shared-state rule"):
         stepcache.enable(pipe, "magcache", profile=PROFILES["t2v-a14b"], experts="separate", retention_rule="zones")
-    with pytest.raises(ParameterError, match="two-expert models only"):
+    with pytest.raises(ParameterError, match="experts='shared' applies to two-expert models"):
         stepcache.enable(build_a14b("t2v").transformer, "magcache", profile="wan2.1-t2v-14b", experts="shared",
                          num_steps=12)
     with pytest.raises(ProfileError, match="is for 'wan2.1' models, not 'wan2.2'"):

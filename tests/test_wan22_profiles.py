@@ -146,7 +146,16 @@ def test_tables_are_stored_as_published(profile):
     assert round(math.fsum(ratios[2:]), 5) == total
     assert (section["inclusive"], section["ratio_power"], section["absolute_error"]) == (False, 1.0, True)
     assert section["branches"] == ["cond", "uncond"] and p.family == "wan2.2" and p.data["model"]["detect"] is False
-    assert not p.has("teacache") and not p.has("easycache")  # nothing published for Wan2.2
+    assert not p.has("teacache")  # no TeaCache coefficients are published for Wan2.2
+    # EasyCache4Wan2.2's settings: T2V-A14B (--thresh_t2v 0.06) and TI2V-5B (--thresh 0.05), 7 warm-up steps; its
+    # I2V-A14B path runs uncached.
+    expected = {"wan2.2-t2v-a14b": 0.06, "wan2.2-ti2v-5b": 0.05, "wan2.2-ti2v-5b-i2v": 0.05}.get(profile)
+    assert p.has("easycache") == (expected is not None)
+    if expected is not None:
+        easy = p.method("easycache")
+        assert (easy["thresh"], easy["warmup_steps"], easy["force_last"], easy["decide_on"]) == (expected, 7, True,
+                                                                                               "cond")
+        assert "EasyCache4Wan2.2/easycache_generate.py" in easy["source"]
     if jump is not None:
         # The low-noise expert's first residual against the high-noise expert's last: the table's jump sits at the
         # step Wan2.2's boundary gives, which ties the published table to the expert data of the profile.

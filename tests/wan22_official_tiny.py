@@ -396,3 +396,58 @@ def fake_constructors(up: Upstream, made: list, seed: int = 0, wrap=None):
             return sampler
         return build
     return {"WanT2V": constructor("t2v"), "WanI2V": constructor("i2v"), "WanTI2V": constructor("ti2v")}
+
+
+# ------------------------------------------------------------------------- the parallel paths (Ulysses, FSDP)
+def upstream_parallel(up: Upstream) -> types.SimpleNamespace:
+    """Upstream's parallel code as ``wan/text2video.py`` imported it during :func:`load`: ``sp_dit_forward`` and
+    ``sp_attn_forward`` (wan/distributed/sequence_parallel.py), ``shard_model`` (wan/distributed/fsdp.py) and the
+    globals of wan/distributed/ulysses.py (its ``flash_attention`` name)."""
+    names = up.WanT2V._configure_model.__globals__  # wan/text2video.py's module namespace
+    sp_attn_forward = names["sp_attn_forward"]
+    return types.SimpleNamespace(sp_dit_forward=names["sp_dit_forward"], sp_attn_forward=sp_attn_forward,
+                                 shard_model=names["shard_model"],
+                                 ulysses=sp_attn_forward.__globals__["distributed_attention"].__globals__)
+
+
+def sp_flash_attention(q, k, v, q_lens=None, k_lens=None, **kw):
+    """What Ulysses' ``distributed_attention`` calls once the heads are scattered: ``flash_attention`` on the
+    bfloat16 q / k / v that ``sp_attn_forward``'s ``half()`` made. The attention of those values in float32,
+    returned in float32: on GPU flash-attn's bfloat16 output meets ``self.o`` under ``autocast``; on the CPU,
+    without autocast, a bfloat16 tensor cannot meet the float32 layer."""
+    return flash_attention_sdpa(q.float(), k.float(), v.float(), q_lens, k_lens, **kw)
+
+
+@contextlib.contextmanager
+def sp_attention(up: Upstream):
+    """:func:`sp_flash_attention` as wan/distributed/ulysses.py's ``flash_attention``, inside the block only."""
+    ulysses = upstream_parallel(up).ulysses
+    saved = ulysses["flash_attention"]
+    ulysses["flash_attention"] = sp_flash_attention
+    try:
+        yield
+    finally:
+        ulysses["flash_attention"] = saved
+
+
+def configure_parallel(up: Upstream, sampler, use_sp: bool = False, dit_fsdp: bool = False):
+    """What ``WanT2V`` / ``WanI2V`` / ``WanTI2V.__init__`` does to its models for ``--ulysses_size N`` (``use_sp``)
+    and ``--dit_fsdp``, with torch.distributed initialised: upstream's own ``_configure_model`` on each model (low
+    noise first, as ``__init__``), which binds ``sp_attn_forward`` on every block's ``self_attn`` and
+    ``sp_dit_forward`` as the model's instance ``forward``, then wraps it with ``shard_model``; and
+    ``init_on_cpu`` / ``sp_size`` as ``__init__`` sets them. ``shard_model`` gets the CPU as its device, float32
+    as its ``param_dtype`` (its bfloat16 default needs autocast) and ``sync_module_states=False`` (FSDP syncs only
+    GPU tensors; the ranks build their tiny models from the same seed). Returns the sampler."""
+    import functools
+    parallel = upstream_parallel(up)
+    shard_fn = functools.partial(parallel.shard_model, device_id=torch.device("cpu"), param_dtype=torch.float32,
+                                 sync_module_states=False)
+    if use_sp or dit_fsdp:
+        sampler.init_on_cpu = False
+    names = ("model",) if isinstance(sampler, up.WanTI2V) else ("low_noise_model", "high_noise_model")
+    for name in names:
+        setattr(sampler, name, sampler._configure_model(model=getattr(sampler, name), use_sp=use_sp,
+                                                         dit_fsdp=dit_fsdp, shard_fn=shard_fn,
+                                                         convert_model_dtype=False))
+    sampler.sp_size = torch.distributed.get_world_size() if use_sp else 1
+    return sampler

@@ -149,12 +149,10 @@ def resolve_method(method: str, profile: str | Profile, preset: str | None = Non
 
 
 def _resolve_experts(profile: Profile, params: dict[str, Any]) -> None:
-    """``experts`` belongs to two-expert profiles (``model.experts``), where it defaults to the published rule."""
+    """A two-expert profile (``model.experts``) states the published rule. Whether the model has two experts is
+    known when the method is installed (:func:`stepcache.api.install` refuses ``experts`` on one model)."""
     if profile.experts:
         params.setdefault("experts", EXPERT_STATES[0])
-    elif "experts" in params:
-        raise ParameterError(f"experts={params['experts']!r} applies to two-expert models only, and profile "
-                             f"{profile.name!r} is for a one-expert model (it has no model.experts); leave it out")
 
 
 __all__ = ["PARAMETERS", "PREDICTIONS", "PREDICT_HELP", "REGISTRY", "VIDEO_MARK", "EXPERT_MARK", "EXPERTS",
