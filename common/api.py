@@ -46,11 +46,10 @@ def adapter_for(model: nn.Module, pipeline: Any = None):
     """The adapter for ``model``: one a family claims for this ``pipeline`` (a pipeline class two families
     share, e.g. Wan2.1's and Wan2.2's), else the one registered for the model's class."""
     if pipeline is not None:
-        for family in families.families():
-            if family.claim_pipeline:
-                claimed = families.load_object(family.claim_pipeline)(pipeline, model)
-                if claimed is not None:
-                    return claimed
+        claimed = families.claim(type(pipeline).__name__, getattr(pipeline, "config", None),
+                                 getattr(model, "config", None))
+        if claimed is not None:
+            return families.load_object(claimed[0].claimed_adapter)(pipeline)
     name = type(model).__name__
     known = families.adapters()
     if name not in known:

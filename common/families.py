@@ -53,9 +53,24 @@ class Family:
     pipelines: dict[str, Pipeline] = field(default_factory=dict)  # diffusers pipeline class name -> how to run it
     calibration_targets: dict[str, str] = field(default_factory=dict)  # --model NAME -> "module:function"
     commands: list[tuple[str, str, str]] = field(default_factory=list)  # (subcommand, module, one-line help)
-    # "module:function": function(pipeline, transformer) -> an adapter when this family serves that pipeline
-    # although another family registered its transformer class (Wan2.2's pipelines are Wan2.1's classes), else None.
+    # A pipeline class another family registered, which this family serves when configured its way (Wan2.2's
+    # pipelines are Wan2.1's classes): "module:function", function(pipeline class name, pipeline config,
+    # transformer config) -> the names of this family's profiles for it ([] for none), or None when not its own;
+    # and "module:Class", the adapter for such a pipeline, built with the pipeline.
     claim_pipeline: str | None = None
+    claimed_adapter: str | None = None
+
+
+def claim(pipeline_class: str, pipeline_config: Any, transformer_config: Any) -> tuple[Family, list[str]] | None:
+    """(family, its profile names) of the family that claims a pipeline configured this way, or None. Works on a
+    loaded pipeline's configs and on a saved folder's (model_index.json, transformer/config.json) alike."""
+    for family in families():
+        if family.claim_pipeline:
+            names = load_object(family.claim_pipeline)(pipeline_class, pipeline_config or {},
+                                                       transformer_config or {})
+            if names is not None:
+                return family, names
+    return None
 
 
 @lru_cache(maxsize=None)

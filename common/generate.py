@@ -17,9 +17,10 @@ from .cliargs import int_at_least
 from .errors import InputError
 from .outputs import atomic_path, check_output_file, write_json
 from .timing import DiTTimer
-from .methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
+from .methods import EXPERTS_HELP, PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
 from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
+from .schema import EXPERT_STATES
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 VIDEO_SUFFIXES = (".mp4",)  # what diffusers' export_to_video writes
@@ -46,6 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clamp-polynomial", action="store_true", default=None,
                         help="TeaCache: " + PARAMETERS["teacache"]["clamp_polynomial"])
     parser.add_argument("--predict", default=None, choices=PREDICTIONS, help=PREDICT_HELP)
+    parser.add_argument("--experts", default=None, choices=EXPERT_STATES, help=EXPERTS_HELP)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
@@ -68,7 +70,7 @@ def add_arguments(parser) -> None:
 def _method_params(args) -> dict[str, Any]:
     given = {"thresh": args.thresh, "K": args.K, "retention_ratio": args.retention_ratio, "variant": args.variant,
              "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial,
-             "predict": args.predict}
+             "predict": args.predict, "experts": args.experts}
     allowed = PARAMETERS[args.method]
     wrong = [k for k, v in given.items() if v is not None and k not in allowed]
     if wrong:
@@ -131,7 +133,12 @@ def plan(args) -> dict[str, Any]:
         profile = load_profile(args.profile)
     else:
         config = _read_json(folder / "transformer" / "config.json")
-        found = match_profiles(family, config, transformer_class)
+        claimed = families.claim(pipeline_class, _read_json(folder / "model_index.json"), config)
+        if claimed is not None:  # a pipeline class two families share, configured this family's way
+            family = claimed[0].name
+            found = [load_profile(name) for name in claimed[1]]
+        else:
+            found = match_profiles(family, config, transformer_class)
         if not found:
             raise ProfileError(f"no shipped profile matches the transformer in {folder}; pass --profile NAME or a "
                                f"calibrated profile file (`stepcache calibrate`)")
@@ -172,7 +179,7 @@ def generate(args) -> dict[str, Any]:
     call.update(checked["spec"].call_kwargs(args.guidance, args.true_cfg))
     if args.image:
         call["image"] = load_image(args.image)
-    timer = DiTTimer(pipe.transformer)
+    timer = DiTTimer(*[m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None])
     start = time.perf_counter()
     frames = pipe(**call).frames[0]
     seconds = time.perf_counter() - start

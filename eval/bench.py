@@ -47,7 +47,16 @@ class BenchError(InputError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", default="demo", choices=["demo"], help="the model to benchmark (default: demo)")
+    parser.add_argument("--model", default="demo", choices=["demo", "demo-experts"],
+                        help="the model to benchmark (default: demo); demo-experts: the two-expert demo (Wan2.2 "
+                             "A14B's shape), where the published shared-state rule, stepcache's experts='separate', "
+                             "fewer steps and diffusers' FirstBlockCache are compared at equal passes "
+                             "(docs/wan22.md)")
+    parser.add_argument("--low-weights", default=None,
+                        help="demo-experts: the low-noise expert's file (default: the one shipped in stepcache)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7],
+                        help="demo-experts: shares of the passes at which methods are compared (default 0.4 0.5 0.6 "
+                             "0.7)")
     parser.add_argument("--untrained", action="store_true",
                         help="random weights of the demo architecture (no weight file needed); outputs are "
                              "labelled UNTRAINED")
@@ -837,6 +846,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
     if args.list:
         return list_methods(args)
+    if args.model == "demo-experts":
+        from .bench_experts import run as run_experts
+        return run_experts(args)
     # bad paths fail here, in a second, before the weights are hashed or a model is built
     check_output_dir(args.out, "--out")
     if args.docs:

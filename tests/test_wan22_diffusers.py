@@ -228,3 +228,30 @@ def test_the_published_rule_at_the_published_steps_is_the_schedule():
     expected = simulate(resolve_method("magcache", PROFILES["t2v-a14b"], thresh=0.06, K=2, retention_ratio=0.4), 40)
     assert stepcache.stats(pipe).pattern(mark_switch=True) == expected.pattern(mark_switch=True)
     assert stepcache.stats(pipe).counts() == (52, 80)
+
+
+def test_generate_runs_a_two_expert_folder(tmp_path):
+    """`stepcache generate` on a saved Wan2.2 A14B folder: both experts cached and timed, --experts honoured; the
+    profile is named (a tiny config matches no shipped one, which the automatic choice says)."""
+    import subprocess
+    import sys
+
+    from wan22_tiny import save_a14b_folder
+    folder = save_a14b_folder(tmp_path / "tiny-a14b")
+    common = ["--model", str(folder), "--prompt", "a red ball moves left", "--height", "32", "--width", "32",
+              "--frames", "5", "--steps", "12", "--dtype", "fp32", "--device", "cpu", "--fps", "4"]
+
+    def generate(*extra):
+        return subprocess.run([sys.executable, "-m", "stepcache.cli", "generate", *common, *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    result = generate("--method", "magcache", "--profile", "wan2.2-t2v-a14b", "--experts", "separate", "--thresh",
+                      "0.3", "--K", "4", "--out", str(tmp_path / "out" / "ball.mp4"))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "out" / "ball.stats.json").read_text())
+    assert stats["params"]["experts"] == "separate" and stats["profile"] == "wan2.2-t2v-a14b"
+    assert list(stats["experts"]) == ["high", "low"] and stats["total_passes"] == 24
+    assert "|" in result.stdout  # the printed pattern marks the switch
+    missing = generate("--method", "magcache", "--out", str(tmp_path / "auto" / "ball.mp4"))
+    assert missing.returncode == 2 and "no shipped profile matches" in missing.stderr
+    assert not (tmp_path / "auto").exists()

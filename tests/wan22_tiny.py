@@ -70,3 +70,14 @@ BUILD = {"t2v-a14b": lambda: build_a14b("t2v"), "i2v-a14b": lambda: build_a14b("
          "ti2v": lambda: build_ti2v(False), "ti2v-i2v": lambda: build_ti2v(True)}
 PROFILES = {"t2v-a14b": "wan2.2-t2v-a14b", "i2v-a14b": "wan2.2-i2v-a14b", "ti2v": "wan2.2-ti2v-5b",
             "ti2v-i2v": "wan2.2-ti2v-5b-i2v"}
+
+
+def save_a14b_folder(path, seed: int = 0):
+    """A complete local two-expert WanPipeline folder (tokenizer, text encoder, VAE, both experts, scheduler,
+    boundary_ratio in model_index.json), as Wan2.2-T2V-A14B-Diffusers is laid out."""
+    from wan_tiny import tiny_text_stack
+    pipe = build_a14b("t2v", seed)
+    pipe.tokenizer, pipe.text_encoder = tiny_text_stack()
+    pipe.register_modules(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    pipe.save_pretrained(path)
+    return path

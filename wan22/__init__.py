@@ -11,4 +11,5 @@ from ..families import Family
 FAMILY = Family(
     name="wan2.2",
     claim_pipeline="stepcache.wan22.diffusers_adapter:claim",
+    claimed_adapter="stepcache.wan22.diffusers_adapter:Wan22DiffusersAdapter",
 )

@@ -23,14 +23,19 @@ PROFILES = {
 }
 
 
-def claim(pipeline: Any, model: Any) -> Wan22DiffusersAdapter | None:
-    """The Wan2.2 adapter for a Wan pipeline configured as only Wan2.2 is (two experts, or per-token timesteps)."""
-    if type(pipeline).__name__ not in ("WanPipeline", "WanImageToVideoPipeline"):
+def claim(pipeline_class: str, pipeline_config, transformer_config) -> list[str] | None:
+    """For a Wan pipeline configured as only Wan2.2 is (two experts, or per-token timesteps): the shipped profile
+    for its task when the transformer has the config that profile was measured on ([] otherwise); else None."""
+    if pipeline_class not in ("WanPipeline", "WanImageToVideoPipeline"):
         return None
-    config = getattr(pipeline, "config", None) or {}
-    if config.get("boundary_ratio") is None and not config.get("expand_timesteps"):
+    experts = pipeline_config.get("boundary_ratio") is not None
+    if not experts and not pipeline_config.get("expand_timesteps"):
         return None
-    return Wan22DiffusersAdapter(pipeline)
+    name = PROFILES.get((True, transformer_config.get("in_channels")) if experts else (False, pipeline_class))
+    if name is None:
+        return []
+    wanted = load_profile(name).data.get("model", {}).get("config", {})
+    return [name] if all(transformer_config.get(k) == v for k, v in wanted.items()) else []
 
 
 class Wan22DiffusersAdapter(WanDiffusersAdapter):
@@ -44,17 +49,7 @@ class Wan22DiffusersAdapter(WanDiffusersAdapter):
         # TI2V-5B's VAE downsamples by 16, A14B's (Wan2.1's) by 8; the pipeline knows its VAE.
         return int(getattr(self.pipeline, "vae_scale_factor_spatial", 8))
 
-    def profile_name(self, model) -> str | None:
-        config = self.pipeline.config
-        if config.get("boundary_ratio") is not None:
-            return PROFILES.get((True, model.config.get("in_channels")))
-        return PROFILES.get((False, type(self.pipeline).__name__))
-
     def detect_profiles(self, model):
         """The shipped profile for this pipeline's task, when the transformer has the config it was measured on."""
-        name = self.profile_name(model)
-        if name is None:
-            return []
-        profile = load_profile(name)
-        wanted = profile.data.get("model", {}).get("config", {})
-        return [profile] if all(model.config.get(k) == v for k, v in wanted.items()) else []
+        names = claim(type(self.pipeline).__name__, self.pipeline.config, model.config) or []
+        return [load_profile(name) for name in names]

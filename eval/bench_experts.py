@@ -1,0 +1,288 @@
+"""`stepcache bench --model demo-experts`: the caches on a two-expert model (the two-expert demo, shaped like
+Wan2.2 A14B), compared at equal passes with each other, with fewer steps and with diffusers' own cache.
+
+What it answers: does the published rule's one state for both experts (carried across the switch) cost quality,
+and does stepcache's expert-aware rule (``experts="separate"``) fix it? Every run generates the same prompt-seed
+pairs; quality is PSNR / SSIM (LPIPS when its weights are found) against the uncached two-expert run, cost is the
+share of transformer passes whose block stack ran (counted inside the blocks of both experts). Each method is a
+sweep of its threshold, so its quality is read at equal passes by linear interpolation along its own curve
+(``--budgets``); a budget outside a curve's range is left empty rather than extrapolated.
+
+Design notes: docs/wan22.md#the-two-expert-demo-bench
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import InputError
+from ..outputs import check_output_dir, write_json, write_text
+from .bench import BlockWork, bench_pairs, calibration_pairs, quality, to_uint8
+
+FORMAT = "stepcache-bench-experts/1"
+BASE_PROFILE = "wan2.1-t2v-1.3b"  # its CFG rules, warm-ups and presets carry over to the calibrated table
+# MagCache4Wan2.2's T2V retention zones (the published two-expert rule): the first retention_ratio of each
+# expert's passes, the second one closed (<=), as magcache_generate.py:294-303 has it.
+T2V_ZONES = [{"from": "start", "span": ["start", "switch"]},
+             {"from": "switch", "span": ["switch", "end"], "closed": True}]
+# Thresholds swept per method; each at both expert rules. MagCache with Wan2.2 T2V's published K 2 and retention
+# 0.4 (E006K2R04): with 0.2, the published zones compute only 3 of the high-noise expert's 18 passes at 30 steps.
+SWEEPS = {
+    "magcache": [dict(thresh=t, K=2, retention_ratio=0.4) for t in (0.02, 0.06, 0.12, 0.24, 0.5)],
+    "teacache": [dict(thresh=t) for t in (0.05, 0.1, 0.2, 0.4, 0.8)],
+    "easycache": [dict(thresh=t) for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
+}
+QUICK = {"magcache": [0.06, 0.24], "teacache": [0.1, 0.4], "easycache": [0.05, 0.2]}
+DIFFUSERS_FBC = (0.02, 0.05, 0.1, 0.2)  # diffusers' FirstBlockCacheConfig(threshold) on both experts
+BUDGETS = (0.4, 0.5, 0.6, 0.7)
+
+
+class BenchExpertsError(InputError):
+    pass
+
+
+def build(args):
+    """(ExpertsPipeline, description): the shipped two-expert demo, or both experts' architecture with random
+    weights (``--untrained``: a plumbing check that says nothing about quality)."""
+    from stepcache.wan22.demo.model import ExpertsPipeline, load_experts
+    if not args.untrained:
+        high, low = load_experts(args.weights, args.low_weights)
+        return ExpertsPipeline(high, low), {"high": high.metadata.get("path"), "low": low.metadata.get("path")}
+    from .bench import UNTRAINED_LABEL, UNTRAINED_SEED, build_demo
+    high = build_demo(args)[0].model
+    from stepcache.wan21.demo.model import DemoModel, build_transformer
+    low = DemoModel(build_transformer(seed=UNTRAINED_SEED + 1).eval().requires_grad_(False), high.text_encoder,
+                    high.tokenizer, high.codec, {"path": None})
+    return ExpertsPipeline(high, low), {"high": None, "low": None, "label": UNTRAINED_LABEL}
+
+
+class ExpertsBench:
+    def __init__(self, args, demo, out: Path):
+        self.args, self.demo, self.out = args, demo, out
+        self.steps, self.guidance = args.steps, args.guidance
+        self.pairs = bench_pairs(args.num_prompts, args.num_seeds, args.first_prompt)
+        self.work = [BlockWork(demo.pipe.transformer), BlockWork(demo.pipe.transformer_2)]
+        self.lpips = None
+        self.full_work: int | None = None
+        self.records: list[dict] = []
+        self.reference: list = []
+
+    # --- generation --------------------------------------------------------------------------------------
+    def videos(self, steps: int | None = None) -> tuple[list, float]:
+        """Every pair's video, and the block-stack work that ran (both experts), as a share of the uncached
+        run's: the bench's cost axis."""
+        for w in self.work:
+            w.reset()
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for prompt, seed in self.pairs:
+                latents = self.demo.latents([prompt], [seed], steps=steps or self.steps, guidance=self.guidance)
+                out.append(to_uint8(self.demo.decode(latents))[0])
+        work = sum(w.macs for w in self.work)
+        if self.full_work is None:  # the first call: the uncached run all others are measured against
+            self.full_work = work
+        return out, work / self.full_work
+
+    def record(self, method: str, rule: str, params: dict, videos: list, passes: float, extra=None) -> dict:
+        scores = [quality(r, v, self.lpips) for r, v in zip(self.reference, videos)]
+        mean = {k: (sum(s[k] for s in scores) / len(scores) if scores[0][k] is not None else None)
+                for k in ("psnr", "ssim", "lpips")}
+        row = {"method": method, "rule": rule, "params": params, "passes": passes, **mean, **(extra or {})}
+        self.records.append(row)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        lp = f" LPIPS {mean['lpips']:.4f}" if mean["lpips"] is not None else ""
+        print(f"  {method:<10} {rule:<9} {shown:<34} passes {passes:6.1%}  PSNR {mean['psnr']:6.2f} dB  "
+              f"SSIM {mean['ssim']:.4f}{lp}", flush=True)
+        return row
+
+    # --- the profile ---------------------------------------------------------------------------------------
+    def profile(self):
+        """stepcache's tables for this two-expert model, calibrated on pairs the bench does not score, with the
+        expert data and MagCache4Wan2.2's T2V retention zones, so that the published rule can run on it."""
+        from stepcache.calibrate import CalibrationRun, build_profile, measure
+        from stepcache.calibration_io import write_profile
+        from stepcache.policies import expert_switch_step
+        from stepcache.profiles import load_profile
+        path = self.out / "calibration" / "stepcache-profile.json"
+        if path.exists():
+            return load_profile(str(path))
+        pairs = calibration_pairs(self.args.calibration_pairs)
+        seeds = dict(pairs)
+        print(f"calibrating stepcache on {len(pairs)} calibration pairs (both experts, {self.steps} steps)",
+              flush=True)
+        run = CalibrationRun([p for p, _ in pairs], [pairs[0][1]], self.steps,
+                             {"resolution": [32, 32], "frames": 8, "guidance": self.guidance,
+                              "pairs": [list(p) for p in pairs]})
+
+        def generate(prompt, seed):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.demo.latents([prompt], [seeds[prompt]], steps=self.steps, guidance=self.guidance)
+
+        base = load_profile(BASE_PROFILE)
+        runner, adapter, model = measure(self.demo.pipe, run, generate, progress=False)
+        data = build_profile(runner, adapter, model, run, "demo-experts-calibrated", base,
+                             description="the two-expert demo, calibrated by stepcache bench --model demo-experts")
+        scheduler = self.demo.pipe.scheduler
+        switch = self.demo.switch_step(self.steps)
+        experts = {"boundary": self.demo.pipe.config.boundary_ratio, "shift": float(scheduler.config.shift),
+                   "num_train_timesteps": int(scheduler.config.num_train_timesteps), "sigma_max": 1.0,
+                   "sigma_min": 0.0, "steps": self.steps,
+                   "switch_step": expert_switch_step(self.steps, self.demo.pipe.config.boundary_ratio,
+                                                     float(scheduler.config.shift), 1000, 1.0, 0.0),
+                   "source": "the two-expert demo's WanPipeline (FlowMatchEulerDiscreteScheduler, boundary_ratio); "
+                             "at run time the switch is read off the pipeline's scheduler"}
+        if experts["switch_step"] != switch:
+            raise BenchExpertsError(f"the expert data give a switch at step {experts['switch_step']}, the pipeline "
+                                    f"switches at {switch} ({self.steps} steps)")
+        data["model"]["experts"] = experts
+        data["magcache"]["retention_zones"] = T2V_ZONES
+        data["easycache"]["warmup_steps"] = max(1, round(self.steps * 7 / 40))  # EasyCache4Wan2.2's 7 of 40
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_profile(path, data)
+
+    # --- the runs ------------------------------------------------------------------------------------------
+    def run_stepcache(self, profile, method: str, rule: str, params: dict) -> None:
+        import stepcache
+        settings = {**params, "experts": rule}
+        if method == "magcache" and rule == "shared":
+            settings["retention_rule"] = "zones"
+        stepcache.enable(self.demo.pipe, method, profile=profile, **settings)
+        try:
+            videos, passes = self.videos()
+            stats = stepcache.stats(self.demo.pipe)
+        finally:
+            stepcache.disable(self.demo.pipe)
+        # carry-over: passes of the low-noise expert reused before it computed any pass of its own, i.e. on the
+        # high-noise expert's cached tensors (possible only with the shared state)
+        carried = 0
+        for generation in stats.generation_ids():
+            seen_low = [r for r in stats.of(generation) if r.expert == "low"]
+            for r in seen_low:
+                if r.computed:
+                    break
+                carried += 1
+        self.record(method, rule, params, videos, passes, {"carried_over_passes": carried})
+
+    def run_fbc(self, threshold: float) -> None:
+        from diffusers import FirstBlockCacheConfig
+        pipe = self.demo.pipe
+        for transformer in (pipe.transformer, pipe.transformer_2):
+            transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        try:
+            videos, passes = self.videos()
+        finally:
+            for transformer in (pipe.transformer, pipe.transformer_2):
+                transformer.disable_cache()
+        self.record("diffusers-fbc", "per-model", {"threshold": threshold}, videos, passes)
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        print(f"two-expert demo: {len(self.pairs)} prompt-seed pairs, {self.steps} steps, switch at step "
+              f"{self.demo.switch_step(self.steps)}", flush=True)
+        self.reference, _ = self.videos()
+        profile = self.profile()
+        quick = self.args.quick
+        for method, sweep in SWEEPS.items():
+            for params in sweep:
+                if quick and params["thresh"] not in QUICK[method]:
+                    continue
+                for rule in ("shared", "separate"):
+                    self.run_stepcache(profile, method, rule, params)
+        for steps in ((10, 20) if quick else (10, 12, 15, 18, 21, 24)):
+            videos, passes = self.videos(steps)
+            self.record("fewer-steps", "-", {"steps": steps}, videos, passes)
+        for threshold in (DIFFUSERS_FBC[1:3] if quick else DIFFUSERS_FBC):
+            self.run_fbc(threshold)
+        return {"format": FORMAT, "seconds": time.perf_counter() - started, "steps": self.steps,
+                "guidance": self.guidance, "switch_step": self.demo.switch_step(self.steps),
+                "pairs": [list(p) for p in self.pairs], "profile": str(profile.path), "runs": self.records,
+                "at_equal_passes": at_equal_passes(self.records, self.args.budgets)}
+
+
+def at_equal_passes(records: list[dict], budgets) -> dict:
+    """PSNR of each method and rule at each pass budget, by linear interpolation along its own sweep (None
+    outside the sweep's range: no extrapolation)."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        curves.setdefault(f"{r['method']} {r['rule']}".strip(" -"), []).append((r["passes"], r["psnr"]))
+    table = {}
+    for name, points in curves.items():
+        points.sort()
+        row = {}
+        for b in budgets:
+            value = None
+            for (x0, y0), (x1, y1) in zip(points, points[1:]):
+                if x0 <= b <= x1 and x1 > x0:
+                    value = y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+                    break
+                if x0 == b:
+                    value = y0
+            if points and points[-1][0] == b:
+                value = points[-1][1]
+            row[f"{b:.0%}"] = None if value is None else round(value, 2)
+        table[name] = row
+    return table
+
+
+def report(result: dict) -> str:
+    lines = [f"# Two-expert demo bench ({result['steps']} steps, switch at step {result['switch_step']}, "
+             f"{len(result['pairs'])} prompt-seed pairs)", "",
+             "PSNR (dB) against the uncached two-expert run, read at equal shares of transformer passes:", "",
+             "| method | rule | " + " | ".join(next(iter(result["at_equal_passes"].values())).keys()) + " |",
+             "|---|---|" + "---|" * len(next(iter(result["at_equal_passes"].values())))]
+    for name, row in result["at_equal_passes"].items():
+        method, _, rule = name.partition(" ")
+        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in row.values())
+        lines.append(f"| {method} | {rule or '-'} | {cells} |")
+    lines += ["", "Every run:", "", "| method | rule | setting | passes | PSNR | SSIM | LPIPS | carried over |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        setting = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lp = "-" if r["lpips"] is None else f"{r['lpips']:.4f}"
+        lines.append(f"| {r['method']} | {r['rule']} | {setting} | {r['passes']:.1%} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.4f} | {lp} | {r.get('carried_over_passes', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_args(args) -> None:
+    """Defaults of the shared bench flags for this bench, and one-line errors, before any model loads."""
+    from stepcache.wan21.demo.model import GUIDANCE, STEPS
+    quick = args.quick
+    args.steps = STEPS if args.steps is None else args.steps
+    args.guidance = GUIDANCE if args.guidance is None else args.guidance
+    args.num_prompts = args.num_prompts or (3 if quick else 8)
+    args.num_seeds = args.num_seeds or 1
+    args.calibration_pairs = args.calibration_pairs or (2 if quick else 8)
+    if args.steps < 4:
+        raise BenchExpertsError(f"--steps {args.steps} is too few for a two-expert run; allowed: 4 or more")
+    for b in args.budgets:
+        if not 0 < b < 1:
+            raise BenchExpertsError(f"--budgets value {b} is outside (0, 1): a share of the transformer passes")
+    check_output_dir(args.out, "--out")
+
+
+def run(args) -> int:
+    """The two-expert bench (``stepcache bench --model demo-experts``); writes OUT/experts.json and experts.md."""
+    import torch
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    demo, info = build(args)
+    bench = ExpertsBench(args, demo, out)
+    from .lpips import load_lpips
+    setup = load_lpips("alex", weights=args.lpips_weights, heads=args.lpips_heads)
+    bench.lpips = setup.scorer
+    result = {**bench.run(), "model": info, "lpips": setup.description}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "experts.json", result)
+    text = report(result)
+    write_text(out / "experts.md", text)
+    print(text)
+    print(f"wrote {out / 'experts.json'} and {out / 'experts.md'}")
+    return 0
+
+
+__all__ = ["at_equal_passes", "report", "run"]
