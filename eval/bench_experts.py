@@ -191,7 +191,8 @@ class ExpertsBench:
                     continue
                 for rule in ("shared", "separate"):
                     self.run_stepcache(profile, method, rule, params)
-        for steps in ((10, 20) if quick else (10, 12, 15, 18, 21, 24)):
+        fractions = (1 / 3, 2 / 3) if quick else (1 / 3, 0.4, 0.5, 0.6, 0.7, 0.8)
+        for steps in sorted({max(2, round(self.steps * f)) for f in fractions}):
             videos, passes = self.videos(steps)
             self.record("fewer-steps", "-", {"steps": steps}, videos, passes)
         for threshold in (DIFFUSERS_FBC[1:3] if quick else DIFFUSERS_FBC):

@@ -170,6 +170,22 @@ def test_fsdp_experts_are_cached_on_the_inner_wanmodels(up, group, experts):  # 
     assert torch.equal(run_t2v(sampler, steps=STEPS), uncached)
 
 
+def test_published_class_patch_breaks_under_fsdp(up, group, monkeypatch):  # noqa: F811
+    """What the published MagCache4Wan2.2 script does (``model.__class__.forward = magcache_forward``) on an
+    FSDP-wrapped expert replaces FSDP's forward for every FSDP unit, so the first wrapped block is called with the
+    DiT's signature."""
+    sampler = configure_parallel(up, bare_sampler(up, "t2v"), dit_fsdp=True)
+
+    def published_style_forward(self, x, t, context, seq_len, y=None):
+        tokens = torch.zeros(1, seq_len, self.dim)
+        return [self.blocks[0](tokens, e=None, seq_lens=None, grid_sizes=None, freqs=None, context=None,
+                               context_lens=None)]
+
+    monkeypatch.setattr(type(sampler.high_noise_model), "forward", published_style_forward)
+    with pytest.raises(TypeError, match="published_style_forward.. got an unexpected keyword argument 'e'"):
+        run_t2v(sampler, steps=2)
+
+
 # ---------------------------------------------------------------------------------- Ulysses on 2 gloo ranks
 def test_the_cache_runs_inside_ulysses_on_both_experts(ranks, reference):
     for rank in ranks:

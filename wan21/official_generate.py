@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, run_cli
-from ..methods import PREDICT_HELP, PREDICTIONS, resolve_method
+from ..methods import EXPERTS_HELP, PREDICT_HELP, PREDICTIONS, resolve_method
 from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, load_profile
+from ..schema import EXPERT_STATES
 from .official import FAMILY, model_config
 
 METHODS = ("magcache", "teacache", "easycache")
@@ -77,9 +78,14 @@ class WanRepo:
     saver_returns_name = True
     magcache_defaults = MAGCACHE_CLI_DEFAULTS
     magcache_help_extra = ""
+    has_experts = False  # whether some of its tasks run two experts (--cache_experts)
 
     def task_kind(self, task: str) -> str:
         return task_kind(task)
+
+    def runs_experts(self, task: str) -> bool:
+        """Whether ``task`` runs two experts (one cache over both)."""
+        return False
 
     def in_channels(self, kind: str) -> int:
         return 36 if kind in ("i2v", "flf2v") else 16
@@ -199,6 +205,9 @@ def build_parser(method: str, repo: WanRepo | None = None) -> argparse.ArgumentP
         repo.add_easycache_flags(group)
     group.add_argument("--cache_predict", choices=PREDICTIONS, default=None,
                        help=f"stepcache option, any method: {PREDICT_HELP}")
+    if repo.has_experts:
+        group.add_argument("--cache_experts", choices=EXPERT_STATES, default=None,
+                           help=f"stepcache option, any method: {EXPERTS_HELP}")
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
                        help="a shipped profile name (`stepcache profiles`) or a profile file, e.g. one written by "
                             "--magcache_calibration (default: chosen from --task and --size)")
@@ -315,8 +324,9 @@ def _which_run(method: str, ours, notes: list[str]) -> tuple[str | None, bool]:
         return method, calibrate
     if ours.cache_profile and not calibrate:
         raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
-    if ours.cache_predict is not None:  # calibration runs uncached too
-        raise PlanError("--cache_predict has no effect without --use_magcache; add --use_magcache")
+    for flag in ("cache_predict", "cache_experts"):  # calibration runs uncached too
+        if getattr(ours, flag, None) is not None:
+            raise PlanError(f"--{flag} has no effect without --use_magcache; add --use_magcache")
     if not calibrate:
         notes.append("neither --use_magcache nor --magcache_calibration: this run is uncached (as with the "
                      "published script); its DiT time is still reported")
@@ -386,6 +396,10 @@ def _method_params(method: str, active: str, ours, profile: Profile, args, notes
                             f"reused; use fewer than --sample_steps")
     if ours.cache_predict is not None:
         params["predict"] = ours.cache_predict
+    if getattr(ours, "cache_experts", None) is not None:
+        if not repo.runs_experts(args.task):
+            raise PlanError(f"--cache_experts applies to the two-expert tasks; --task {args.task} runs one model")
+        params["experts"] = ours.cache_experts
     try:
         config = resolve_method(active, profile, None, **params)
         config.spec.validate(config, steps)

@@ -42,9 +42,13 @@ class Wan22Repo(WanRepo):
     magcache_defaults = MAGCACHE_CLI_DEFAULTS
     magcache_help_extra = (" (ti2v-5B: at the start; A14B: in the profile's zones, at the start and after the "
                            "expert switch)")
+    has_experts = True
 
     def task_kind(self, task: str) -> str:
         return task.split("-")[0]
+
+    def runs_experts(self, task: str) -> bool:
+        return self.task_kind(task) in ("t2v", "i2v")
 
     def in_channels(self, kind: str) -> int:
         return {"i2v": 36, "ti2v": 48}.get(kind, 16)
