@@ -42,6 +42,11 @@ def forwards(sampler) -> dict[str, object]:
     return found
 
 
+def unchanged(before: dict, after: dict) -> bool:
+    """Whether two :func:`forwards` snapshots hold the very same objects."""
+    return after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
 def run_case(up, case: dict, rank: int = 0) -> dict:
     """One generation of a tiny WanT2V (8 steps at 64x64, 5 frames: 32 tokens), configured, cached and observed as
     ``case`` says: ``sp`` / ``fsdp`` (upstream's ``_configure_model``), ``method`` / ``profile`` / ``params``
@@ -93,8 +98,8 @@ def run_case(up, case: dict, rank: int = 0) -> dict:
             if case.get("method"):
                 params = case["params_by_rank"][rank] if "params_by_rank" in case else case.get("params", {})
                 attachment = attach(sampler, case["method"], case["profile"], params)
-                result["wrapped"] = {short: m.__dict__.get("forward") is not None
-                                     and m.__dict__["forward"] is not inner_before[short] for short, m in inners.items()}
+                result["wrapped"] = {short: m.__dict__.get("forward") not in (None, inner_before[short])
+                                     for short, m in inners.items()}  # an instance forward of the cache's
                 if case.get("fsdp"):
                     result["fsdp_untouched_attached"] = fsdp_untouched()
             result["out"] = W.run_t2v(sampler, steps=case.get("steps", 8), seed=case.get("seed", 0))
@@ -109,8 +114,7 @@ def run_case(up, case: dict, rank: int = 0) -> dict:
                       reasons=[r.reason for r in stats.of()], switch_step=attachment.generations[-1].switch_step,
                       group=repr(attachment.cached.runner.group_of()))
         attachment.remove()
-    after = forwards(sampler)
-    result["restored"] = after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    result["restored"] = unchanged(before, forwards(sampler))
     if case.get("fsdp"):
         result["fsdp_untouched"] = fsdp_untouched()
     return result

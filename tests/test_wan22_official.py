@@ -130,6 +130,11 @@ def command_argv(command: str) -> list[str]:
     return shlex.split(command.replace("\\\n", " "))[2:]  # the shell joins continued lines; drop "python x.py"
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def replaced(argv: list[str], flag: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
@@ -202,7 +207,7 @@ def baselines(up, image):
     return {kind: run(kind, sampler_of(up, kind), image) for kind in KINDS}
 
 
-def assert_removed(attachment, sampler):
+def assert_removed(sampler):
     assert "generate" not in sampler.__dict__
     for model in models_of(sampler):
         assert "forward" not in model.__dict__ and all("forward" not in b.__dict__ for b in model.blocks)
@@ -236,7 +241,7 @@ def test_threshold_zero_is_bit_identical_to_upstream(up, image, baselines, test_
     for work in works:
         work.remove()
     attachment.remove()
-    assert_removed(attachment, sampler)
+    assert_removed(sampler)
     assert torch.equal(run(kind, sampler, image), baselines[kind])
 
 
@@ -281,8 +286,33 @@ def test_a_reused_pass_runs_no_block_of_either_expert(up, image, test_profiles, 
     for work in works:
         work.remove()
     attachment.remove()
-    assert_removed(attachment, sampler)
+    assert_removed(sampler)
     assert torch.equal(run(kind, sampler, image, steps=REUSED_STEPS), baseline)
+
+
+def test_easycache_reused_pass_returns_latent_plus_the_cached_transformation_across_the_switch(up, image,
+                                                                                               test_profiles):
+    """A reused pass returns ``x + (v - x)`` of its branch's last computed pass, as upstream's list of latents;
+    with the published shared state the low expert's first pass can reuse the high expert's transformation."""
+    sampler = sampler_of(up, "t2v")
+    attachment = attach(sampler, "easycache", test_profiles["t2v"], REUSING["easycache"])
+    seen = []
+    for model in models_of(sampler):
+        model.register_forward_hook(lambda m, a, k, out: seen.append((m, a[0][0], out)), with_kwargs=True)
+    run("t2v", sampler, image)
+    records = attachment.cached.stats.of()
+    assert len(seen) == len(records) == 2 * STEPS
+    last, reused, crossed = {}, 0, False
+    for (model, x, out), record in zip(seen, records):
+        assert model is models_of(sampler)[record.expert == "low"]
+        assert isinstance(out, list) and len(out) == 1 and out[0].shape == x.shape == (16, 2, 8, 8)
+        if record.computed:
+            last[record.branch] = (out[0] - x, record.expert)
+        else:
+            reused += 1
+            crossed |= last[record.branch][1] != record.expert
+            assert torch.equal(out[0], (x + last[record.branch][0]).float())
+    assert reused > 0 and crossed
 
 
 # experts="separate": the low expert's first passes warm up as at the start of a run (method by method: its cond
@@ -409,7 +439,7 @@ def test_published_magcache_command_runs_the_published_schedule(script, index):
                                          f"measured on: num_layers=3"):
         assert script("magcache", argv) == 0
     assert os.path.getsize("out/x.mp4") > 0
-    stats = json.load(open(script.dir / "out" / "x.stats.json"))
+    stats = read_json(script.dir / "out" / "x.stats.json")
     assert stats["profile"] == profile and stats["params"] == EXPECTED[("magcache", index)][2]
     assert stats["pattern"] == pattern and "|" not in stats["pattern"]
     assert (stats["computed_passes"], stats["total_passes"]) == (computed, total) == (pattern.count("C"), 2 * steps)
@@ -428,19 +458,43 @@ def test_published_magcache_command_runs_the_published_schedule(script, index):
         assert [len(work.block) for work in script.counters] == [len(high), len(low)]
 
 
+def test_cache_experts_separate_on_the_published_t2v_command(script):
+    """--cache_experts separate (stepcache's): the README's T2V-A14B command keeps a state per expert, each
+    computing the first retention_ratio of its own passes, as `stepcache schedule` simulates it."""
+    argv = replaced(command_argv(MAGCACHE_COMMANDS[2]), "--size", TINY_SIZE)
+    argv = replaced(argv, "--ckpt_dir", argv[argv.index("--ckpt_dir") + 1].lstrip("/"))
+    assert script("magcache", argv + ["--frame_num", "5", "--save_file", "out/x.mp4", "--cache_experts",
+                                      "separate"]) == 0
+    stats = read_json(script.dir / "out" / "x.stats.json")
+    assert stats["params"] == {"thresh": 0.06, "K": 2, "retention_ratio": 0.4, "experts": "separate"}
+    config = resolve_method("magcache", "wan2.2-t2v-a14b", thresh=0.06, K=2, retention_ratio=0.4, experts="separate")
+    assert stats["pattern"] == simulate(config, 40).pattern() != PUBLISHED[2][-1]
+    assert "".join(work.ran() for work in script.counters) == stats["pattern"]
+    switch = stats["experts"]["low"]["first_step"]
+    low = [p for p in stats["passes"] if p["expert"] == "low"]
+    assert low[0]["step"] == switch and [p["reason"] for p in low[:11]] == ["warmup"] * 11  # int(0.4 * 28)
+
+
 @pytest.mark.filterwarnings("ignore::stepcache.runner.NothingCachedWarning")
 def test_published_easycache_command_runs(script, capsys):
-    argv = replaced(command_argv(EASYCACHE_COMMANDS[0]), "--size", TINY_SIZE) + [
-        "--frame_num", "5", "--save_file", "out/x.mp4"]
-    assert script("easycache", argv) == 0
-    assert "[stepcache] easycache on profile wan2.2-t2v-a14b: thresh=0.06, warmup_steps=7" in capsys.readouterr().out
-    stats = json.load(open(script.dir / "out" / "x.stats.json"))
-    assert (stats["method"], stats["profile"], stats["params"]) == ("easycache", "wan2.2-t2v-a14b",
-                                                                     {"thresh": 0.06, "warmup_steps": 7})
-    assert stats["total_passes"] == 80 and stats["pattern"].startswith("C" * 14)  # 7 warm-up steps, both branches
-    assert "".join(work.ran() for work in script.counters) == stats["pattern"]
+    """The T2V-A14B command at its 40 steps: as published (the tiny random experts change too much per step for
+    0.06 to reuse anything), then with a budget they reuse under, and every reused pass ran no block."""
+    argv = replaced(command_argv(EASYCACHE_COMMANDS[0]), "--size", TINY_SIZE) + ["--frame_num", "5"]
     switch = load_profile("wan2.2-t2v-a14b").expert_switch_step(40)
-    assert [e["first_step"] for e in stats["experts"].values()] == [0, switch]
+    for run_index, (extra, thresh) in enumerate([([], 0.06), (["--thresh_t2v", "0.3"], 0.3)]):
+        capsys.readouterr()
+        assert script("easycache", argv + extra + ["--save_file", f"out/x{run_index}.mp4"]) == 0
+        assert (f"[stepcache] easycache on profile wan2.2-t2v-a14b: thresh={thresh}, warmup_steps=7"
+                in capsys.readouterr().out)
+        stats = read_json(script.dir / "out" / f"x{run_index}.stats.json")
+        assert (stats["method"], stats["profile"], stats["params"]) == ("easycache", "wan2.2-t2v-a14b",
+                                                                         {"thresh": thresh, "warmup_steps": 7})
+        pattern = stats["pattern"]
+        assert stats["total_passes"] == len(pattern) == 80 and pattern.startswith("C" * 14)  # 7 warm-up steps
+        assert pattern.endswith("CC")  # the last step is computed (EasyCache4Wan2.2's GLOBAL_NUM_STEPS - 2)
+        assert "".join(work.ran() for work in script.counters[2 * run_index:2 * run_index + 2]) == pattern
+        assert [e["first_step"] for e in stats["experts"].values()] == [0, switch]
+    assert "." in pattern[:2 * switch] and "." in pattern[2 * switch:]  # precondition: both experts reused
 
 
 # ---------------------------------------------------------------------------- wrong input, before loading
@@ -478,9 +532,13 @@ TINY = ["--size", TINY_SIZE, "--frame_num", "5", "--sample_steps", "8"]
     ("magcache", ["--task", "t2v-A14B", "--ckpt_dir", "Wan2.2-T2V-A14B-missing", "--use_magcache"],
      "--ckpt_dir 'Wan2.2-T2V-A14B-missing' does not exist; give the folder of the downloaded --task t2v-A14B "
      "checkpoint"),
+    ("magcache", ["--task", "ti2v-5B", "--ckpt_dir", "ckpt-ti2v", "--use_magcache", "--cache_experts", "separate"],
+     "--cache_experts applies to the two-expert tasks; --task ti2v-5B runs one model"),
+    ("magcache", ["--task", "t2v-A14B", "--ckpt_dir", "ckpt-t2v", "--cache_experts", "separate"],
+     "--cache_experts has no effect without --use_magcache"),
 ], ids=["teacache-t2v", "teacache-i2v", "teacache-ti2v", "teacache-ti2v-image", "easycache-i2v", "thresh-t2v",
         "thresh_t2v-ti2v", "animate", "wan21-profile", "i2v-profile-on-t2v", "i2v-missing-image",
-        "ti2v-missing-image", "no-high-noise-model", "no-ckpt-dir"])
+        "ti2v-missing-image", "no-high-noise-model", "no-ckpt-dir", "experts-on-ti2v", "experts-uncached"])
 def test_wrong_combinations_fail_before_loading(up, script, capsys, method, argv, message):
     checkpoint_layout("only-low", up.configs.WAN_CONFIGS["t2v-A14B"], experts=False)
     assert os.path.isfile("only-low/low_noise_model/config.json")
@@ -512,7 +570,7 @@ def test_calibration_writes_a_two_expert_profile_that_a_second_run_loads(up, scr
               "--sample_steps", str(STEPS), "--base_seed", "3", "--prompt", "a cat"]
     assert script("magcache", common + ["--magcache_calibration", "--save_file", "out/cal.mp4"]) == 0
     path = script.dir / "out" / "cal.magcache-profile.json"  # default: next to the video
-    stats = json.load(open(script.dir / "out" / "cal.stats.json"))
+    stats = read_json(script.dir / "out" / "cal.stats.json")
     assert stats["calibration_file"] == "out/cal.magcache-profile.json" and stats["pattern"] == "C" * 2 * STEPS
     profile = load_profile(str(path))
     sampler = script.made[0]
@@ -547,7 +605,7 @@ def test_calibration_writes_a_two_expert_profile_that_a_second_run_loads(up, scr
     capsys.readouterr()
     assert script("magcache", common + ["--use_magcache", "--cache_profile", str(path), "--save_file",
                                         "out/use.mp4"]) == 0
-    stats = json.load(open(script.dir / "out" / "use.stats.json"))
+    stats = read_json(script.dir / "out" / "use.stats.json")
     assert stats["profile"] == profile.name and stats["profile_file"] == str(path)
     assert stats["params"] == {"thresh": 0.04, "K": 2, "retention_ratio": 0.2}
     expected = simulate(resolve_method("magcache", profile, thresh=0.04, K=2, retention_ratio=0.2), STEPS)

@@ -10,13 +10,17 @@ beneath FSDP and around Ulysses' forward, and every pass ends with one agreement
 
 * FSDP on a 1-process gloo group (a FileStore, no network), in this process: the cache sits on the inner WanModels,
   threshold 0 is the uncached run bit for bit, a reusing setting skips the blocks of both experts, remove()
-  restores every forward.
+  restores every forward; the published class patch breaks there (a TypeError at the first block).
 * Two gloo ranks under torchrun (multigpu_wan22_worker.py): Ulysses as ``_configure_model(use_sp=True)`` binds it,
   for MagCache (experts shared and separate), TeaCache (the Wan2.2 profile with Wan2.1-14B's polynomial) and
   EasyCache: both ranks take the decisions of the same sp code path on one process (a world of one, here) and give
   its output; the blocks see half the tokens; a class-level patch is never called; threshold 0 is the uncached
-  2-rank run; ranks whose inputs differ still decide alike. FSDP (FULL_SHARD over the 2 ranks), alone and under
-  Ulysses: the same decisions on both ranks and the 1-process output.
+  2-rank run; ranks whose own rules disagree (a threshold each) still decide alike. FSDP (FULL_SHARD over the 2
+  ranks), alone and under Ulysses: the same decisions on both ranks and the 1-process output.
+
+All 2-rank cases run in one torchrun (the module's ``ranks`` fixture). With the agreement broken (each rank keeping
+its own decision) the case whose ranks disagree leaves one rank in Ulysses' all-to-all while the other has skipped
+its blocks: the gloo collectives time out, the torchrun fails, and so does every 2-rank test.
 """
 import json
 
@@ -33,7 +37,7 @@ wan22_checkout()  # the whole module needs the checkout
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
 
-from multigpu_wan22_worker import forwards, run_case  # noqa: E402
+from multigpu_wan22_worker import forwards, run_case, unchanged  # noqa: E402
 from stepcache.profiles import load_profile  # noqa: E402
 from stepcache.runner import NothingCachedWarning  # noqa: E402
 from stepcache.wan21.official import unwrap  # noqa: E402
@@ -56,7 +60,7 @@ VARIANTS = {"magcache-shared": ("magcache", {**MAGCACHE, "experts": "shared"}),
             "easycache": ("easycache", {"thresh": 0.5, "warmup_steps": 2})}
 DISAGREE = (0.3, 0.7)  # rank 0's and rank 1's EasyCache thresholds in the case where the ranks' rules disagree
 RTOL = 1e-4
-HALF, ALL = 16, 32  # the tokens of a 5-frame 64x64 video (2 x 4 x 4 patches), and a rank's shard of them
+HALF, ALL = 16, 32  # a rank's shard of the tokens of a 5-frame 64x64 video, and all of them (2 x 4 x 4 patches)
 
 
 def rel_err(a, b) -> float:
@@ -100,11 +104,11 @@ def cases(teacache_profile):
         zero = cached(v, teacache_profile, sp=True)
         found[f"{v}-zero"] = {**zero, "params": {**zero["params"], "thresh": 0.0}}
     found["magcache-shared-sp-class"] = cached("magcache-shared", teacache_profile, sp=True, class_patch=True)
+    found["magcache-shared-fsdp"] = cached("magcache-shared", teacache_profile, fsdp=True)
+    found["easycache-fsdp-sp"] = cached("easycache", teacache_profile, fsdp=True, sp=True)
     easycache = VARIANTS["easycache"][1]
     found["easycache-sp-disagree"] = cached("easycache", teacache_profile, sp=True,
                                             params_by_rank=[{**easycache, "thresh": t} for t in DISAGREE])
-    found["magcache-shared-fsdp"] = cached("magcache-shared", teacache_profile, fsdp=True)
-    found["easycache-fsdp-sp"] = cached("easycache", teacache_profile, fsdp=True, sp=True)
     return {key: {"id": key, "steps": STEPS, **case} for key, case in found.items()}
 
 
@@ -148,7 +152,7 @@ def test_fsdp_experts_are_cached_on_the_inner_wanmodels(up, group, experts):  # 
         assert torch.equal(run_t2v(sampler, steps=STEPS), uncached)
     assert set(zero.cached.stats.pattern()) == {"C"}
     zero.remove()
-    assert forwards(sampler) == before
+    assert unchanged(before, forwards(sampler))
 
     works = [BlockWork(inner) for inner in inners]
     attachment = attach(sampler, "magcache", PROFILE, {**MAGCACHE, "experts": experts})
@@ -164,7 +168,7 @@ def test_fsdp_experts_are_cached_on_the_inner_wanmodels(up, group, experts):  # 
     attachment.remove()
     for work in works:
         work.remove()
-    assert forwards(sampler) == before  # every instance forward as before; FSDP's class forward untouched
+    assert unchanged(before, forwards(sampler))  # every instance forward as before; FSDP's class forward untouched
     assert FSDP.__dict__["forward"] is FSDP_FORWARD and "generate" not in sampler.__dict__
     assert all(getattr(inner, "_stepcache", None) is None for inner in inners)
     assert torch.equal(run_t2v(sampler, steps=STEPS), uncached)
