@@ -15,6 +15,7 @@ PACKAGES = {
     "stepcache.opensora": "opensora",
     "stepcache.eval": "eval",
     "stepcache.wan21.demo": "wan21/demo",
+    "stepcache.wan22.demo": "wan22/demo",
 }
 
 # torch is deliberately unpinned here; install it first with `pip install torch==2.13.0` (a CPU wheel) or the
@@ -41,7 +42,8 @@ setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
     package_data={"stepcache": ["profiles/*.json"], "stepcache.eval": ["data/*"],
-                  "stepcache.wan21.demo": ["weights/*.safetensors", "weights/*.json", "assets/*.png"]},
+                  "stepcache.wan21.demo": ["weights/*.safetensors", "weights/*.json", "assets/*.png"],
+                  "stepcache.wan22.demo": ["weights/*.safetensors"]},
     include_package_data=True,
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={

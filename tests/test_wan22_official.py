@@ -29,7 +29,7 @@ from stepcache.methods import EXPERT_MARK, resolve_method  # noqa: E402
 from stepcache.profiles import load_profile  # noqa: E402
 from stepcache.runner import NothingCachedWarning  # noqa: E402
 from stepcache.schedule import simulate  # noqa: E402
-from stepcache.wan21.official_generate import main, make_plan, split_argv, upstream_args  # noqa: E402
+from stepcache.wan21.official_generate import PlanError, main, make_plan, split_argv, upstream_args  # noqa: E402
 from stepcache.wan22.official import attach  # noqa: E402
 from stepcache.wan22.official_generate import WAN22  # noqa: E402
 from test_wan22_profiles import PUBLISHED  # noqa: E402  (the published MagCache4Wan2.2 schedules)
@@ -417,6 +417,38 @@ def test_published_command_parses(up, script, key):
     assert not any("resampled" in n for n in plan.notes)  # every published command runs at its table's steps
     assert args.sample_steps == load_profile(want_profile).method("magcache")["steps"]  # 50 TI2V-5B, 40 A14B
     assert script.made == []  # nothing loaded
+
+
+@pytest.mark.parametrize("image, profile", [(False, "wan2.2-ti2v-5b"), (True, "wan2.2-ti2v-5b-i2v")])
+def test_a_ti2v_profile_is_taken_for_its_own_run_and_refused_for_the_other(up, script, image, profile):
+    """TI2V-5B's tables are for text-to-video and for image-to-video (--image): each is accepted for its run by
+    name (the path a calibrated file takes too) and refused for the other one."""
+    argv = ["--task", "ti2v-5B", "--size", "1280*704", "--ckpt_dir", "ckpt-ti2v", "--use_magcache", "--cache_profile",
+            profile]
+    if image:
+        argv += ["--image", "examples/i2v_input.JPG"]
+    plan, _ = plan_of(up, "magcache", argv)
+    assert plan.profile.name == profile
+    other = "wan2.2-ti2v-5b" if image else "wan2.2-ti2v-5b-i2v"
+    with pytest.raises(PlanError, match=f"measured on a Wan2.2 {'T2V' if image else 'I2V'} model"):
+        plan_of(up, "magcache", replaced(argv, "--cache_profile", other))
+
+
+@pytest.mark.parametrize("task", ["t2v-A14B", "i2v-A14B"])
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_calibrated_expert_data_give_the_switch_upstreams_scheduler_makes(up, task, solver):
+    """A calibrated A14B table states its expert data; at every step count up to 100, with either solver, they give
+    the step at which upstream's own scheduler hands over (so the plan's check before loading never refuses a
+    default run)."""
+    from types import SimpleNamespace
+
+    from stepcache.wan22.official import switch_step_for
+    cfg = up.configs.WAN_CONFIGS[task]
+    sampler = up.WanT2V if task.startswith("t2v") else up.WanI2V
+    for steps in range(2, 101):
+        args = SimpleNamespace(task=task, sample_steps=steps, sample_shift=cfg.sample_shift, sample_solver=solver)
+        assert WAN22.experts_of_run(args)["switch_step"] == switch_step_for(
+            sampler, cfg.num_train_timesteps, cfg.boundary, steps, cfg.sample_shift, solver), steps
 
 
 def test_script_defaults_are_the_published_scripts():

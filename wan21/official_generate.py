@@ -87,6 +87,10 @@ class WanRepo:
         """Whether ``task`` runs two experts (one cache over both)."""
         return False
 
+    def profile_task(self, task: str, image: bool) -> str:
+        """The ``model.task`` a profile for this run states (the task kind; with or without an input image)."""
+        return self.task_kind(task)
+
     def in_channels(self, kind: str) -> int:
         return 36 if kind in ("i2v", "flf2v") else 16
 
@@ -149,6 +153,9 @@ class WanRepo:
     def dit_folders(self, args, cfg) -> list[str]:
         """The folders under --ckpt_dir that hold a DiT (config.json and weights): the root for Wan2.1."""
         return [""]
+
+    def check_calibration(self, args, upstream) -> None:
+        """What --magcache_calibration needs of this run, checked before anything loads (nothing for Wan2.1)."""
 
     def attach(self, sampler, plan: Plan):
         from .official import attach
@@ -268,12 +275,13 @@ def _nearest(names: list[str], height: int, width: int) -> Profile:
     return min(profiles, key=lambda p: abs(p.resolution[0] * p.resolution[1] - height * width))
 
 
-def check_profile_fits(profile: Profile, task: str, wan_configs, repo: WanRepo | None = None) -> None:
+def check_profile_fits(profile: Profile, task: str, wan_configs, repo: WanRepo | None = None,
+                       image: bool = False) -> None:
     repo = repo or WAN21
     model = profile.data.get("model", {})
     if profile.family and profile.family != repo.family:
         raise PlanError(f"--cache_profile {profile.name!r} is for {profile.family!r} models, not {repo.name}")
-    kind, theirs = repo.task_kind(task), model.get("task")
+    kind, theirs = repo.profile_task(task, image), model.get("task")
     if theirs and theirs != kind:
         raise PlanError(f"--cache_profile {profile.name!r} was measured on a {repo.name} {theirs.upper()} model, but "
                         f"--task {task} runs {kind.upper()}; use a {kind.upper()} profile (default for this task: "
@@ -300,6 +308,7 @@ def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, u
     profile = _choose_profile(active, ours, args, base, upstream, notes, repo) if active else None
     params = _method_params(method, active, ours, profile, args, notes, repo) if active else {}
     if calibrate:
+        repo.check_calibration(args, upstream)
         notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
                      "block-stack residuals per CFG branch and step")
     return Plan(active, profile, params, calibrate, base, notes, ours.cache_stats,
@@ -352,7 +361,7 @@ def _choose_profile(active: str, ours, args, base: Profile | None, upstream, not
             profile = load_profile(ours.cache_profile)
         except ProfileError as exc:
             raise PlanError(f"--cache_profile: {exc}") from exc
-        check_profile_fits(profile, task, upstream.WAN_CONFIGS, repo)
+        check_profile_fits(profile, task, upstream.WAN_CONFIGS, repo, bool(getattr(args, "image", None)))
         if not profile.has(active):
             have = [m for m in METHODS if profile.has(m)]
             raise PlanError(f"--cache_profile {profile.name!r} has no {active} table (it has: "

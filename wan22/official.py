@@ -38,17 +38,17 @@ def expert_attributes(sampler) -> tuple[str, ...]:
     return ("model",)
 
 
-def sampler_timesteps(sampler, steps: int, shift: float, solver: str):
-    """The timesteps a two-expert sampler's generate() loops over, made by the sampler module's own scheduler
-    classes with the calls it makes (text2video.py / image2video.py), on the CPU."""
-    module = SimpleNamespace(**type(sampler).generate.__globals__)  # the names generate() itself calls
+def sampler_timesteps(sampler_class, num_train_timesteps: int, steps: int, shift: float, solver: str):
+    """The timesteps a sampler class's generate() loops over, made by its module's own scheduler classes with
+    the calls it makes (text2video.py / image2video.py), on the CPU; no model needed."""
+    module = SimpleNamespace(**sampler_class.generate.__globals__)  # the names generate() itself calls
     if solver == "unipc":
-        scheduler = module.FlowUniPCMultistepScheduler(num_train_timesteps=sampler.num_train_timesteps, shift=1,
+        scheduler = module.FlowUniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, shift=1,
                                                        use_dynamic_shifting=False)
         scheduler.set_timesteps(steps, device="cpu", shift=shift)
         return scheduler.timesteps
     if solver == "dpm++":
-        scheduler = module.FlowDPMSolverMultistepScheduler(num_train_timesteps=sampler.num_train_timesteps, shift=1,
+        scheduler = module.FlowDPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, shift=1,
                                                            use_dynamic_shifting=False)
         timesteps, _ = module.retrieve_timesteps(scheduler, device="cpu",
                                                  sigmas=module.get_sampling_sigmas(steps, shift))
@@ -56,12 +56,18 @@ def sampler_timesteps(sampler, steps: int, shift: float, solver: str):
     raise ValueError(f"unknown sample_solver {solver!r}; Wan2.2 has unipc and dpm++")
 
 
+def switch_step_for(sampler_class, num_train_timesteps: int, boundary: float, steps: int, shift: float,
+                    solver: str) -> int:
+    """The first step of the low-noise expert: the number of timesteps at or above ``boundary *
+    num_train_timesteps`` (upstream compares ``t.item() >= boundary`` at each step)."""
+    timesteps = sampler_timesteps(sampler_class, num_train_timesteps, steps, shift, solver)
+    return int((timesteps >= boundary * num_train_timesteps).sum())
+
+
 def switch_step(sampler, arguments: dict[str, Any]) -> int:
-    """The first step of the low-noise expert in the generate() call with these bound ``arguments``: the number
-    of its timesteps at or above ``boundary * num_train_timesteps`` (upstream compares ``t.item() >= boundary``)."""
-    timesteps = sampler_timesteps(sampler, int(arguments["sampling_steps"]), float(arguments["shift"]),
-                                  arguments["sample_solver"])
-    return int((timesteps >= sampler.boundary * sampler.num_train_timesteps).sum())
+    """The switch of the generate() call with these bound ``arguments``, on this sampler."""
+    return switch_step_for(type(sampler), sampler.num_train_timesteps, sampler.boundary,
+                           int(arguments["sampling_steps"]), float(arguments["shift"]), arguments["sample_solver"])
 
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,

@@ -50,6 +50,11 @@ class Wan22Repo(WanRepo):
     def runs_experts(self, task: str) -> bool:
         return self.task_kind(task) in ("t2v", "i2v")
 
+    def profile_task(self, task: str, image: bool) -> str:
+        """TI2V-5B's tables are a text-to-video one and an image-to-video one (``--image``)."""
+        kind = self.task_kind(task)
+        return ("i2v" if image else "t2v") if kind == "ti2v" else kind
+
     def in_channels(self, kind: str) -> int:
         return {"i2v": 36, "ti2v": 48}.get(kind, 16)
 
@@ -115,29 +120,47 @@ class Wan22Repo(WanRepo):
         return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate)
 
     def calibrated_model(self, args, kind: str, height: int, width: int, attachment) -> dict[str, Any]:
-        model = {"family": self.family, "task": kind if kind != "ti2v" else ("i2v" if args.image else "t2v"),
+        model = {"family": self.family, "task": self.profile_task(args.task, bool(args.image)),
                  "resolution": [height, width], "config": model_config(attachment.model),
                  "classes": ["WanTransformer3DModel", "WanModel"]}
-        record = attachment.generations[-1]
-        if record.switch_step is not None:
-            model["experts"] = self._experts_of_run(args, record)
+        if attachment.generations[-1].switch_step is not None:
+            model["experts"] = self.experts_of_run(args)
         return model
 
-    def _experts_of_run(self, args, record) -> dict[str, Any]:
-        """``model.experts`` for a calibrated two-expert table: the task's shipped boundary data at this run's
-        steps and shift (the schema recomputes the switch step from them)."""
+    def experts_of_run(self, args) -> dict[str, Any]:
+        """``model.experts`` for a table calibrated on a two-expert task: the task's shipped boundary data at this
+        run's steps, shift and solver's sigma range (the schema recomputes the switch step from them)."""
         from ..policies import expert_switch_step
         shipped = load_profile(DEFAULT_PROFILES[self.task_kind(args.task)]).experts
-        experts = {**shipped, "shift": float(args.sample_shift), "steps": int(record.steps)}
+        experts = {**shipped, "shift": float(args.sample_shift), "steps": int(args.sample_steps),
+                   # dpm++'s sigmas start at 1 (wan/utils/fm_solvers.py get_sampling_sigmas), unipc's at 1 - 1/1000
+                   "sigma_max": 1.0 if args.sample_solver == "dpm++" else shipped["sigma_max"],
+                   "source": f"calibrated run ({args.sample_solver}, shift {args.sample_shift}); {shipped['source']}"}
         experts["switch_step"] = expert_switch_step(experts["steps"], experts["boundary"], experts["shift"],
                                                     int(experts["num_train_timesteps"]), experts["sigma_max"],
                                                     experts["sigma_min"])
-        if experts["switch_step"] != record.switch_step:
-            raise PlanError(f"the calibrated run switched experts at step {record.switch_step}, but the boundary data "
-                            f"give {experts['switch_step']} at --sample_shift {args.sample_shift} (--sample_solver "
-                            f"{args.sample_solver}); calibrate with --sample_solver unipc")
-        experts["source"] = f"calibrated run ({args.sample_solver}, shift {args.sample_shift}); {shipped['source']}"
         return experts
+
+    def check_calibration(self, args, upstream) -> None:
+        """Before anything loads: the expert data a calibrated A14B table will state must give the switch the
+        run's own scheduler makes, else the file could not be used."""
+        if not self.runs_experts(args.task):
+            return
+        import inspect
+
+        from .official import switch_step_for
+        cfg = upstream.WAN_CONFIGS[args.task]
+        sampler = inspect.unwrap(getattr(upstream.wan, "WanT2V" if self.task_kind(args.task) == "t2v" else "WanI2V"))
+        if not hasattr(getattr(sampler, "generate", None), "__globals__"):
+            return  # not upstream's class (a stand-in): its scheduler cannot be asked
+        actual = switch_step_for(sampler, cfg.num_train_timesteps, cfg.boundary, int(args.sample_steps),
+                                 float(args.sample_shift), args.sample_solver)
+        stated = self.experts_of_run(args)["switch_step"]
+        if actual != stated:
+            raise PlanError(f"--sample_solver {args.sample_solver} with --sample_steps {args.sample_steps} and "
+                            f"--sample_shift {args.sample_shift} switches experts at step {actual}, where the "
+                            f"boundary data a calibrated table records give {stated}; calibrate with another step "
+                            f"count or --sample_solver unipc")
 
 
 WAN22 = Wan22Repo()
