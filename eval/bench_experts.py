@@ -12,6 +12,7 @@ Design notes: docs/wan22.md#the-two-expert-demo-bench
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,10 @@ SWEEPS = {
 }
 QUICK = {"magcache": [0.06, 0.24], "teacache": [0.1, 0.4], "easycache": [0.05, 0.2]}
 DIFFUSERS_FBC = (0.02, 0.05, 0.1, 0.2)  # diffusers' FirstBlockCacheConfig(threshold) on both experts
+# diffusers' MagCacheConfig on both experts, each with ratios from diffusers' own calibrate=True pass on it, and
+# num_inference_steps either the steps that expert runs ("own steps") or the pipeline's ("all steps", how
+# diffusers issue 14025 reports it configured for Wan2.2).
+DIFFUSERS_MAGCACHE = (0.06, 0.12, 0.24, 0.5)
 BUDGETS = (0.4, 0.5, 0.6, 0.7)
 
 
@@ -89,7 +94,11 @@ class ExpertsBench:
         scores = [quality(r, v, self.lpips) for r, v in zip(self.reference, videos)]
         mean = {k: (sum(s[k] for s in scores) / len(scores) if scores[0][k] is not None else None)
                 for k in ("psnr", "ssim", "lpips")}
-        row = {"method": method, "rule": rule, "params": params, "passes": passes, **mean, **(extra or {})}
+        # the standard error of the mean PSNR over the pairs: a difference smaller than about twice it ranks nothing
+        spread = (sum((s["psnr"] - mean["psnr"]) ** 2 for s in scores) / max(len(scores) - 1, 1)) ** 0.5
+        mean["psnr_sem"] = spread / len(scores) ** 0.5
+        row = {"method": method, "rule": rule, "params": params, "passes": passes, **mean,
+               "psnr_per_pair": [round(s["psnr"], 3) for s in scores], **(extra or {})}
         self.records.append(row)
         shown = ", ".join(f"{k}={v}" for k, v in params.items())
         lp = f" LPIPS {mean['lpips']:.4f}" if mean["lpips"] is not None else ""
@@ -178,6 +187,63 @@ class ExpertsBench:
                 transformer.disable_cache()
         self.record("diffusers-fbc", "per-model", {"threshold": threshold}, videos, passes)
 
+    # --- diffusers' MagCache on both experts -------------------------------------------------------------------
+    def diffusers_ratios(self) -> dict[str, list[float]]:
+        """Per expert, diffusers' own ``MagCacheConfig(calibrate=True)`` table, measured with that expert's step
+        count on the calibration pairs (the mean over pairs and CFG contexts), cached in the output folder."""
+        import ast
+        import contextlib
+        import io
+        from diffusers import MagCacheConfig
+        path = self.out / "calibration" / "diffusers-magcache-experts.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        pipe = self.demo.pipe
+        switch = self.demo.switch_step(self.steps)
+        own = {"high": switch, "low": self.steps - switch}
+        tables: dict[str, list[list[float]]] = {"high": [], "low": []}
+        for prompt, seed in calibration_pairs(self.args.calibration_pairs):
+            for name, transformer in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+                transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=own[name]))
+            buffer = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.demo.latents([prompt], [seed], steps=self.steps, guidance=self.guidance)
+            finally:
+                for transformer in (pipe.transformer, pipe.transformer_2):
+                    transformer.disable_cache()
+            found = [ast.literal_eval(line) for line in buffer.getvalue().splitlines()
+                     if line.startswith("[") and not line.startswith("[MagCache")]
+            for table in found:  # the high-noise expert's contexts complete first; each table has its length
+                tables["high" if len(table) == own["high"] else "low"].append(table)
+        if not tables["high"] or not tables["low"] or own["high"] == own["low"]:
+            raise BenchExpertsError("diffusers' MagCache calibration did not print one table per expert")
+        data = {name: [float(sum(col) / len(col)) for col in zip(*lists)] for name, lists in tables.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, data)
+        return data
+
+    def run_diffusers_magcache(self, threshold: float, steps_rule: str) -> None:
+        from diffusers import MagCacheConfig
+        pipe = self.demo.pipe
+        ratios = self.diffusers_ratios()
+        switch = self.demo.switch_step(self.steps)
+        own = {"high": switch, "low": self.steps - switch}
+        for name, transformer in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+            steps = own[name] if steps_rule == "own steps" else self.steps
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # diffusers says when it interpolates a table to another length
+                transformer.enable_cache(MagCacheConfig(threshold=threshold, max_skip_steps=2, retention_ratio=0.2,
+                                                        num_inference_steps=steps, mag_ratios=ratios[name]))
+        try:
+            videos, passes = self.videos()
+        finally:
+            for transformer in (pipe.transformer, pipe.transformer_2):
+                transformer.disable_cache()
+        self.record("diffusers-magcache", steps_rule, {"threshold": threshold, "K": 2, "retention_ratio": 0.2},
+                    videos, passes)
+
     def run(self) -> dict:
         started = time.perf_counter()
         print(f"two-expert demo: {len(self.pairs)} prompt-seed pairs, {self.steps} steps, switch at step "
@@ -197,10 +263,31 @@ class ExpertsBench:
             self.record("fewer-steps", "-", {"steps": steps}, videos, passes)
         for threshold in (DIFFUSERS_FBC[1:3] if quick else DIFFUSERS_FBC):
             self.run_fbc(threshold)
+        for threshold in (DIFFUSERS_MAGCACHE[1:3] if quick else DIFFUSERS_MAGCACHE):
+            for steps_rule in ("own steps", "all steps"):
+                self.run_diffusers_magcache(threshold, steps_rule)
         return {"format": FORMAT, "seconds": time.perf_counter() - started, "steps": self.steps,
                 "guidance": self.guidance, "switch_step": self.demo.switch_step(self.steps),
                 "pairs": [list(p) for p in self.pairs], "profile": str(profile.path), "runs": self.records,
-                "at_equal_passes": at_equal_passes(self.records, self.args.budgets)}
+                "at_equal_passes": at_equal_passes(self.records, self.args.budgets),
+                "separate_minus_shared": rule_differences(self.records)}
+
+
+def rule_differences(records: list[dict]) -> list[dict]:
+    """For each method and setting run with both rules: separate minus shared, in passes and in PSNR, paired over
+    the same prompt-seed pairs (mean difference and its standard error: the noise of the comparison itself)."""
+    shared = {(r["method"], json.dumps(r["params"], sort_keys=True)): r for r in records if r["rule"] == "shared"}
+    out = []
+    for r in records:
+        other = shared.get((r["method"], json.dumps(r["params"], sort_keys=True))) if r["rule"] == "separate" else None
+        if other is None:
+            continue
+        diffs = [a - b for a, b in zip(r["psnr_per_pair"], other["psnr_per_pair"])]
+        mean = sum(diffs) / len(diffs)
+        sem = (sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) ** 0.5 / len(diffs) ** 0.5
+        out.append({"method": r["method"], "params": r["params"], "passes": r["passes"] - other["passes"],
+                    "psnr": mean, "psnr_sem": sem, "carried_over_shared": other.get("carried_over_passes")})
+    return out
 
 
 def at_equal_passes(records: list[dict], budgets) -> dict:
@@ -209,6 +296,7 @@ def at_equal_passes(records: list[dict], budgets) -> dict:
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in records:
         curves.setdefault(f"{r['method']} {r['rule']}".strip(" -"), []).append((r["passes"], r["psnr"]))
+    # (a name is "METHOD RULE"; the report splits it at the first space)
     table = {}
     for name, points in curves.items():
         points.sort()
@@ -238,13 +326,23 @@ def report(result: dict) -> str:
         method, _, rule = name.partition(" ")
         cells = " | ".join("-" if v is None else f"{v:.2f}" for v in row.values())
         lines.append(f"| {method} | {rule or '-'} | {cells} |")
-    lines += ["", "Every run:", "", "| method | rule | setting | passes | PSNR | SSIM | LPIPS | carried over |",
+    lines += ["", "Every run (PSNR: mean over the pairs +- its standard error; carried over: passes of the low-noise "
+              "expert that reused the high-noise expert's cached tensors, summed over the pairs):", "",
+              "| method | rule | setting | passes | PSNR | SSIM | LPIPS | carried over |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         setting = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lp = "-" if r["lpips"] is None else f"{r['lpips']:.4f}"
-        lines.append(f"| {r['method']} | {r['rule']} | {setting} | {r['passes']:.1%} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.4f} | {lp} | {r.get('carried_over_passes', '-')} |")
+        lines.append(f"| {r['method']} | {r['rule']} | {setting} | {r['passes']:.1%} | {r['psnr']:.2f} +- "
+                     f"{r.get('psnr_sem', 0):.2f} | {r['ssim']:.4f} | {lp} | {r.get('carried_over_passes', '-')} |")
+    lines += ["", "The two rules on the same setting, separate minus shared (PSNR paired over the same pairs, +- the "
+              "standard error of the difference; a difference within about twice it ranks nothing):", "",
+              "| method | setting | passes | PSNR | low-noise passes the shared rule carried over |", "|---|---|---|---|---|"]
+    for d in result.get("separate_minus_shared", []):
+        setting = ", ".join(f"{k}={v}" for k, v in d["params"].items())
+        lines.append(f"| {d['method']} | {setting} | {d['passes']:+.1%} | {d['psnr']:+.2f} +- {d['psnr_sem']:.2f} | "
+                     f"{d['carried_over_shared']} |")
+    lines += ["", f"LPIPS: {result.get('lpips', 'not computed')}"]
     return "\n".join(lines) + "\n"
 
 

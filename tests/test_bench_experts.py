@@ -31,6 +31,9 @@ def test_quick_untrained_run_writes_both_rules_fewer_steps_and_diffusers(tmp_pat
     for method in ("magcache", "teacache", "easycache"):
         assert {(method, "shared"), (method, "separate")} <= rows
     assert ("fewer-steps", "-") in rows and ("diffusers-fbc", "per-model") in rows
+    assert {("diffusers-magcache", "own steps"), ("diffusers-magcache", "all steps")} <= rows
+    ratios = json.loads((tmp_path / "b" / "calibration" / "diffusers-magcache-experts.json").read_text())
+    assert (len(ratios["high"]), len(ratios["low"])) == (4, 8)  # each expert's own steps: 4 and 12 - 4
     assert data["switch_step"] == 4 and data["model"]["label"].startswith("UNTRAINED")
     for r in data["runs"]:
         assert 0 < r["passes"] <= 1.0001 and r["psnr"] > 0

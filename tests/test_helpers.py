@@ -72,9 +72,9 @@ def test_upstream_checkout_says_what_is_missing(tmp_path, monkeypatch):
 
 
 def _fake_checkout(root: Path) -> dict:
-    """A folder with each upstream's marker file and nothing else, named by all three variables."""
+    """A folder with each upstream's marker file and nothing else, named by every variable."""
     env = {}
-    for spec in (helpers.HUNYUANVIDEO, helpers.WAN21, helpers.OPENSORA):
+    for spec in (helpers.HUNYUANVIDEO, helpers.WAN21, helpers.WAN22, helpers.OPENSORA):
         marker = root / spec["marker_file"]
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("")
@@ -101,7 +101,8 @@ def _pytest_without(module: str, env: dict, report: Path, *targets: str) -> list
 
 
 OPT_IN = ("test_hunyuan_official.py", "test_wan_official.py", "test_wan_official_parallel.py",
-          "test_opensora_fork.py", "test_multigpu_official.py")
+          "test_opensora_fork.py", "test_multigpu_official.py", "test_wan22_harness.py", "test_wan22_official.py",
+          "test_wan22_parallel.py")
 
 
 def test_every_opt_in_test_skips_naming_the_install_line_when_a_module_is_missing(tmp_path):

@@ -2,6 +2,7 @@
 the real parser (the drop-in scripts' with upstream's own parser too, when a checkout is set), and every relative
 link in those pages resolves."""
 import argparse
+import json
 import os
 import re
 import shlex
@@ -217,10 +218,16 @@ def _check_wan_drop_in(method: str, argv: list[str], upstream, tmp_path, repo=No
             (tmp_path / getattr(args, flag)).touch()
     profile = ours.cache_profile
     if profile and profile.endswith(".json") and not (tmp_path / profile).exists():
-        # A file an earlier command of the page writes (--magcache_calibration): the task's shipped profile has
-        # the same layout and model, which is what the plan checks.
+        # A file an earlier command of the page writes (--magcache_calibration, or `stepcache calibrate` for a
+        # TeaCache table Wan2.2 does not publish): the task's shipped profile has the same layout and model, which
+        # is what the plan checks; a method it lacks gets Wan2.1-14B's table as the stand-in calibrated one.
         (tmp_path / profile).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(repo.default_profile(args, upstream.generate).path, tmp_path / profile)
+        shipped = repo.default_profile(args, upstream.generate)
+        data = json.loads(shipped.path.read_text())
+        if method not in data:
+            from stepcache.profiles import load_profile
+            data[method] = load_profile("wan2.1-t2v-14b").method(method)
+        (tmp_path / profile).write_text(json.dumps(data))
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -251,6 +258,20 @@ def wan_upstream():
 
 
 @pytest.fixture(scope="module")
+def wan22_upstream():
+    """Upstream Wan2.2's generate.py when WAN22_REPO points at a checkout (else None: our flags only)."""
+    if not os.environ.get("WAN22_REPO"):
+        return None
+    import wan22_official_tiny
+    from helpers import wan22_checkout
+    return wan22_official_tiny.load(wan22_checkout())
+
+
+# The drop-ins of both Wan repositories share their file names: a command's --task says which one it is for.
+WAN22_TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "animate-14B", "s2v-14B")
+
+
+@pytest.fixture(scope="module")
 def hunyuan_upstream():
     """``stepcache.hunyuan.official`` over an importable upstream HunyuanVideo when HUNYUANVIDEO_REPO is set."""
     if not os.environ.get("HUNYUANVIDEO_REPO"):
@@ -264,9 +285,10 @@ def hunyuan_upstream():
         yield official
 
 
-def test_every_documented_python_command_parses(wan_upstream, hunyuan_upstream, tmp_path):
-    """The drop-in scripts' commands (Wan2.1, HunyuanVideo, Open-Sora) and every `python -m stepcache...` tool
-    parse with the real parsers: our cache flags always, upstream's flags too when its checkout is set."""
+def test_every_documented_python_command_parses(wan_upstream, wan22_upstream, hunyuan_upstream, tmp_path):
+    """The drop-in scripts' commands (Wan2.1, Wan2.2, HunyuanVideo, Open-Sora) and every `python -m stepcache...`
+    tool parse with the real parsers: our cache flags always, upstream's flags too when its checkout is set."""
+    from stepcache.wan22.official_generate import WAN22
     import importlib
     commands = _python_commands()
     families = set()
@@ -283,8 +305,12 @@ def test_every_documented_python_command_parses(wan_upstream, hunyuan_upstream, 
                 continue
             assert Path(program).name in DROP_INS, f"{where}: not a stepcache drop-in script"
             family, method = DROP_INS[Path(program).name]
+            if family == "wan21" and "--task" in argv and argv[argv.index("--task") + 1] in WAN22_TASKS:
+                family = "wan22"
             families.add(family)
-            if family == "wan21":
+            if family == "wan22":
+                _check_wan_drop_in(method, argv, wan22_upstream, tmp_path, WAN22)
+            elif family == "wan21":
                 _check_wan_drop_in(method, argv, wan_upstream, tmp_path)
             elif family == "hunyuan":
                 _check_hunyuan_drop_in(method, argv, hunyuan_upstream)
@@ -296,7 +322,8 @@ def test_every_documented_python_command_parses(wan_upstream, hunyuan_upstream, 
             pytest.fail(f"{where} does not parse")
         except Exception as exc:  # noqa: BLE001 (PlanError, AssertionError: say which command)
             pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
-    assert families == {"wan21", "hunyuan"}, "the Wan2.1 and HunyuanVideo drop-in commands were not found"
+    assert families == {"wan21", "wan22", "hunyuan"}, "the Wan2.1, Wan2.2 and HunyuanVideo drop-in commands were " \
+                                                      "not all found"
     assert any(p == "-m stepcache.opensora.generate_set" for _, p, _ in commands)
 
 

@@ -44,7 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import StubVAE, sdpa, wan22_checkout
+from helpers import StubVAE, wan22_checkout
+# What runs upstream Wan on the CPU is the same for Wan2.1 and Wan2.2 (the same flash_attention signature and
+# torchvision imports): one implementation, in the Wan2.1 harness.
+from wan_official_tiny import _stub_torchvision, cpu_attention, flash_attention_sdpa  # noqa: F401
 
 TINY_SIZE = "64*64"  # added to upstream's size tables by tiny_sizes(): the published sizes need GBs of attention
 TASKS = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "ti2v": "ti2v-5B"}  # kind -> upstream's WAN_CONFIGS key
@@ -67,17 +70,6 @@ _LOADED: Upstream | None = None
 
 def _owned(name: str) -> bool:
     return any(name == top or name.startswith(f"{top}.") for top in _OWNED)
-
-
-def _stub_torchvision() -> dict[str, types.ModuleType]:
-    if importlib.util.find_spec("torchvision") is not None:
-        return {}
-    tv, tvt, tvf, tvu = (types.ModuleType(n) for n in (
-        "torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.utils"))
-    tvf.to_tensor = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) \
-        .contiguous()
-    tv.transforms, tv.utils, tvt.functional = tvt, tvu, tvf
-    return {m.__name__: m for m in (tv, tvt, tvf, tvu)}
 
 
 def load(repo: str) -> Upstream:
@@ -134,30 +126,6 @@ def load(repo: str) -> Upstream:
                        WanI2V=image2video.WanI2V, WanTI2V=textimage2video.WanTI2V, configs=configs, utils=utils,
                        solvers=solvers, unipc=unipc, generate=generate, wan=wan)
     return _LOADED
-
-
-def flash_attention_sdpa(q, k, v, q_lens=None, k_lens=None, dropout_p=0., softmax_scale=None, q_scale=None,
-                         causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16,
-                         version=None):
-    """Upstream's padded flash_attention signature around helpers.sdpa: keys at index >= k_lens[b] are masked
-    out."""
-    assert q_lens is None and window_size == (-1, -1)
-    if q_scale is not None:
-        q = q * q_scale
-    mask = None
-    if k_lens is not None:
-        mask = (torch.arange(k.size(1))[None, :] < k_lens.long()[:, None])[:, None, None, :]
-    return sdpa(q, k, v, mask, dropout_p=dropout_p, scale=softmax_scale, causal=causal).type(q.dtype)
-
-
-@contextlib.contextmanager
-def cpu_attention(up: Upstream):
-    saved = up.model.flash_attention
-    up.model.flash_attention = flash_attention_sdpa
-    try:
-        yield
-    finally:
-        up.model.flash_attention = saved
 
 
 @contextlib.contextmanager
