@@ -15,6 +15,12 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
+class StepcacheWarning(UserWarning):
+    """What stepcache tells a user without stopping (a run that cached nothing, a profile measured elsewhere):
+    the base of its warnings, so that an entry point can keep them visible where a host program silences the
+    rest (upstream Wan's generate.py ignores every warning when it is imported)."""
+
+
 class InputError(ValueError):
     """Bad input: the message alone names the value, file or key that is wrong and what is allowed."""
 

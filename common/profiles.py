@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ParameterError, ProfileError
+from .errors import ParameterError, ProfileError, StepcacheWarning
 from .policies import compose_resample, expert_switch_step, nearest_resample
 from .schema import RESAMPLE_MODES, check_profile_data
 
@@ -174,7 +174,7 @@ def match_profiles(family: str, config: dict[str, Any], class_name: str | None =
     return found
 
 
-class ResolutionWarning(UserWarning):
+class ResolutionWarning(StepcacheWarning):
     """A table is used at a resolution it was not calibrated at."""
 
 
@@ -230,7 +230,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class ProfileFitWarning(UserWarning):
+class ProfileFitWarning(StepcacheWarning):
     """A calibrated profile is used on a model whose config differs from the one it was measured on."""
 
 

@@ -18,12 +18,13 @@ from typing import Any, Callable
 import torch
 
 from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
+from .errors import StepcacheWarning
 from .methods import EXPERT_MARK, EXPERTS, MethodConfig, base_branch
 from .methods.base import MODEL, STACK
 from .policies import Decision
 
 
-class NothingCachedWarning(UserWarning):
+class NothingCachedWarning(StepcacheWarning):
     """A whole generation ran with caching enabled but reused no pass."""
 
 

@@ -41,6 +41,10 @@ DIFFUSERS_FBC = (0.02, 0.05, 0.1, 0.2)  # diffusers' FirstBlockCacheConfig(thres
 # diffusers issue 14025 reports it configured for Wan2.2).
 DIFFUSERS_MAGCACHE = (0.06, 0.12, 0.24, 0.5)
 BUDGETS = (0.4, 0.5, 0.6, 0.7)
+# Whether thresholds should differ per expert: each method with the separate rule, caching on one expert only (the
+# other computes every pass), against both; a setting of each from the middle of its sweep.
+ONE_EXPERT = {"magcache": dict(thresh=0.5, K=2, retention_ratio=0.4), "teacache": dict(thresh=0.1),
+              "easycache": dict(thresh=0.1)}
 
 
 class BenchExpertsError(InputError):
@@ -153,12 +157,24 @@ class ExpertsBench:
         return write_profile(path, data)
 
     # --- the runs ------------------------------------------------------------------------------------------
-    def run_stepcache(self, profile, method: str, rule: str, params: dict) -> None:
+    def run_stepcache(self, profile, method: str, rule: str, params: dict, only: str | None = None) -> None:
+        """One setting of a stepcache method; ``only`` (with the separate rule): cache that expert alone, the
+        other computing every pass (its states get threshold 0, which never reuses)."""
         import stepcache
         settings = {**params, "experts": rule}
         if method == "magcache" and rule == "shared":
             settings["retention_rule"] = "zones"
-        stepcache.enable(self.demo.pipe, method, profile=profile, **settings)
+        cached = stepcache.enable(self.demo.pipe, method, profile=profile, **settings)
+        if only is not None:
+            runner, make_state = cached.runner, cached.runner._branch
+
+            def branch(key, expert):
+                state = make_state(key, expert)
+                if expert != only:
+                    state.policy.thresh = 0.0
+                return state
+            runner._branch = branch
+            rule = f"{rule}, {only} only"
         try:
             videos, passes = self.videos()
             stats = stepcache.stats(self.demo.pipe)
@@ -257,6 +273,10 @@ class ExpertsBench:
                     continue
                 for rule in ("shared", "separate"):
                     self.run_stepcache(profile, method, rule, params)
+        if not quick:
+            for method, params in ONE_EXPERT.items():
+                for only in ("high", "low"):
+                    self.run_stepcache(profile, method, "separate", params, only)
         fractions = (1 / 3, 2 / 3) if quick else (1 / 3, 0.4, 0.5, 0.6, 0.7, 0.8)
         for steps in sorted({max(2, round(self.steps * f)) for f in fractions}):
             videos, passes = self.videos(steps)
@@ -270,7 +290,8 @@ class ExpertsBench:
                 "guidance": self.guidance, "switch_step": self.demo.switch_step(self.steps),
                 "pairs": [list(p) for p in self.pairs], "profile": str(profile.path), "runs": self.records,
                 "at_equal_passes": at_equal_passes(self.records, self.args.budgets),
-                "separate_minus_shared": rule_differences(self.records)}
+                "separate_minus_shared": rule_differences(self.records),
+                "one_expert": one_expert_rows(self.records)}
 
 
 def rule_differences(records: list[dict]) -> list[dict]:
@@ -293,27 +314,40 @@ def rule_differences(records: list[dict]) -> list[dict]:
 def at_equal_passes(records: list[dict], budgets) -> dict:
     """PSNR of each method and rule at each pass budget, by linear interpolation along its own sweep (None
     outside the sweep's range: no extrapolation)."""
+    table = {}
+    for name, points in curves_of(records).items():
+        table[name] = {f"{b:.0%}": (None if (v := read_at(points, b)) is None else round(v, 2)) for b in budgets}
+    return table
+
+
+def curves_of(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(passes, PSNR) points per "METHOD RULE" sweep, sorted (the report splits a name at its first space); runs
+    that cache one expert only are single points, not sweeps."""
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in records:
-        curves.setdefault(f"{r['method']} {r['rule']}".strip(" -"), []).append((r["passes"], r["psnr"]))
-    # (a name is "METHOD RULE"; the report splits it at the first space)
-    table = {}
-    for name, points in curves.items():
-        points.sort()
-        row = {}
-        for b in budgets:
-            value = None
-            for (x0, y0), (x1, y1) in zip(points, points[1:]):
-                if x0 <= b <= x1 and x1 > x0:
-                    value = y0 + (y1 - y0) * (b - x0) / (x1 - x0)
-                    break
-                if x0 == b:
-                    value = y0
-            if points and points[-1][0] == b:
-                value = points[-1][1]
-            row[f"{b:.0%}"] = None if value is None else round(value, 2)
-        table[name] = row
-    return table
+        if "only" not in r["rule"]:
+            curves.setdefault(f"{r['method']} {r['rule']}".strip(" -"), []).append((r["passes"], r["psnr"]))
+    return {name: sorted(points) for name, points in curves.items()}
+
+
+def read_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """The PSNR of a sorted sweep at pass share ``x``, linearly interpolated; None outside the sweep."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return next((y for px, y in points if px == x), None)
+
+
+def one_expert_rows(records: list[dict]) -> list[dict]:
+    """Each run that cached one expert alone, beside the separate rule on both experts at the same pass share."""
+    curves = curves_of(records)
+    out = []
+    for r in records:
+        if "only" in r["rule"]:
+            both = read_at(curves.get(f"{r['method']} separate", []), r["passes"])
+            out.append({"method": r["method"], "cached": r["rule"].split(", ")[1], "params": r["params"],
+                        "passes": r["passes"], "psnr": r["psnr"], "both_at_same_passes": both})
+    return out
 
 
 def report(result: dict) -> str:
@@ -342,6 +376,14 @@ def report(result: dict) -> str:
         setting = ", ".join(f"{k}={v}" for k, v in d["params"].items())
         lines.append(f"| {d['method']} | {setting} | {d['passes']:+.1%} | {d['psnr']:+.2f} +- {d['psnr_sem']:.2f} | "
                      f"{d['carried_over_shared']} |")
+    if result.get("one_expert"):
+        lines += ["", "Caching one expert alone (the other computes every pass), against caching both with the "
+                      "separate rule at the same share of passes:", "",
+                  "| method | setting | cached | passes | PSNR | both experts, same passes |", "|---|---|---|---|---|---|"]
+        for r in result["one_expert"]:
+            setting = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            both = "-" if r["both_at_same_passes"] is None else f"{r['both_at_same_passes']:.2f}"
+            lines.append(f"| {r['method']} | {setting} | {r['cached']} | {r['passes']:.1%} | {r['psnr']:.2f} | {both} |")
     lines += ["", f"LPIPS: {result.get('lpips', 'not computed')}"]
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from stepcache.eval.bench_experts import at_equal_passes
+from stepcache.eval.bench_experts import at_equal_passes, one_expert_rows
 
 
 def bench(*args, timeout=600):
@@ -21,6 +21,16 @@ def test_equal_passes_interpolates_within_a_sweep_only():
     table = at_equal_passes(records, (0.3, 0.5, 0.6, 0.8))
     assert table["magcache shared"] == {"30%": None, "50%": 32.5, "60%": 35.0, "80%": 40.0}
     assert table["fewer-steps"] == {"30%": None, "50%": 35.0, "60%": None, "80%": None}
+
+
+def test_one_expert_runs_are_compared_with_both_at_the_same_passes():
+    records = [{"method": "teacache", "rule": "separate", "params": {"thresh": t}, "passes": p, "psnr": q}
+               for t, p, q in ((0.1, 0.4, 35.0), (0.05, 0.6, 38.0))]
+    records.append({"method": "teacache", "rule": "separate, low only", "params": {"thresh": 0.1}, "passes": 0.5,
+                    "psnr": 36.0})
+    assert at_equal_passes(records, (0.5,)) == {"teacache separate": {"50%": 36.5}}  # not a sweep of its own
+    assert one_expert_rows(records) == [{"method": "teacache", "cached": "low only", "params": {"thresh": 0.1},
+                                         "passes": 0.5, "psnr": 36.0, "both_at_same_passes": 36.5}]
 
 
 def test_quick_untrained_run_writes_both_rules_fewer_steps_and_diffusers(tmp_path):

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, run_cli
+from ..errors import InputError, StepcacheWarning, run_cli
 from ..methods import EXPERTS_HELP, PREDICT_HELP, PREDICTIONS, resolve_method
 from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..policies import ParameterError
-from ..profiles import Profile, ProfileError, load_profile
+from ..profiles import Profile, ProfileError, ProfileFitWarning, load_profile
 from ..schema import EXPERT_STATES
 from .official import FAMILY, model_config
 
@@ -449,6 +449,9 @@ def import_upstream(name: str = "generate", repo: WanRepo | None = None):
     if not all(hasattr(module, n) for n in ("_parse_args", "generate", "wan", "WAN_CONFIGS", "SIZE_CONFIGS")):
         raise PlanError(f"{getattr(module, '__file__', name)} is not upstream {repo.name}'s generate.py: copy this "
                         f"script into the root of a {repo.github} checkout")
+    # Upstream's generate.py runs warnings.filterwarnings('ignore') when imported; stepcache's own warnings (a run
+    # that cached nothing, a profile measured on another model) must still reach the user.
+    warnings.filterwarnings("always", category=StepcacheWarning)
     missing_samplers = [n for n in repo.samplers if not hasattr(module.wan, n)]
     if missing_samplers:
         raise PlanError(f"{getattr(module, '__file__', name)} is not upstream {repo.name}'s generate.py (its wan "
@@ -614,7 +617,8 @@ class Session:
             if wrong:
                 warnings.warn("stepcache: the checkpoint in --ckpt_dir is not the model profile "
                               f"{profile.name} was measured on: " +
-                              ", ".join(f"{k}={b} (profile: {a})" for k, (a, b) in wrong.items()), stacklevel=2)
+                              ", ".join(f"{k}={b} (profile: {a})" for k, (a, b) in wrong.items()),
+                              ProfileFitWarning, stacklevel=2)
         return attachment
 
     # --------------------------------------------------------------------------------------------- reporting
