@@ -255,3 +255,28 @@ def test_generate_runs_a_two_expert_folder(tmp_path):
     missing = generate("--method", "magcache", "--out", str(tmp_path / "auto" / "ball.mp4"))
     assert missing.returncode == 2 and "no shipped profile matches" in missing.stderr
     assert not (tmp_path / "auto").exists()
+
+
+def test_calibrate_measures_both_experts_and_teacache_then_runs_on_the_file(tmp_path):
+    """No TeaCache coefficients are published for Wan2.2: `stepcache calibrate` on a saved two-expert folder
+    measures both experts (every pass of both is in its tables) and the file runs TeaCache with either rule."""
+    import subprocess
+    import sys
+
+    from wan22_tiny import save_a14b_folder
+    folder = save_a14b_folder(tmp_path / "tiny-a14b")
+    size = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "12", "--dtype", "fp32", "--device", "cpu"]
+    profile = tmp_path / "mine.json"
+    result = subprocess.run([sys.executable, "-m", "stepcache.cli", "calibrate", "--model", str(folder), "--prompt",
+                             "a red ball", "--seeds", "0", "1", *size, "--out", str(profile)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(profile.read_text())
+    assert data["model"]["family"] == "wan2.2" and {"teacache", "magcache", "easycache"} <= set(data)
+    assert data["magcache"]["steps"] == 12 and len(data["magcache"]["ratios"]) == 24  # 12 steps x cond, uncond
+    for experts in ("shared", "separate"):
+        pipe = build_a14b("t2v")
+        stepcache.enable(pipe, "teacache", profile=str(profile), experts=experts, thresh=1.0)
+        run(pipe)
+        stats = stepcache.stats(pipe)
+        assert list(stats.experts()) == ["high", "low"] and stats.counts()[1] == 24
