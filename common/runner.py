@@ -47,7 +47,6 @@ class PassRecord:
 @dataclass
 class BranchState:
     policy: Any
-    last_step: int | None = None
     residual: torch.Tensor | None = None  # h_L - h0 (a STACK method) or v - x (a MODEL method)
     residual_step: int | None = None
     older_residual: torch.Tensor | None = None  # the one before, kept only for predict="linear"
@@ -326,7 +325,6 @@ class CacheRunner:
             self._enter_expert(expert, step)
         key = branch + EXPERT_MARK + expert if self.separate_experts and expert is not None else branch
         state = self._branch(key, expert)
-        state.last_step = step
         ctx = self.current = PassContext(key, step, num_steps, branch, expert, latent=latent)
         if self.spec.skips == MODEL:
             self._decide_on_input(ctx, state)
