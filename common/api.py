@@ -320,6 +320,13 @@ def _experts_of(pipeline: Any) -> list[nn.Module] | None:
     return [pipeline.transformer, second]
 
 
+def targets_of(model: nn.Module, pipeline: Any) -> tuple[list[nn.Module], Callable[[], int] | None]:
+    """(the models to install on, the switch step of a two-expert pipeline or None): both experts of a two-expert
+    pipeline with where it hands over, else the one model."""
+    experts = _experts_of(pipeline)
+    return (experts, _pipeline_switch_step(pipeline)) if experts else ([model], None)
+
+
 def _pipeline_switch_step(pipeline: Any) -> Callable[[], int]:
     """Where a two-expert pipeline hands over, read off its scheduler as its loop decides it: the number of
     timesteps at or above the boundary (one host read per generation)."""
@@ -376,7 +383,7 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     ``stepcache.enable(...).start_generation()`` before each generation when your timesteps do not fall.
     """
     model, pipeline = _resolve_target(target)
-    experts = _experts_of(pipeline)
+    models, switch_step = targets_of(model, pipeline)
     adapter = adapter_for(model, pipeline)
     if num_steps is not None and (int(num_steps) != num_steps or num_steps < 2):
         raise ParameterError(f"num_steps={num_steps!r} must be an integer >= 2")
@@ -386,9 +393,8 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
         raise ParameterError(f"per_video=True needs a model whose batch stepcache can split (the diffusers "
                              f"transformers); {type(model).__name__} cannot")
     resolved = _profile_for(adapter, model, profile)
-    return install(experts or [model], adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset,
-                   params=params, parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video,
-                   switch_step=_pipeline_switch_step(pipeline) if experts else None)
+    return install(models, adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset, params=params,
+                   parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video, switch_step=switch_step)
 
 
 def install(models: list[nn.Module], adapter, method: str, profile: Profile | list[Profile] | None, clock: StepClock,

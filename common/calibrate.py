@@ -265,14 +265,14 @@ def install_calibration(target, num_steps: int, signal_name: str | None = None, 
     one calibrator behind ``stepcache calibrate`` and the official scripts' ``--magcache_calibration``. Returns
     the ``CachedModel`` (``.runner`` holds the measurements; call ``start_generation(steps)`` before each
     generation a caller's own loop runs, and ``remove()`` after)."""
-    from .api import StepClock, _experts_of, _pipeline_switch_step, _resolve_target, adapter_for, install
+    from .api import StepClock, _resolve_target, adapter_for, install, targets_of
     model, pipeline = _resolve_target(target)
     adapter = adapter_for(model, pipeline)
-    experts = _experts_of(pipeline)
+    models, switch_step = targets_of(model, pipeline)
     runner = CalibrationRunner(signal_name or getattr(adapter, "default_signal", None), group,
                                getattr(adapter, "sequence_sharded", frozenset()))
-    return install(experts or [model], adapter, "calibrate", None, StepClock(pipeline, num_steps), runner=runner,
-                   switch_step=_pipeline_switch_step(pipeline) if experts else None)
+    return install(models, adapter, "calibrate", None, StepClock(pipeline, num_steps), runner=runner,
+                   switch_step=switch_step)
 
 
 def measure(target, run: CalibrationRun, generate, signal_name: str | None = None, progress=True):

@@ -99,8 +99,7 @@ class ExpertsBench:
         mean = {k: (sum(s[k] for s in scores) / len(scores) if scores[0][k] is not None else None)
                 for k in ("psnr", "ssim", "lpips")}
         # the standard error of the mean PSNR over the pairs: a difference smaller than about twice it ranks nothing
-        spread = (sum((s["psnr"] - mean["psnr"]) ** 2 for s in scores) / max(len(scores) - 1, 1)) ** 0.5
-        mean["psnr_sem"] = spread / len(scores) ** 0.5
+        mean["psnr_sem"] = mean_and_sem([s["psnr"] for s in scores])[1]
         row = {"method": method, "rule": rule, "params": params, "passes": passes, **mean,
                "psnr_per_pair": [round(s["psnr"], 3) for s in scores], **(extra or {})}
         self.records.append(row)
@@ -294,6 +293,13 @@ class ExpertsBench:
                 "one_expert": one_expert_rows(self.records)}
 
 
+def mean_and_sem(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (calibration's summary statistics: the unbiased spread)."""
+    from stepcache.calibrate import summary_stats
+    stats = summary_stats(values)
+    return stats["mean"], stats["std"] / stats["n"] ** 0.5
+
+
 def rule_differences(records: list[dict]) -> list[dict]:
     """For each method and setting run with both rules: separate minus shared, in passes and in PSNR, paired over
     the same prompt-seed pairs (mean difference and its standard error: the noise of the comparison itself)."""
@@ -303,9 +309,7 @@ def rule_differences(records: list[dict]) -> list[dict]:
         other = shared.get((r["method"], json.dumps(r["params"], sort_keys=True))) if r["rule"] == "separate" else None
         if other is None:
             continue
-        diffs = [a - b for a, b in zip(r["psnr_per_pair"], other["psnr_per_pair"])]
-        mean = sum(diffs) / len(diffs)
-        sem = (sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) ** 0.5 / len(diffs) ** 0.5
+        mean, sem = mean_and_sem([a - b for a, b in zip(r["psnr_per_pair"], other["psnr_per_pair"])])
         out.append({"method": r["method"], "params": r["params"], "passes": r["passes"] - other["passes"],
                     "psnr": mean, "psnr_sem": sem, "carried_over_shared": other.get("carried_over_passes")})
     return out

@@ -145,10 +145,14 @@ class WanRepo:
         needed = [("the T5 checkpoint", cfg.t5_checkpoint, os.path.isfile),
                   ("the T5 tokenizer folder", cfg.t5_tokenizer, os.path.isdir),
                   ("the VAE checkpoint", cfg.vae_checkpoint, os.path.isfile)]
-        if task_kind(args.task) in ("i2v", "flf2v"):
+        if self.uses_clip(args.task):
             needed += [("the CLIP checkpoint", cfg.clip_checkpoint, os.path.isfile),
                        ("the CLIP tokenizer folder", cfg.clip_tokenizer, os.path.isdir)]
         return needed
+
+    def uses_clip(self, task: str) -> bool:
+        """Whether upstream's sampler for ``task`` loads the CLIP image encoder (Wan2.1's I2V and FLF2V)."""
+        return task_kind(task) in ("i2v", "flf2v")
 
     def dit_folders(self, args, cfg) -> list[str]:
         """The folders under --ckpt_dir that hold a DiT (config.json and weights): the root for Wan2.1."""

@@ -104,11 +104,8 @@ class Wan22Repo(WanRepo):
         elif kind == "ti2v" and getattr(args, "image", None):
             _need_file(args, "image", "")
 
-    def checkpoint_files(self, args, cfg) -> list[tuple[str, str, Any]]:
-        import os
-        return [("the T5 checkpoint", cfg.t5_checkpoint, os.path.isfile),
-                ("the T5 tokenizer folder", cfg.t5_tokenizer, os.path.isdir),
-                ("the VAE checkpoint", cfg.vae_checkpoint, os.path.isfile)]
+    def uses_clip(self, task: str) -> bool:
+        return False  # Wan2.2's I2V-A14B conditions on the image latent alone
 
     def dit_folders(self, args, cfg) -> list[str]:
         """A14B: the low-noise expert's folder, then the high-noise one's (the order upstream loads them)."""
