@@ -15,6 +15,7 @@ PACKAGES = {
     "stepcache.opensora": "opensora",
     "stepcache.eval": "eval",
     "stepcache.wan21.demo": "wan21/demo",
+    "stepcache.wan21.demo.folder": "wan21/demo/folder",
     "stepcache.wan22.demo": "wan22/demo",
 }
 

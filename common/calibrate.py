@@ -31,12 +31,13 @@ import torch
 from . import families, methods
 from .calibration_io import calibrated_source, write_profile
 from .distributed import SequenceGroup
+from .generate import add_size_arguments, apply_pipeline_defaults, pipeline_of
 from .errors import InputError
 from .methods.base import Method, mean_abs_ratio
 from .methods.magcache import residual_ratio_stats
 from .methods.teacache import relative_l1
 from .policies import Decision, ParameterError, Polynomial
-from .profiles import (FORMAT, Profile, ProfileError, check_profile_family, check_profile_fit, config_hash,
+from .profiles import (FOLDER_PROFILE, FORMAT, Profile, ProfileError, check_profile_family, check_profile_fit, config_hash,
                        load_profile)
 from .runner import CacheRunner, PassContext, RunStats
 
@@ -53,6 +54,8 @@ class PassMeasure:
     generation: int
     branch: str
     step: int
+    expert: str | None = None  # which expert ran the pass (two-expert models)
+    crosses_switch: bool = False  # compared with the other expert's pass: the jump at the switch, not a change
     ratio: float | None = None  # MagCache
     ratio_std: float | None = None
     cos_distance: float | None = None
@@ -69,6 +72,7 @@ class _Previous:
     signal: torch.Tensor | None = None
     output: torch.Tensor | None = None
     latent: torch.Tensor | None = None
+    expert: str | None = None
 
 
 _COMPUTE = Decision(True, "calibrate", None)
@@ -130,7 +134,10 @@ class CalibrationRunner(CacheRunner):
     def begin_pass(self, branch, step, num_steps, latent, expert=None, switch_step=None):
         ctx = super().begin_pass(branch, step, num_steps, latent, expert, switch_step)
         ctx.decision = _COMPUTE
-        ctx.measure = PassMeasure(self.generation, branch, step)
+        ctx.measure = PassMeasure(self.generation, branch, step, expert)
+        previous = self.previous[ctx.branch]
+        ctx.measure.crosses_switch = previous.expert is not None and expert is not None and previous.expert != expert
+        previous.expert = expert
         return ctx
 
     def enter_stack(self, h0, signal=None):
@@ -189,6 +196,23 @@ class Calibration:
             if value is not None:
                 out.setdefault((m.branch, m.step), []).append(value)
         return out
+
+    def expert_steps(self) -> dict[str, list[int]]:
+        """Each expert's steps ``[first, end)`` on a two-expert model (empty on one model). Every run must switch
+        at the same step: calibration runs share one step count and one schedule."""
+        spans: dict[str, set[tuple[int, int]]] = {}
+        for run in self.runs().values():
+            steps: dict[str, list[int]] = {}
+            for m in run:
+                if m.expert is not None:
+                    steps.setdefault(m.expert, []).append(m.step)
+            for expert, seen in steps.items():
+                spans.setdefault(expert, set()).add((min(seen), max(seen) + 1))
+        if any(len(found) > 1 for found in spans.values()):
+            raise CalibrationError(f"the runs switch experts at different steps ({spans}); calibrate at one step "
+                                   f"count and one boundary")
+        return {expert: list(next(iter(found))) for expert, found in
+                sorted(spans.items(), key=lambda item: next(iter(item[1])))}
 
     def runs(self, measures: list[PassMeasure] | None = None) -> dict[tuple[int, str], list[PassMeasure]]:
         """The measurements of each (generation, branch), in order."""
@@ -361,19 +385,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", default=None, help="a .txt (one per line) or .json file of prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps to calibrate at (default 50)")
-    parser.add_argument("--height", type=int, default=480, help="video height (default 480)")
-    parser.add_argument("--width", type=int, default=832, help="video width (default 832)")
-    parser.add_argument("--frames", type=int, default=81, help="frames (default 81)")
+    add_size_arguments(parser, "denoising steps to calibrate at")
     parser.add_argument("--guidance", type=float, default=None, help="CFG / embedded guidance scale")
     parser.add_argument("--true-cfg", type=float, default=1.0,
                         help="true CFG scale, for pipelines that take one: " + ", ".join(
                             name for name, (_, spec) in families.pipelines().items() if spec.true_cfg))
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="transformer dtype")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--base-profile", default=None,
-                        help="a profile whose thresholds, presets and rules the new one keeps (default: the "
-                             "shipped profile matched on the model's config, if any)")
+                        help=f"a profile whose thresholds, presets and rules the new one keeps (default: the "
+                             f"folder's {FOLDER_PROFILE} if it has one, else the shipped profile matched on the "
+                             f"model's config, if any)")
     parser.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     parser.add_argument("--out", required=True, help="profile file to write (.json)")
 
@@ -388,7 +408,7 @@ def _prompts(args) -> list[str]:
 
 def _diffusers_target(args):
     """(pipeline, generate(prompt, seed), meta) for a local diffusers folder."""
-    from .generate import load_pipeline, pipeline_of, resolve_device
+    from .generate import load_pipeline, resolve_device
     folder = Path(args.model)
     pipeline_class, _, spec = pipeline_of(folder, CalibrationError)
     device = resolve_device(args.device, CalibrationError)
@@ -416,12 +436,17 @@ def run(args) -> int:
         prompts = _prompts(args)
         if not prompts:
             raise CalibrationError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-        if args.steps < 2:
-            raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
         if Path(args.out).suffix != ".json":
             raise CalibrationError(f"--out {args.out} must end in .json")
         base = load_profile(args.base_profile) if args.base_profile else None
         named = families.calibration_target(args.model)  # e.g. "demo": a model a family ships
+        apply_pipeline_defaults(args, None if named is not None else pipeline_of(Path(args.model),
+                                                                                 CalibrationError)[2])
+        if args.steps < 2:
+            raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
+        folder_profile = Path(args.model) / FOLDER_PROFILE
+        if base is None and named is None and folder_profile.is_file():
+            base = load_profile(str(folder_profile))
         target, generate, meta = named(args) if named is not None else _diffusers_target(args)
         model, _ = _resolve_target(target)
         adapter = adapter_for(model)

@@ -29,7 +29,11 @@ class Pipeline:
 
     ``guidance`` is the default of ``--guidance`` and what it means for this pipeline; ``true_cfg`` whether
     ``--true-cfg`` is passed as ``true_cfg_scale``; ``needs_image`` whether ``--image`` is required; ``load`` a
-    ``"module:function"`` with ``load(folder, dtype, device)`` when the plain ``from_pretrained`` is not right.
+    ``"module:function"`` with ``load(folder, dtype, device)`` when the plain ``from_pretrained`` is not right;
+    ``defaults`` the pipeline's own values of ``height``, ``width``, ``frames``, ``steps`` and ``dtype`` where
+    they are not the commands' (a model trained at another size); ``ships_code`` whether a folder of this class
+    carries its code (model_index.json names it ``[module, class]``), which ``load`` replaces with the family's
+    own copy, so that nothing in the folder runs.
     """
     transformer: str
     guidance: float
@@ -37,6 +41,8 @@ class Pipeline:
     true_cfg: bool = False
     needs_image: bool = False
     load: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    ships_code: bool = False
 
     def call_kwargs(self, guidance: float | None, true_cfg: float) -> dict[str, Any]:
         """The guidance arguments of a pipeline call, from the command line's values."""

@@ -19,7 +19,7 @@ from .outputs import atomic_path, check_output_file, write_json
 from .timing import DiTTimer
 from .methods import EXPERTS_HELP, PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from .policies import ParameterError
-from .profiles import ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
+from .profiles import FOLDER_PROFILE, ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
 from .schema import EXPERT_STATES
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="magcache", choices=["none", "teacache", "magcache", "easycache"],
                         help="cache method; 'none' runs the uncached baseline (default: magcache)")
     parser.add_argument("--profile", default=None,
-                        help="shipped profile name or profile file (default: matched on the model's config)")
+                        help=f"shipped profile name or profile file (default: the folder's {FOLDER_PROFILE} if it "
+                             f"has one, else matched on the model's config)")
     parser.add_argument("--preset", default=None, help="a named setting of the profile, e.g. E012K4R02")
     parser.add_argument("--thresh", type=float, default=None, help="the method's threshold; 0 disables reuse")
     parser.add_argument("--K", type=int, default=None, help="MagCache: " + PARAMETERS["magcache"]["K"])
@@ -51,20 +52,44 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
-    parser.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
-    parser.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
-    parser.add_argument("--frames", type=int, default=81, help="number of frames (default 81)")
-    parser.add_argument("--steps", type=int_at_least(2), default=50, help="denoising steps (default 50)")
+    add_size_arguments(parser, "denoising steps")
     per_pipeline = "; ".join(f"{name}: {spec.guidance_help} (default {spec.guidance:g})"
                              for name, (_, spec) in families.pipelines().items())
     parser.add_argument("--guidance", type=float, default=None, help=f"guidance scale; per pipeline: {per_pipeline}")
     parser.add_argument("--true-cfg", type=float, default=1.0,
                         help="HunyuanVideo only: true CFG scale (> 1 runs a second, negative branch)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="transformer dtype (default bf16)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
     parser.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
     parser.add_argument("--out", default="out/video.mp4", help="output video path (default out/video.mp4)")
+
+
+# The commands' sizes where a pipeline declares none of its own (families.Pipeline.defaults).
+SIZE_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "dtype": "bf16"}
+
+
+def add_size_arguments(parser, steps_help: str) -> None:
+    """--height, --width, --frames, --steps, --dtype and --device of every command that runs a pipeline folder;
+    an omitted size is the pipeline's own (:func:`apply_pipeline_defaults`)."""
+    d = SIZE_DEFAULTS
+    parser.add_argument("--height", type=int, default=None, help=f"video height in pixels (default {d['height']}, "
+                                                                  f"or the pipeline's own)")
+    parser.add_argument("--width", type=int, default=None, help=f"video width in pixels (default {d['width']}, or "
+                                                                 f"the pipeline's own)")
+    parser.add_argument("--frames", type=int, default=None, help=f"number of frames (default {d['frames']}, or the "
+                                                                  f"pipeline's own)")
+    parser.add_argument("--steps", type=int_at_least(2), default=None,
+                        help=f"{steps_help} (default {d['steps']}, or the pipeline's own)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help=f"transformer dtype (default {d['dtype']}, or the pipeline's own)")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+
+
+def apply_pipeline_defaults(args, spec) -> None:
+    """Fill the sizes the command line left out: the pipeline's own (the demo's 32x32), else the commands'
+    (``spec`` None: a model without a pipeline spec)."""
+    for key, value in {**SIZE_DEFAULTS, **(spec.defaults if spec is not None else {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def _method_params(args) -> dict[str, Any]:
@@ -92,9 +117,13 @@ def pipeline_of(folder: Path, error=GenerateError) -> tuple[str, Any, Any]:
         raise error(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     pipeline_class = _read_json(folder / "model_index.json").get("_class_name")
     known = families.pipelines()
-    if pipeline_class not in known:
+    # A pipeline class whose code ships in the folder is named [module, class]; stepcache runs a known one through
+    # its family's loader, with its own copy of the code (nothing in the folder runs).
+    custom = isinstance(pipeline_class, list) and len(pipeline_class) == 2
+    name = pipeline_class[1] if custom else pipeline_class
+    if not isinstance(name, str) or name not in known or custom != known[name][1].ships_code:
         raise error(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: {', '.join(known)}")
-    return (pipeline_class, *known[pipeline_class])
+    return (name, *known[name])
 
 
 def resolve_device(text: str, error=GenerateError) -> str:
@@ -112,6 +141,7 @@ def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
     folder = Path(args.model)
     pipeline_class, family_spec, spec = pipeline_of(folder)
+    apply_pipeline_defaults(args, spec)
     family, transformer_class = family_spec.name, spec.transformer
     for name, value, low in (("--steps", args.steps, 2), ("--frames", args.frames, 1), ("--height", args.height, 16),
                              ("--width", args.width, 16)):
@@ -131,6 +161,9 @@ def plan(args) -> dict[str, Any]:
     params = _method_params(args)
     if args.profile is not None:
         profile = load_profile(args.profile)
+    elif (folder / FOLDER_PROFILE).is_file():
+        profile = load_profile(str(folder / FOLDER_PROFILE))
+        print(f"stepcache: profile {profile.name} from {folder / FOLDER_PROFILE} (the folder's own)")
     else:
         config = _read_json(folder / "transformer" / "config.json")
         claimed = families.claim(pipeline_class, _read_json(folder / "model_index.json"), config)

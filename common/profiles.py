@@ -22,6 +22,9 @@ from .schema import RESAMPLE_MODES, check_profile_data
 
 FORMAT = "stepcache-profile/1"
 PROFILE_DIR = Path(__file__).with_name("profiles")
+# A profile a pipeline folder carries (the saved demo; a folder you tuned with stepcache tune --out): the commands
+# that take a folder use it when no --profile is given.
+FOLDER_PROFILE = "stepcache-profile.json"
 # Composing predicted the ratios measured at 10, 20, 30 and 75 steps from a 50-step calibration 4-20x better than
 # the reference's nearest resampling on the demo model (docs/calibration/study.md), so it is the default;
 # 'nearest' stays available by name.

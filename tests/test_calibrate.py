@@ -96,7 +96,7 @@ def test_bad_calibration_input():
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "x", "--out", "p.json"], "no prompts"),
-    (["--model", "x", "--prompt", "a", "--steps", "1", "--out", "p.json"], "--steps 1 is too few"),
+    (["--model", "x", "--prompt", "a", "--steps", "1", "--out", "p.json"], "--steps: 1 is too small"),
     (["--model", "x", "--prompt", "a", "--out", "p.txt"], "must end in .json"),
     (["--model", "x", "--prompt", "a", "--out", "p.json", "--base-profile", "README.md"], "is not a stepcache profile"),
     (["--model", "/nonexistent", "--prompt", "a", "--out", "p.json"], "is not a diffusers pipeline folder"),

@@ -274,9 +274,82 @@ def test_calibrate_measures_both_experts_and_teacache_then_runs_on_the_file(tmp_
     data = json.loads(profile.read_text())
     assert data["model"]["family"] == "wan2.2" and {"teacache", "magcache", "easycache"} <= set(data)
     assert data["magcache"]["steps"] == 12 and len(data["magcache"]["ratios"]) == 24  # 12 steps x cond, uncond
+    # One table per expert: MagCache's entry across the switch named as the jump, TeaCache fitted per expert on
+    # that expert's own pairs (the pair across the switch left out).
+    switch = switch_of(build_a14b("t2v"))
+    assert data["magcache"]["experts"]["steps"] == {"high": [0, switch], "low": [switch, 12]}
+    jump = data["magcache"]["experts"]["switch_jump"]
+    assert jump == {"cond": data["magcache"]["ratios"][2 * switch], "uncond": data["magcache"]["ratios"][2 * switch + 1]}
+    fits = data["teacache"]["variants"]["default"]["experts"]
+    # pairs from the second pass of each expert on, per branch and seed: (switch - 1) and (12 - switch - 1)
+    assert {e: f["pairs"] for e, f in fits.items()} == {"high": 4 * (switch - 1), "low": 4 * (12 - switch - 1)}
+    assert fits["high"]["coefficients"] != fits["low"]["coefficients"]
+    assert "low expert alone" in result.stdout and "read by experts='shared' only" in result.stdout
     for experts in ("shared", "separate"):
         pipe = build_a14b("t2v")
         stepcache.enable(pipe, "teacache", profile=str(profile), experts=experts, thresh=1.0)
         run(pipe)
         stats = stepcache.stats(pipe)
         assert list(stats.experts()) == ["high", "low"] and stats.counts()[1] == 24
+
+
+def _teacache_with_expert_fits(tmp_path, low):
+    """wan2.2-t2v-a14b with a TeaCache polynomial of 0 for both rules, and per-expert fits: 0 for the high expert,
+    ``low`` (constant) for the low one."""
+    data = json.loads(load_profile(PROFILES["t2v-a14b"]).path.read_text())
+    data["name"] = "t2v-a14b-expert-fits"
+    variant = {"signal": "timestep_proj", "coefficients": [0.0, 0.0, 0.0, 0.0, 0.0], "warmup_steps": 1,
+               "force_last": True, "experts": {"high": {"coefficients": [0.0] * 5},
+                                               "low": {"coefficients": [0.0] * 4 + [low]}}}
+    data["teacache"] = {"variants": {"default": variant}, "defaults": {"thresh": 0.5},
+                        "source": "test: per-expert fits"}
+    path = tmp_path / "expert-fits.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_the_separate_rule_reads_each_experts_own_teacache_fit(tmp_path):
+    """A calibrated two-expert profile carries one TeaCache fit per expert: the separate rule decides each expert
+    with its own (here the low expert's is large, so it computes every pass), the shared rule with the joint one."""
+    profile = _teacache_with_expert_fits(tmp_path, low=10.0)
+    pipe = build_a14b("t2v")
+    switch = switch_of(pipe)
+    patterns = {}
+    for experts in ("shared", "separate"):
+        stepcache.enable(pipe, "teacache", profile=profile, experts=experts)
+        run(pipe)
+        stats = stepcache.stats(pipe)
+        patterns[experts] = [c == "C" for c in stats.pattern(branch="cond")]
+        stepcache.disable(pipe)
+    low_steps = range(switch + 1, 11)  # after the low expert's warm-up step, before the forced last step
+    assert not any(patterns["shared"][s] for s in low_steps)  # a polynomial of 0 reuses everything
+    assert all(patterns["separate"][s] for s in low_steps)  # the low expert's own fit forbids reuse
+    # the high expert's own fit reuses (its own run ends at the switch, with a forced last step)
+    assert not any(patterns["separate"][s] for s in range(1, switch - 1))
+
+
+def test_the_separate_magcache_rule_never_reads_the_ratio_across_the_switch(tmp_path):
+    """The entry at the switch compares two experts' residuals: the shared rule accumulates it, each expert's own
+    run does not (its first ratio is its start)."""
+    pipe = build_a14b("t2v")
+    switch = switch_of(pipe)
+    data = json.loads(load_profile(PROFILES["t2v-a14b"]).path.read_text())
+    base = load_profile(PROFILES["t2v-a14b"]).magcache_ratios(12, 0, "compose")
+    patterns = {}
+    for jump in (1.0, 9.0):
+        changed = dict(data, name=f"jump-{jump}")
+        ratios = [r for step in range(12) for r in (base[step], base[step])]
+        ratios[2 * switch] = ratios[2 * switch + 1] = jump
+        changed["magcache"] = dict(data["magcache"], ratios=ratios, steps=12)
+        path = tmp_path / f"jump-{jump}.json"
+        path.write_text(json.dumps(changed))
+        for experts in ("shared", "separate"):
+            params = dict(thresh=0.3, K=4, retention_ratio=0.0)
+            if experts == "shared":
+                params["retention_rule"] = "start"
+            stepcache.enable(pipe, "magcache", profile=str(path), experts=experts, **params)
+            run(pipe)
+            patterns[experts, jump] = stepcache.stats(pipe).pattern()
+            stepcache.disable(pipe)
+    assert patterns["separate", 1.0] == patterns["separate", 9.0]
+    assert patterns["shared", 1.0] != patterns["shared", 9.0]

@@ -11,6 +11,11 @@ FAMILY = Family(
                                 load="stepcache.wan21.diffusers_adapter:load_pipeline"),
         "WanImageToVideoPipeline": Pipeline("WanTransformer3DModel", 5.0, "CFG scale", needs_image=True,
                                             load="stepcache.wan21.diffusers_adapter:load_pipeline"),
+        # The demo model saved as a pipeline folder (stepcache demo --save-pipeline): WanPipeline at its sizes.
+        "StepcacheDemoPipeline": Pipeline("WanTransformer3DModel", 2.5, "CFG scale",
+                                          load="stepcache.wan21.demo.pipeline_folder:load", ships_code=True,
+                                          defaults={"height": 32, "width": 32, "frames": 8, "steps": 30,
+                                                    "dtype": "fp32"}),
     },
     calibration_targets={"demo": "stepcache.wan21.demo:calibration_target"},
     commands=[("demo", "stepcache.wan21.demo.run", "run every method on a small trained video model shipped with "

@@ -71,6 +71,11 @@ def base_branch(branch: str) -> str:
     return branch.split(EXPERT_MARK, 1)[0].split(VIDEO_MARK, 1)[0]
 
 
+def expert_of(branch: str) -> str | None:
+    """The expert a state key serves with experts="separate" ("low" for "cond@low"), else None."""
+    return branch.split(EXPERT_MARK, 1)[1] if EXPERT_MARK in branch else None
+
+
 @dataclass
 class MethodConfig:
     method: str

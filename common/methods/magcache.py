@@ -231,7 +231,9 @@ class MagCache(Method):
         ratios = config.profile.magcache_ratios(num_steps, index, p["resample"])
         zones = None
         if window is not None:  # one expert's steps, as a run of their own: its ratios, its own warm-up
-            ratios = ratios[window[0]:window[1]]
+            # The first is the table's start for that expert: at the switch it is the jump from the other
+            # expert's residual, which this expert's run never compares with.
+            ratios = [1.0] + ratios[window[0] + 1:window[1]]
         elif p.get("retention_rule", "start") == "zones":
             zones = zone_steps(config.profile, table["retention_zones"], num_steps, switch_step)
         return MagCachePolicy(ratios, p["thresh"], p["K"], p["retention_ratio"], count, index,
@@ -349,14 +351,29 @@ class MagCache(Method):
             notes[level] = f"reuses {reuse(presets[level]['thresh']):.0%} of the passes at {steps} steps"
         section["presets"] = presets
         section["preset_notes"] = notes
+        experts = cal.expert_steps()
+        if experts:
+            # The entry at the switch compares the second expert's first residual with the first expert's last:
+            # the shared rule reads it; the separate rule reads each expert's steps alone (make_policy's window).
+            switch = experts[list(experts)[1]][0]
+            section["experts"] = {"steps": experts, "switch_jump": {b: round(per[b][switch - 1]["mean"], 5)
+                                                                    for b in branches}}
         if "defaults" not in rule:
             section["defaults"] = dict(presets["medium"])
         return section
 
     def describe_calibration(self, section):
         spread = max(section["spread"]["std"])
-        return [f"  magcache: {len(section['ratios'])} ratios, {section['steps']} steps x {len(section['branches'])} "
+        lines = [f"  magcache: {len(section['ratios'])} ratios, {section['steps']} steps x {len(section['branches'])} "
                 f"branch(es), {section['spread']['runs']} run(s) each; largest spread over runs (std) {spread:.4f}"]
+        if "experts" in section:
+            experts = section["experts"]
+            (first, steps_a), (second, steps_b) = experts["steps"].items()
+            jump = ", ".join(f"{b} {v:.4g}" for b, v in experts["switch_jump"].items())
+            lines.append(f"            experts: {first} steps {steps_a[0]}-{steps_a[1] - 1}, {second} steps "
+                         f"{steps_b[0]}-{steps_b[1] - 1}; the ratio across the switch ({jump}) is read by "
+                         f"experts='shared' only")
+        return lines
 
     @staticmethod
     def _reuse(section, steps, K, retention):

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from ..policies import Decision, Polynomial, check_threshold, check_range, forced_reason
 from ..schema import BOOLEAN, EXPERTS_RULE, PREDICT_RULE, finite, integer, one_of
+from . import EXPERTS
 from .base import EXPERTS_HELP, PREDICT_HELP, STACK, Method, mean_abs_ratio
 
 NAME = "teacache"
@@ -97,9 +98,12 @@ class TeaCache(Method):
         return config.profile.method(NAME)["variants"][config.params["variant"]]["signal"]
 
     def make_policy(self, config, branch, num_steps, window=None, switch_step=None):
+        from . import expert_of
         p = config.params
-        return TeaCachePolicy(p["coefficients"], p["thresh"], p["warmup_steps"], p["force_last"],
-                              p["clamp_polynomial"])
+        # A calibrated two-expert profile has a fit per expert, for the separate rule (each expert's own pairs).
+        own = config.profile.method(NAME)["variants"][p["variant"]].get("experts", {}).get(expert_of(branch))
+        coefficients = own["coefficients"] if own else p["coefficients"]
+        return TeaCachePolicy(coefficients, p["thresh"], p["warmup_steps"], p["force_last"], p["clamp_polynomial"])
 
     def start(self, config):
         # A calibrated polynomial knows the signal changes it was fitted on; outside them it guesses.
@@ -133,6 +137,11 @@ class TeaCache(Method):
                 fit = c.numbers(variant["fit_range"], finite(), f"{path}.fit_range", min_len=2)
                 if len(fit) != 2 or fit[0] > fit[1]:
                     c.fail(f"{path}.fit_range", fit, "[low, high] with low <= high")
+            for expert, own in c.mapping(variant.get("experts", {}), f"{path}.experts").items():
+                if expert not in EXPERTS:
+                    c.fail(f"{path}.experts", expert, "an expert name: " + ", ".join(EXPERTS))
+                c.numbers(c.need(c.mapping(own, f"{path}.experts.{expert}"), "coefficients", f"{path}.experts"),
+                          finite(), f"{path}.experts.{expert}.coefficients")
         c.settings(section, NAME, NAME)
         for where, params in [("defaults", section.get("defaults", {}))] + [
                 (f"presets.{k}", v) for k, v in section.get("presets", {}).items()]:
@@ -181,6 +190,33 @@ class TeaCache(Method):
             "linear_rmse": rmse(line, x, y), "pairs": len(pairs), **held,
             "negative_inside_range": bool(negative),
         }
+        experts = cal.expert_steps()
+        if experts:
+            # The pairs of each expert alone (the pair across the switch is the jump between experts, which the
+            # separate rule never sees): its own fit, and how far the joint fit is from its pairs.
+            variant["experts"] = {}
+            for expert in experts:
+                own = [(m.generation, m.signal_change, m.output_change) for m in cal.measures
+                       if m.expert == expert and not m.crosses_switch and m.signal_change is not None
+                       and m.output_change is not None]
+                if len(own) < DEGREE + 2:
+                    raise CalibrationError(f"TeaCache needs at least {DEGREE + 2} (signal, output) pairs per "
+                                           f"expert; the {expert} expert has {len(own)} (run more steps)")
+                ox, oy = [p[1] for p in own], [p[2] for p in own]
+                fit = fit_polynomial(ox, oy, DEGREE)
+                entry = variant["experts"][expert] = {
+                    "coefficients": fit, "fit_range": [min(ox), max(ox)], "fit_rmse": rmse(fit, ox, oy),
+                    "joint_rmse": rmse(coefficients, ox, oy), "pairs": len(own)}
+                # Held out as above: both fits made on the even runs, measured on this expert's odd-run pairs.
+                train = [p for p in pairs if generations.index(p[0]) % 2 == 0]
+                own_train = [p for p in own if generations.index(p[0]) % 2 == 0]
+                test = [p for p in own if generations.index(p[0]) % 2 == 1]
+                if test and len(own_train) > DEGREE + 1:
+                    vx, vy = [p[1] for p in test], [p[2] for p in test]
+                    entry["heldout_rmse"] = rmse(fit_polynomial([p[1] for p in own_train],
+                                                                [p[2] for p in own_train], DEGREE), vx, vy)
+                    entry["heldout_joint_rmse"] = rmse(fit_polynomial([p[1] for p in train], [p[2] for p in train],
+                                                                      DEGREE), vx, vy)
         presets, notes = speed_presets(self._reuse(coefficients, warmup, force_last, cal))
         return {"variants": {"default": variant}, "defaults": {"thresh": presets["medium"]["thresh"],
                                                                "variant": "default"},
@@ -194,6 +230,11 @@ class TeaCache(Method):
         if "heldout_rmse" in variant:
             lines.append(f"            held-out runs: rmse {variant['heldout_rmse']:.4g} (straight line "
                          f"{variant['heldout_linear_rmse']:.4g})")
+        for expert, own in variant.get("experts", {}).items():
+            held = (f"; held-out {own['heldout_rmse']:.4g} against {own['heldout_joint_rmse']:.4g}"
+                    if "heldout_rmse" in own else "")
+            lines.append(f"            {expert} expert alone: its own fit rmse {own['fit_rmse']:.4g} on {own['pairs']} "
+                         f"pairs, the joint fit's {own['joint_rmse']:.4g}{held} (experts='separate' uses its own)")
         if variant["negative_inside_range"]:
             lines.append("            WARNING: the fitted polynomial is negative inside its fitted range")
         lines.append(f"            presets {section['presets']}")

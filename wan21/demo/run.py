@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                "model size, and steady on a shared machine)")
     parser.add_argument("--weights", default=None, help="demo model file (default: the one shipped in stepcache)")
     parser.add_argument("--profile", default=None, help="demo profile file (default: the one shipped with it)")
+    parser.add_argument("--save-pipeline", default=None, metavar="DIR",
+                        help="write the demo model (--weights, with --profile beside it) as a diffusers pipeline "
+                             "folder at DIR and stop: it loads with DiffusionPipeline.from_pretrained(DIR, "
+                             "trust_remote_code=True) without stepcache, and stepcache generate, calibrate, bench "
+                             "--pipeline and tune take it as any pipeline folder. DIR must be new, or an earlier "
+                             "demo pipeline folder (replaced whole)")
     parser.add_argument("--no-videos", action="store_true", help="write report.json only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -211,8 +217,26 @@ def twin_label(steps: int, uncached_steps: int) -> str:
     return "uncached" if steps == uncached_steps else f"steps-{steps}"
 
 
+def save_pipeline(args: argparse.Namespace, settings: dict) -> int:
+    from .model import load
+    from .pipeline_folder import is_demo_folder, save
+    folder = check_output_dir(args.save_pipeline, "--save-pipeline")
+    if folder.is_dir() and any(folder.iterdir()) and not is_demo_folder(folder):
+        raise DemoError(f"--save-pipeline {str(folder)!r} is a folder with other content; give a new folder")
+    try:
+        model = load(settings["weights"])
+    except ValueError as exc:
+        raise DemoError(f"--weights: {exc}") from None
+    save(folder, model, settings["profile"])
+    print(f"wrote the demo pipeline to {folder}: DiffusionPipeline.from_pretrained({str(folder)!r}, "
+          f"trust_remote_code=True), or stepcache generate --model {folder} ...")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     settings = check_arguments(args)
+    if args.save_pipeline:
+        return save_pipeline(args, settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm import tqdm
