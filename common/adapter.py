@@ -25,6 +25,9 @@ class Adapter(Protocol):
         variant's signal name (e.g. "temb"); a name the model cannot compute is refused, never swapped. Everything
         set goes through ``patch`` so that it can be restored exactly."""
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The block stack in call order (what ``install`` wraps; what the bench counts the work of)."""
+
     def latent_of(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """The latent ``x`` of this call, in the space the model's output lives in (EasyCache's ``v - x``)."""
 

@@ -33,7 +33,10 @@ class Pipeline:
     ``defaults`` the pipeline's own values of ``height``, ``width``, ``frames``, ``steps`` and ``dtype`` where
     they are not the commands' (a model trained at another size); ``ships_code`` whether a folder of this class
     carries its code (model_index.json names it ``[module, class]``), which ``load`` replaces with the family's
-    own copy, so that nothing in the folder runs.
+    own copy, so that nothing in the folder runs; ``decode`` a ``"module:function"`` with ``decode(pipe,
+    latents)``, the pipeline's own decoding of ``output_type="latent"`` latents into float RGB (B, T, H, W, 3) in
+    [0, 1] (``stepcache bench --pipeline`` stores latents and scores videos); ``prompts`` a ``"module:function"``
+    giving the prompts ``bench --pipeline`` uses when given none (a model trained on its own vocabulary).
     """
     transformer: str
     guidance: float
@@ -43,6 +46,8 @@ class Pipeline:
     load: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     ships_code: bool = False
+    decode: str | None = None
+    prompts: str | None = None
 
     def call_kwargs(self, guidance: float | None, true_cfg: float) -> dict[str, Any]:
         """The guidance arguments of a pipeline call, from the command line's values."""

@@ -67,9 +67,10 @@ def add_arguments(parser) -> None:
 SIZE_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "dtype": "bf16"}
 
 
-def add_size_arguments(parser, steps_help: str) -> None:
-    """--height, --width, --frames, --steps, --dtype and --device of every command that runs a pipeline folder;
-    an omitted size is the pipeline's own (:func:`apply_pipeline_defaults`)."""
+def add_size_arguments(parser, steps_help: str | None) -> None:
+    """--height, --width, --frames, --steps (unless ``steps_help`` is None: the command has its own), --dtype and
+    --device of every command that runs a pipeline folder; an omitted size is the pipeline's own
+    (:func:`apply_pipeline_defaults`)."""
     d = SIZE_DEFAULTS
     parser.add_argument("--height", type=int, default=None, help=f"video height in pixels (default {d['height']}, "
                                                                   f"or the pipeline's own)")
@@ -77,8 +78,9 @@ def add_size_arguments(parser, steps_help: str) -> None:
                                                                  f"the pipeline's own)")
     parser.add_argument("--frames", type=int, default=None, help=f"number of frames (default {d['frames']}, or the "
                                                                   f"pipeline's own)")
-    parser.add_argument("--steps", type=int_at_least(2), default=None,
-                        help=f"{steps_help} (default {d['steps']}, or the pipeline's own)")
+    if steps_help is not None:
+        parser.add_argument("--steps", type=int_at_least(2), default=None,
+                            help=f"{steps_help} (default {d['steps']}, or the pipeline's own)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help=f"transformer dtype (default {d['dtype']}, or the pipeline's own)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")

@@ -70,3 +70,52 @@ class DiTTimer:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+class HostMeter:
+    """Times a piece of work with a host clock (``CLOCKS``); no device memory to read. The CPU's meter."""
+
+    def __init__(self, clock: str = "wall"):
+        self.clock_name = clock
+        self._clock = CLOCKS[clock]
+        self._start = 0.0
+
+    def start(self) -> None:
+        self._start = self._clock()
+
+    def stop(self) -> tuple[float, int | None]:
+        """(seconds since ``start``, peak memory in bytes or None)."""
+        return self._clock() - self._start, None
+
+
+class CudaMeter:
+    """Times a piece of work with CUDA events (the GPU's own clock: the queued work is timed where it runs, with
+    one host wait at the end, which the measurement needs), and reads the peak memory allocated on the device
+    since ``start``. ``cuda`` is ``torch.cuda``, or a stand-in with the same members (tests on CPU)."""
+
+    clock_name = "cuda"
+
+    def __init__(self, device, cuda=None):
+        self.cuda = torch.cuda if cuda is None else cuda
+        self.device = device
+        self._events = None
+
+    def start(self) -> None:
+        self.cuda.synchronize(self.device)  # work queued before the start is not this piece's
+        self.cuda.reset_peak_memory_stats(self.device)
+        begin, end = self.cuda.Event(enable_timing=True), self.cuda.Event(enable_timing=True)
+        begin.record()
+        self._events = (begin, end)
+
+    def stop(self) -> tuple[float, int | None]:
+        begin, end = self._events
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000.0, int(self.cuda.max_memory_allocated(self.device))
+
+
+def meter_for(device: str, clock: str = "wall", cuda=None):
+    """The meter of a device: CUDA events and peak memory on ``cuda``/``cuda:N``, else the host ``clock``."""
+    if str(device).startswith("cuda"):
+        return CudaMeter(torch.device(device), cuda)
+    return HostMeter(clock)

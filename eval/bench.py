@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..outputs import atomic_path, check_output_dir, write_json
-from ..timing import CLOCKS, add_clock_argument
+from ..generate import add_size_arguments
+from ..timing import add_clock_argument, meter_for
 
 FORMAT = "stepcache-bench/1"
 BENCH_SEED = 200_000          # noise seeds used by nothing else (demo calibration 50_000, prompt-match check 100_000)
@@ -47,6 +48,15 @@ class BenchError(InputError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--pipeline", default=None, metavar="DIR",
+                        help="benchmark a diffusers pipeline folder stepcache supports (Wan2.1 T2V, HunyuanVideo, "
+                             "the demo's saved folder: stepcache demo --save-pipeline DIR) instead of --model; "
+                             "with --prompts, --device, --dtype, --height, --width, --frames")
+    parser.add_argument("--prompts", default=None,
+                        help="--pipeline: a .txt (one per line) or .json prompt file, or 'vbench' (the installed "
+                             "VBench list); the first prompts are benchmarked, calibration takes from the end "
+                             "(default: the pipeline's own, for the demo folder)")
+    add_size_arguments(parser, None)
     parser.add_argument("--model", default="demo", choices=["demo", "demo-experts"],
                         help="the model to benchmark (default: demo); demo-experts: the two-expert demo (Wan2.2 "
                              "A14B's shape), where the published shared-state rule, stepcache's experts='separate', "
@@ -72,8 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-prompt", type=int, default=0,
                         help="start this far into the fixed prompt order (default 0): a different set of prompts "
                              "and seeds, to check a result on videos its settings were not chosen on")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps of the baseline (default 30)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo's 2.5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of the baseline (default 30, or the pipeline's own)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="CFG scale (default: the demo's 2.5, or the pipeline's own)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default: 3, quick 1)")
     parser.add_argument("--profile", dest="profile_file", default=None, metavar="FILE",
                         help="a stepcache profile file for the model, instead of calibrating it in this run")
@@ -110,26 +122,24 @@ def _command(args) -> str:
 
 
 # ------------------------------------------------------------------------------------------- model, prompts
-def bench_pairs(num_prompts: int, num_seeds: int, first: int = 0) -> list[tuple[str, int]]:
-    """A fixed shuffle of the demo's prompt vocabulary, and noise seeds no other part of stepcache uses; ``first``
-    skips that many prompts of the shuffle (their seeds move along, so no pair repeats)."""
-    import torch
-    from stepcache.wan21.demo.scenes import ALL_SCENES
+def bench_pairs(num_prompts: int, num_seeds: int, first: int = 0, prompts: list[str] | None = None
+                ) -> list[tuple[str, int]]:
+    """Prompts in a fixed order (default: the demo's, a fixed shuffle of its vocabulary), and noise seeds no other
+    part of stepcache uses; ``first`` skips that many prompts (their seeds move along, so no pair repeats)."""
+    from stepcache.wan21.demo.scenes import bench_prompts
     if first < 0:
         raise BenchError(f"--first-prompt {first} must be >= 0")
-    order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_SEED)).tolist()
-    indices = range(first, first + num_prompts)
-    return [(ALL_SCENES[order[i % len(order)]].prompt, BENCH_SEED + 1000 * i + j) for i in indices
+    prompts = prompts or bench_prompts()
+    return [(prompts[i % len(prompts)], BENCH_SEED + 1000 * i + j) for i in range(first, first + num_prompts)
             for j in range(num_seeds)]
 
 
-def calibration_pairs(n: int) -> list[tuple[str, int]]:
-    """Pairs for the in-session calibrations: prompts from the far end of the benchmark's shuffle (so never a
-    benchmark prompt while both fit in the 144 prompts), with their own noise seeds."""
-    import torch
-    from stepcache.wan21.demo.scenes import ALL_SCENES
-    order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_SEED)).tolist()
-    return [(ALL_SCENES[order[-1 - (i % len(order))]].prompt, CALIBRATION_SEED + i) for i in range(n)]
+def calibration_pairs(n: int, prompts: list[str] | None = None) -> list[tuple[str, int]]:
+    """Pairs for the in-session calibrations: prompts from the far end of the same order (so never a benchmark
+    prompt while both fit), with their own noise seeds."""
+    from stepcache.wan21.demo.scenes import bench_prompts
+    prompts = prompts or bench_prompts()
+    return [(prompts[-1 - (i % len(prompts))], CALIBRATION_SEED + i) for i in range(n)]
 
 
 def _sha256(path: Path) -> str:
@@ -177,8 +187,14 @@ def build_demo(args):
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+def block_stack(transformer) -> list:
+    """The transformer's blocks in call order, as its adapter knows them."""
+    from stepcache.api import adapter_for
+    return adapter_for(transformer).blocks(transformer)
+
+
 class BlockWork:
-    """Real work inside the block stack: multiply-adds of every ``nn.Linear`` under ``transformer.blocks`` that
+    """Real work inside the block stack: multiply-adds of every ``nn.Linear`` of its blocks (its adapter's) that
     runs, and the transformer calls. Cache hooks replace ``forward`` of blocks or attention modules, so Linear
     layers run only when their block or module really computes (for every method alike: stepcache, diffusers
     hooks and cache-dit all call the original modules when they compute)."""
@@ -186,9 +202,10 @@ class BlockWork:
     def __init__(self, transformer):
         import torch
         self.handles = [transformer.register_forward_pre_hook(self._on_call)]
-        for name, module in transformer.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.split(".")[0] == "blocks":
-                self.handles.append(module.register_forward_pre_hook(self._on_linear))
+        for block in block_stack(transformer):
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear):
+                    self.handles.append(module.register_forward_pre_hook(self._on_linear))
         self.reset()
 
     def reset(self):
@@ -206,6 +223,12 @@ class BlockWork:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def max_peak(peaks: list) -> int | None:
+    """The largest peak memory of a run's videos (None where the meter reads none: the CPU)."""
+    known = [p for p in peaks if p is not None]
+    return max(known) if known else None
 
 
 def to_uint8(video):
@@ -239,16 +262,18 @@ class Calibrations:
 
     BASE_PROFILE = "wan2.1-t2v-1.3b"   # its warm-ups, CFG rules and MagCache presets carry over
 
-    def __init__(self, demo, folder: Path, steps: int, guidance: float, pairs: int, profile_file: str | None):
+    def __init__(self, demo, folder: Path, steps: int, guidance: float, pairs: int, profile_file: str | None,
+                 prompts: list[str] | None = None):
         self.demo, self.folder, self.steps, self.guidance = demo, folder, steps, guidance
         self.n_pairs = pairs
+        self.prompts = prompts
         self.profile_file = profile_file
         self._profile = None
         self._mag = None
         self.easycache_warmup = max(1, round(steps * 10 / 50))   # Wan2.1's 10 of 50 steps, scaled
 
     def pairs(self):
-        return calibration_pairs(self.n_pairs)
+        return calibration_pairs(self.n_pairs, self.prompts)
 
     def _generate(self, prompt, seed):
         with warnings.catch_warnings():
@@ -277,20 +302,36 @@ class Calibrations:
         from stepcache.calibrate import CalibrationRun, build_profile, measure
         pairs = self.pairs()
         print(f"calibrating stepcache on {len(pairs)} calibration prompt-seed pairs ({self.steps} steps)", flush=True)
-        base = load_profile(self.BASE_PROFILE)
-        data = json.loads(json.dumps(base.data))
-        data["easycache"]["warmup_steps"] = self.easycache_warmup
-        base = Profile(base.name, data)
+        base = self._base_profile()
+        if base is not None and base.has("easycache"):
+            data = json.loads(json.dumps(base.data))
+            data["easycache"]["warmup_steps"] = self.easycache_warmup
+            base = Profile(base.name, data)
         seeds = dict(pairs)
+        meta = (self.demo.calibration_meta() if hasattr(self.demo, "calibration_meta")
+                else {"resolution": [32, 32], "frames": 8})
         # one generation per (prompt, seed) pair: each prompt runs once, with its own seed
         run = CalibrationRun([p for p, _ in pairs], [pairs[0][1]], self.steps,
-                             {"resolution": [32, 32], "frames": 8, "guidance": self.guidance,
-                              "pairs": [list(p) for p in pairs]})
+                             {**meta, "guidance": self.guidance, "pairs": [list(p) for p in pairs]})
         runner, adapter, model = measure(self.demo.pipe, run, lambda p, s: self._generate(p, seeds[p]),
                                          progress=False)
         data = build_profile(runner, adapter, model, run, "bench-calibrated", base,
                              description="the benchmarked model, calibrated by stepcache bench")
         return write_profile(path, data)
+
+    def _base_profile(self):
+        """Whose warm-ups, CFG rules and published presets the calibrated profile keeps: a pipeline folder's own
+        profile, else the shipped profile matching its transformer, else (the demo model) Wan2.1-1.3B's."""
+        from stepcache.api import adapter_for
+        from stepcache.profiles import FOLDER_PROFILE, load_profile
+        folder = getattr(self.demo, "folder", None)
+        if folder is None:
+            return load_profile(self.BASE_PROFILE)
+        if (folder / FOLDER_PROFILE).is_file():
+            return load_profile(str(folder / FOLDER_PROFILE))
+        transformer = self.demo.pipe.transformer
+        found = adapter_for(transformer).detect_profiles(transformer)
+        return found[0] if found else None
 
     @property
     def mag_ratios(self) -> list[float]:
@@ -536,10 +577,10 @@ class Bench:
         self.steps, self.guidance = settings["steps"], settings["guidance"]
         self.pairs = [tuple(p) for p in settings["pairs"]]
         self.calibrations = Calibrations(demo, store.folder / "calibration", self.steps, self.guidance,
-                                         settings["calibration_pairs"], args.profile_file)
+                                         settings["calibration_pairs"], args.profile_file, settings.get("prompts"))
         self.ctx = Context(demo, self.steps, self.calibrations)
         self.pipe_class = type(demo.pipe) if demo is not None else None
-        self.clock = CLOCKS[settings["clock"]]
+        self.meter = meter_for(settings.get("device", "cpu"), settings["clock"])
         self.session = uuid.uuid4().hex[:8]
         self.started = time.perf_counter()
         self.stopped = False
@@ -598,7 +639,7 @@ class Bench:
             try:
                 for prompt, seed in self.pairs:
                     counter.reset()
-                    latents.append(self.latents(prompt, seed, self.steps))
+                    latents.append(self.latents(prompt, seed, self.steps).cpu())
                     per_video.append({"prompt": prompt, "seed": seed, "calls": counter.calls, "macs": counter.macs,
                                       "linears": counter.linears})
             finally:
@@ -659,32 +700,37 @@ class Bench:
         return record
 
     # --- timing ------------------------------------------------------------------------------------------------
-    def time_run(self, run: Run | None) -> tuple[list[float], bool | None]:
+    def time_run(self, run: Run | None) -> tuple[list[float], list, bool | None]:
+        """Seconds and peak device memory (bytes; None on the CPU) of each video, and for the baseline whether it
+        reproduced the reference exactly."""
         method = run.method if run is not None else None
         steps = method.steps(self.ctx, run.params) if method else self.steps
-        times, identical = [], True if method is None else None
+        times, peaks, identical = [], [], True if method is None else None
         if method:
             method.install(self.ctx, run.params)
         try:
             for i, (prompt, seed) in enumerate(self.pairs):
-                start = self.clock()
+                self.meter.start()
                 latent = self.latents(prompt, seed, steps)
-                times.append(self.clock() - start)
+                seconds, peak = self.meter.stop()
+                times.append(seconds)
+                peaks.append(peak)
                 if method is None:
-                    identical = identical and bool(self.torch.equal(latent[0], self.ref_latents[i]))
+                    identical = identical and bool(self.torch.equal(latent[0].cpu(), self.ref_latents[i]))
         finally:
             if method:
                 method.remove(self.ctx)
         self.check_clean()
-        return times, identical
+        return times, peaks, identical
 
     def time_baseline(self, round_index: int) -> None:
-        times, identical = self.time_run(None)
+        times, peaks, identical = self.time_run(None)
         if not identical:
             print("WARNING: the baseline no longer reproduces the reference exactly (another thread count, or a "
                   "run left state behind)", flush=True)
         self.store.append({"kind": "baseline_timing", "round": round_index, "session": self.session,
-                           "seconds": sum(times), "per_video": times, "identical": identical})
+                           "seconds": sum(times), "per_video": times, "peak_memory": max_peak(peaks),
+                           "identical": identical})
 
     # --- the whole thing ----------------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -697,23 +743,23 @@ class Bench:
         rope, output head and the pipeline's own work are a real share, and a method that still runs them on a
         reused pass cannot reach its ideal speedup. Once per session, interleaved, median of 3."""
         prompt, seed = self.pairs[0]
-        blocks = list(self.demo.pipe.transformer.blocks)
+        blocks = block_stack(self.demo.pipe.transformer)
 
         def bypass(hidden_states, *args, **kwargs):
             return hidden_states
 
         full, rest = [], []
         for _ in range(3):
-            start = self.clock()
+            self.meter.start()
             self.latents(prompt, seed, self.steps)
-            full.append(self.clock() - start)
+            full.append(self.meter.stop()[0])
             saved = [b.__dict__.get("forward") for b in blocks]
             for b in blocks:
                 b.forward = bypass
             try:
-                start = self.clock()
+                self.meter.start()
                 self.latents(prompt, seed, self.steps)
-                rest.append(self.clock() - start)
+                rest.append(self.meter.stop()[0])
             finally:
                 for b, f in zip(blocks, saved):
                     if f is None:
@@ -768,9 +814,9 @@ class Bench:
                 if self.over_budget():
                     self.time_baseline(round_index)
                     return
-                times, _ = self.time_run(run)
+                times, peaks, _ = self.time_run(run)
                 self.store.append({"kind": "timing", "run": run.id, "round": round_index, "session": self.session,
-                                   "seconds": sum(times), "per_video": times})
+                                   "seconds": sum(times), "per_video": times, "peak_memory": max_peak(peaks)})
                 if i % BASELINE_EVERY == 0 and i < len(pending):
                     self.time_baseline(round_index)
             self.time_baseline(round_index)
@@ -806,17 +852,22 @@ def incomplete_message(missing: list[str], shown: int = 5) -> str:
             f"same command again to finish")
 
 
-def settings_for(args, identity: dict, runs: list[Run]) -> dict:
+def settings_for(args, identity: dict, runs: list[Run], pipeline: dict | None = None) -> dict:
+    """What a bench folder was made with (a resumed run must match it). ``pipeline``: for --pipeline, its
+    prompts, default guidance and the size, device and dtype it runs at."""
     import diffusers
     import torch
     mode = MODES[_mode(args)]
     steps = args.steps or 30
     from stepcache.wan21.demo.model import GUIDANCE
+    pipeline = pipeline or {}
+    default_guidance = pipeline.pop("guidance", GUIDANCE)
+    prompts = pipeline.get("prompts")
     return {
-        "format": FORMAT, "mode": _mode(args), **identity,
-        "steps": steps, "guidance": GUIDANCE if args.guidance is None else args.guidance,
+        "format": FORMAT, "mode": _mode(args), **identity, **pipeline,
+        "steps": steps, "guidance": default_guidance if args.guidance is None else args.guidance,
         "pairs": [list(p) for p in bench_pairs(args.num_prompts or mode["prompts"], args.num_seeds or mode["seeds"],
-                                               args.first_prompt)],
+                                               args.first_prompt, prompts)],
         "repeats": args.repeats or mode["repeats"], "threads": args.threads, "clock": args.clock,
         "calibration_pairs": args.calibration_pairs or mode["calibration_pairs"],
         "stepcache_profile": ({"file": str(Path(args.profile_file).resolve()),
@@ -825,6 +876,47 @@ def settings_for(args, identity: dict, runs: list[Run]) -> dict:
         "runs": [r.id for r in runs],
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
+
+
+def check_pipeline(args) -> dict:
+    """Everything about --pipeline that can be checked before a model loads: the folder, the flags that belong to
+    --model, the prompts, the sizes (the pipeline's own where not given) and the device."""
+    from stepcache.generate import apply_pipeline_defaults, pipeline_of, resolve_device
+    from .bench_subject import check_prompt_budget, pipeline_identity, subject_prompts
+    folder = Path(args.pipeline)
+    for flag, given in (("--model", args.model != "demo"), ("--untrained", args.untrained),
+                        ("--weights", args.weights is not None), ("--low-weights", args.low_weights is not None)):
+        if given:
+            raise BenchError(f"{flag} is for the shipped demo models; with --pipeline the folder is the model")
+    pipeline_class, _, spec = pipeline_of(folder, BenchError)
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("transformer_2") not in (None, [None, None]):
+        raise BenchError(f"{folder} is a two-expert pipeline (Wan2.2 A14B): stepcache bench --pipeline runs one "
+                         f"transformer so far; compare the two rules with `stepcache bench --model demo-experts`, or "
+                         f"with stepcache generate and compare (docs/wan22.md)")
+    if spec.needs_image:
+        raise BenchError(f"{pipeline_class} needs a first frame per video; stepcache bench --pipeline runs text-to-"
+                         f"video pipelines so far")
+    apply_pipeline_defaults(args, spec)
+    mode = MODES[_mode(args)]
+    prompts = subject_prompts(args, spec)
+    check_prompt_budget(prompts, args.num_prompts or mode["prompts"], args.first_prompt,
+                        0 if args.profile_file else args.calibration_pairs or mode["calibration_pairs"])
+    device = resolve_device(args.device, BenchError)
+    return {"folder": folder, "pipeline_class": pipeline_class, "spec": spec,
+            "identity": pipeline_identity(folder, pipeline_class),
+            "settings": {"guidance": spec.guidance, "prompts": prompts, "device": device, "dtype": args.dtype,
+                         "height": args.height, "width": args.width, "frames": args.frames}}
+
+
+def build_subject(args, checked: dict):
+    """(PipelineSubject, description) of a checked --pipeline folder."""
+    from .bench_subject import PipelineSubject, folder_summary
+    s = checked["settings"]
+    subject = PipelineSubject(checked["folder"], checked["pipeline_class"], checked["spec"], s["dtype"],
+                              s["device"], s["height"], s["width"], s["frames"])
+    return subject, {**folder_summary(checked["folder"]), "pipeline_class": checked["pipeline_class"],
+                     "device": s["device"], "dtype": s["dtype"]}
 
 
 def list_methods(args) -> int:
@@ -846,7 +938,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
     if args.list:
         return list_methods(args)
-    if args.model == "demo-experts":
+    if args.model == "demo-experts" and not args.pipeline:
         from .bench_experts import run as run_experts
         return run_experts(args)
     # bad paths fail here, in a second, before the weights are hashed or a model is built
@@ -856,10 +948,11 @@ def run(args: argparse.Namespace) -> int:
     from stepcache.wan21.demo.model import WeightsMissing
     from . import bench_report
     try:
-        identity = model_identity(args)
+        subject = check_pipeline(args) if args.pipeline else None
+        identity = subject["identity"] if subject else model_identity(args)
         methods = select_methods(args.methods, bool(args.quick))
         runs = plan_runs(methods, bool(args.quick), args.steps or 30)
-        settings = settings_for(args, identity, runs)
+        settings = settings_for(args, identity, runs, subject["settings"] if subject else None)
         store = Store(Path(args.out))
         store.open(settings)
     except WeightsMissing as exc:
@@ -877,7 +970,7 @@ def run(args: argparse.Namespace) -> int:
         bench = Bench(args, store, settings, runs, None, read_json(info_path))
         bench.setup_lpips()
     else:
-        demo, model_info = build_demo(args)
+        demo, model_info = build_subject(args, subject) if subject else build_demo(args)
         write_json(info_path, model_info)
         bench = Bench(args, store, settings, runs, demo, model_info)
         try:

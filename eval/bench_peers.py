@@ -428,10 +428,12 @@ class CacheDiT(Method):
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
         cache, calibrator = self.kwargs(ctx, params)
         pipe = ctx.pipe
-        # cache-dit wraps pipe.__class__.__call__; a throwaway subclass with the same name keeps that patch
-        # (and anything a failed disable leaves) off the real class.
+        # cache-dit wraps pipe.__class__.__call__; a throwaway subclass keeps that patch (and anything a failed
+        # disable leaves) off the real class. cache-dit picks its adapter by class name, so the subclass takes the
+        # name of the diffusers pipeline the class is (the saved demo's StepcacheDemoPipeline is a WanPipeline).
         self._original_class = type(pipe)
-        pipe.__class__ = type(self._original_class.__name__, (self._original_class,), {})
+        name = next(c.__name__ for c in self._original_class.__mro__ if c.__module__.startswith("diffusers."))
+        pipe.__class__ = type(name, (self._original_class,), {})
         try:
             cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(**cache),
                                    calibrator_config=TaylorSeerCalibratorConfig(**calibrator) if calibrator else None)

@@ -16,5 +16,6 @@ FAMILY = Family(
               "HYVideoDiffusionTransformer": "stepcache.hunyuan.official_adapter:HYVideoAdapter"},
     pipelines={"HunyuanVideoPipeline": Pipeline(
         "HunyuanVideoTransformer3DModel", 6.0, "embedded guidance", true_cfg=True,
-        load="stepcache.hunyuan.diffusers_adapter:load_pipeline")},
+        load="stepcache.hunyuan.diffusers_adapter:load_pipeline",
+        decode="stepcache.hunyuan.diffusers_adapter:decode_latents")},
 )

@@ -64,8 +64,12 @@ class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         signal_of = first_block_signal(model.transformer_blocks, block0_modulated_input, wants_signal, signal_name,
                                        self.default_signal, "HunyuanVideo transformer (dual-stream blocks)")
-        install_stack(patch, runner_of, [*model.transformer_blocks, *model.single_transformer_blocks], self.block_io,
-                      signal_of=signal_of)
+        install_stack(patch, runner_of, self.blocks(model), self.block_io, signal_of=signal_of)
+
+    @staticmethod
+    def blocks(model) -> list:
+        """The block stack, in call order: the dual-stream blocks, then the single-stream ones."""
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
 
     def check_parallel(self, model) -> None:
         """Refuse a context-parallel model that was not set up by :func:`enable_context_parallel` (its text
@@ -190,12 +194,20 @@ def enable_context_parallel(transformer, config) -> None:
                          "degree)")
     hook_cls = _joint_mask_hook()
     memo: dict = {}
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+    for block in HunyuanVideoDiffusersAdapter.blocks(transformer):
         registry = HookRegistry.check_if_exists_or_initialize(block)
         if registry.get_hook(MASK_HOOK) is None:
             registry.register_hook(hook_cls(memo), MASK_HOOK)
     transformer.enable_parallelism(config=config, cp_plan=context_parallel_plan(transformer))
     transformer._stepcache_context_parallel = True
+
+
+def decode_latents(pipe, latents):
+    """``HunyuanVideoPipeline``'s own decoding of ``output_type="latent"`` latents (its ``__call__``'s last lines:
+    the VAE's scaling factor, ``vae.decode``, the video processor), as float RGB (B, T, H, W, 3) in [0, 1]."""
+    with torch.inference_mode():
+        video = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="pt").permute(0, 1, 3, 4, 2).float()
 
 
 def load_pipeline(model_dir, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cuda",

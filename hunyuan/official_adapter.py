@@ -81,10 +81,15 @@ class HYVideoAdapter:
     family = "hunyuanvideo"
     sequence_sharded = frozenset({SIGNAL})  # block 0's input is the image-token shard under xDiT
 
+    @staticmethod
+    def blocks(model) -> list:
+        """The block stack, in call order: the double-stream blocks, then the single-stream ones."""
+        return [*model.double_blocks, *model.single_blocks]
+
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         signal_of = first_block_signal(model.double_blocks, block0_modulated_input, wants_signal, signal_name,
                                        "block0_modulated", "HunyuanVideo transformer (double blocks)")
-        install_stack(patch, runner_of, [*model.double_blocks, *model.single_blocks], stack_io(), signal_of=signal_of)
+        install_stack(patch, runner_of, self.blocks(model), stack_io(), signal_of=signal_of)
 
     def branch_of(self, model, args: tuple, kwargs: dict) -> str:
         return BRANCH

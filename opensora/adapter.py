@@ -129,6 +129,11 @@ class STDiT3Adapter:
             raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not VideoSys's Open-Sora STDiT3 (no "
                             f"{', '.join(missing)}); the Open-Sora adapter cannot patch it")
 
+    @staticmethod
+    def blocks(model) -> list:
+        """The block stack, in call order (spatial and temporal blocks interleaved)."""
+        return blocks_in_call_order(model)
+
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         try:
             self.check(model)
@@ -142,7 +147,7 @@ class STDiT3Adapter:
         self.pred_sigma = int(getattr(model, "out_channels", self.in_channels)) == 2 * self.in_channels
         signal_of = first_block_signal(model.spatial_blocks, block0_modulated_input, wants_signal, signal_name,
                                        TEACACHE_SIGNAL, "Open-Sora STDiT3")
-        install_stack(patch, runner_of, blocks_in_call_order(model), self.block_io, signal_of=signal_of)
+        install_stack(patch, runner_of, self.blocks(model), self.block_io, signal_of=signal_of)
         patch.hook(model.register_forward_pre_hook(self._before_call, with_kwargs=True))
 
     # -------------------------------------------------------------------------------------------- step index

@@ -17,6 +17,21 @@ from ..diffusers_io import DiffusersTransformerAdapter
 from ..patching import first_arg_io, install_stack
 
 
+def decode_latents(pipe, latents):
+    """``WanPipeline``'s own decoding of ``output_type="latent"`` latents (its ``__call__``'s last lines: the VAE's
+    latent mean and spread, ``vae.decode``, the video processor), as float RGB (B, T, H, W, 3) in [0, 1]."""
+    import torch
+    from diffusers.utils.torch_utils import get_module_execution_device
+    vae = pipe.vae
+    latents = latents.to(get_module_execution_device(vae), dtype=vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    with torch.inference_mode():
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="pt").permute(0, 1, 3, 4, 2).float()
+
+
 def load_pipeline(folder, dtype, device):
     """A Wan pipeline from a local diffusers folder, its VAE in float32 whatever the transformer's dtype (as
     diffusers' Wan docs say it is meant to run)."""
@@ -43,8 +58,13 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
     block_io = first_arg_io("hidden_states")
     sequence_sharded = frozenset()  # temb and the model's input/output are whole on every rank (see above)
 
+    @staticmethod
+    def blocks(model) -> list:
+        """The block stack, in call order."""
+        return list(model.blocks)
+
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        install_stack(patch, runner_of, model.blocks, self.block_io)
+        install_stack(patch, runner_of, self.blocks(model), self.block_io)
         if not wants_signal:
             return
 

@@ -109,9 +109,14 @@ class WanOfficialAdapter:
             raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not Wan2.1's WanModel (no "
                             f"{', '.join(missing)}); the upstream-Wan2.1 adapter cannot patch it")
 
+    @staticmethod
+    def blocks(model) -> list:
+        """The block stack, in call order."""
+        return list(model.blocks)
+
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         self.check(model)
-        install_stack(patch, runner_of, model.blocks, self.block_io)
+        install_stack(patch, runner_of, self.blocks(model), self.block_io)
         if not wants_signal:
             return
 

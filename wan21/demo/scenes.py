@@ -60,6 +60,17 @@ ALL_SCENES = [Scene(c, s, d, b) for c, s, d, b in itertools.product(COLOUR_NAMES
 VOCAB = ("a", "moving", "on", "background", *COLOUR_NAMES, *SHAPES, *DIRECTION_NAMES, *BACKGROUNDS)
 
 
+# The order `stepcache bench` takes the prompts in: a fixed shuffle, so a benchmark's first prompts cover the scenes
+# and its calibration prompts (from the far end) are never among them.
+BENCH_ORDER_SEED = 200_000
+
+
+def bench_prompts() -> list[str]:
+    """Every scene's prompt, in the bench's fixed order."""
+    order = torch.randperm(len(ALL_SCENES), generator=torch.Generator().manual_seed(BENCH_ORDER_SEED)).tolist()
+    return [ALL_SCENES[i].prompt for i in order]
+
+
 def parse_prompt(prompt: str) -> Scene:
     words = prompt.lower().replace(",", " ").split()
     pick = lambda names, default: next((w for w in words if w in names), default)  # noqa: E731

@@ -1,0 +1,108 @@
+"""What `stepcache bench --pipeline` runs: a diffusers pipeline folder stepcache supports, seen the way the bench
+sees the demo model (``pipe``, ``latents(prompts, seeds, steps, guidance)``, ``decode(latents)``).
+
+The bench stores each video's latents (small) and scores decoded videos; a folder's pipeline decodes with its own
+last lines (its family's ``decode``), so what is scored is what the pipeline would have returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+from ..errors import InputError
+
+
+class SubjectError(InputError):
+    pass
+
+
+def _fingerprint(folder: Path) -> str:
+    """A cheap identity of a pipeline folder: its configs and the names and sizes of its files (hashing tens of GB
+    of weights would take minutes; a changed file changes its size or a config in practice)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        digest.update(f"{relative}\0{path.stat().st_size}\0".encode())
+        if path.suffix == ".json" and path.stat().st_size < 1 << 20:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class PipelineSubject:
+    """A supported diffusers pipeline folder at one size, on one device, in one dtype."""
+
+    def __init__(self, folder, pipeline_class: str, spec, dtype: str, device: str, height: int, width: int,
+                 frames: int, true_cfg: float = 1.0):
+        from stepcache.families import load_object
+        from stepcache.generate import load_pipeline
+        if spec.decode is None:
+            raise SubjectError(f"stepcache bench cannot decode {pipeline_class} latents yet (its family declares "
+                               f"no decode)")
+        self.folder, self.pipeline_class, self.spec = Path(folder), pipeline_class, spec
+        self.height, self.width, self.frames, self.device = height, width, frames, device
+        self.extra = spec.call_kwargs(None, true_cfg)
+        self.extra.pop("guidance_scale")
+        self.pipe = load_pipeline(self.folder, pipeline_class, spec, dtype, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._decode = load_object(spec.decode)
+
+    def latents(self, prompts, seeds, steps: int, guidance: float):
+        import torch
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            return self.pipe(prompt=prompts, negative_prompt=[""] * len(prompts), height=self.height,
+                             width=self.width, num_frames=self.frames, num_inference_steps=steps,
+                             guidance_scale=guidance, output_type="latent",
+                             generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
+                             **self.extra).frames
+
+    def decode(self, latents):
+        """Float RGB (B, T, H, W, 3) in [0, 1], on the CPU."""
+        return self._decode(self.pipe, latents).cpu()
+
+    def calibration_meta(self) -> dict:
+        return {"resolution": [self.height, self.width], "frames": self.frames, "pipeline": self.pipeline_class}
+
+
+def pipeline_identity(folder: Path, pipeline_class: str) -> dict:
+    return {"model": "pipeline", "pipeline": str(folder.resolve()), "pipeline_class": pipeline_class,
+            "fingerprint": _fingerprint(folder)}
+
+
+def subject_prompts(args, spec) -> list[str]:
+    """The prompts of a pipeline bench, in order: --prompts (a .txt or .json file, or 'vbench' for the installed
+    VBench list), else the pipeline's own (a model trained on its own vocabulary), else an error."""
+    from stepcache.families import load_object
+    from .prompts import load_prompts
+    if args.prompts is None:
+        if spec.prompts is None:
+            raise SubjectError("--prompts is required with --pipeline: a .txt (one prompt per line) or .json file, "
+                               "or 'vbench' (the VBench list, with the vbench package installed)")
+        return list(load_object(spec.prompts)())
+    try:
+        prompts = load_prompts(None if args.prompts == "vbench" else args.prompts)
+    except (OSError, ValueError) as exc:
+        raise SubjectError(f"--prompts {args.prompts!r}: {exc}") from None
+    if not prompts:
+        raise SubjectError(f"--prompts {args.prompts!r} holds no prompt")
+    return prompts
+
+
+def check_prompt_budget(prompts: list[str], bench_prompts: int, first: int, calibration: int) -> None:
+    """The bench's prompts (from the start) and the calibration prompts (from the end) must not overlap."""
+    need = first + bench_prompts + calibration
+    if len(prompts) < need:
+        raise SubjectError(f"--prompts has {len(prompts)} prompts; the bench needs {first + bench_prompts} from the "
+                           f"start (--first-prompt {first} + --num-prompts {bench_prompts}) and {calibration} "
+                           f"calibration prompts from the end that are not among them ({need} in all): give more "
+                           f"prompts, or lower --num-prompts or --calibration-pairs")
+
+
+def folder_summary(folder: Path) -> dict:
+    index = json.loads((folder / "model_index.json").read_text())
+    return {"folder": str(folder.resolve()), "model_index": {k: v for k, v in index.items() if not k.startswith("_")
+                                                             or k == "_class_name"}}
