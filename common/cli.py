@@ -17,7 +17,10 @@ SUBCOMMANDS = [
     ("compare", "stepcache.eval.compare", "compare cached videos with uncached ones (PSNR, SSIM, LPIPS)"),
     ("profiles", "stepcache.profiles", "list the known profiles and what each one holds"),
     ("calibrate", "stepcache.calibrate", "measure a model's tables (all three methods) and write a profile file"),
-    ("bench", "stepcache.eval.bench", "benchmark vs fewer steps, diffusers' caches and cache-dit on the demo model"),
+    ("bench", "stepcache.eval.bench", "benchmark vs fewer steps, diffusers' caches and cache-dit on the demo model "
+                                      "or your pipeline"),
+    ("tune", "stepcache.eval.tune", "choose each method's setting per target speedup on your pipeline, check it on "
+                                    "held-out prompts, and write a profile with presets named by speed"),
 ]
 
 

@@ -260,6 +260,15 @@ class CacheRunner:
         self.switch_step = switch_step
         for note in self.spec.generation_notes(self.config, num_steps):
             self.note(note)
+        profile = getattr(self.config, "profile", None)  # a calibration run has no profile
+        tuned = profile.data.get("tuned", {}).get("operating_point") if profile is not None else None
+        if tuned and tuned.get("steps") != num_steps:
+            from .profiles import ProfileFitWarning
+            text = (f"profile {profile.name} was tuned at {tuned['steps']} steps (guidance "
+                    f"{tuned.get('guidance')}); this generation has {num_steps} steps, so its presets' measured speed "
+                    f"and quality are not this run's")
+            self.note(text)
+            warnings.warn(f"stepcache: {text}", ProfileFitWarning, stacklevel=4)
 
     def note(self, text: str) -> None:
         """Say once per generation what this run did differently (shown in the stats' summary and dict)."""

@@ -900,8 +900,10 @@ def check_pipeline(args) -> dict:
     apply_pipeline_defaults(args, spec)
     mode = MODES[_mode(args)]
     prompts = subject_prompts(args, spec)
-    check_prompt_budget(prompts, args.num_prompts or mode["prompts"], args.first_prompt,
-                        0 if args.profile_file else args.calibration_pairs or mode["calibration_pairs"])
+    count = args.num_prompts or mode["prompts"]
+    check_prompt_budget(prompts, args.first_prompt + count, f"--first-prompt {args.first_prompt} + --num-prompts "
+                        f"{count}", 0 if args.profile_file else args.calibration_pairs or mode["calibration_pairs"],
+                        "the bench")
     device = resolve_device(args.device, BenchError)
     return {"folder": folder, "pipeline_class": pipeline_class, "spec": spec,
             "identity": pipeline_identity(folder, pipeline_class),

@@ -92,14 +92,14 @@ def subject_prompts(args, spec) -> list[str]:
     return prompts
 
 
-def check_prompt_budget(prompts: list[str], bench_prompts: int, first: int, calibration: int) -> None:
-    """The bench's prompts (from the start) and the calibration prompts (from the end) must not overlap."""
-    need = first + bench_prompts + calibration
+def check_prompt_budget(prompts: list[str], start: int, start_flags: str, calibration: int, command: str) -> None:
+    """The prompts taken from the start of the list (``start``, as ``start_flags`` set them) and the calibration
+    prompts taken from its end must not overlap."""
+    need = start + calibration
     if len(prompts) < need:
-        raise SubjectError(f"--prompts has {len(prompts)} prompts; the bench needs {first + bench_prompts} from the "
-                           f"start (--first-prompt {first} + --num-prompts {bench_prompts}) and {calibration} "
-                           f"calibration prompts from the end that are not among them ({need} in all): give more "
-                           f"prompts, or lower --num-prompts or --calibration-pairs")
+        raise SubjectError(f"--prompts has {len(prompts)} prompts; {command} needs {start} from the start "
+                           f"({start_flags}) and {calibration} calibration prompts from the end that are not among "
+                           f"them ({need} in all): give more prompts, or ask for fewer")
 
 
 def folder_summary(folder: Path) -> dict:

@@ -70,7 +70,7 @@ def test_the_same_command_again_only_rebuilds_the_report(folder, finished):
     (["--untrained"], "--untrained is for the shipped demo models"),
     (["--model", "demo-experts"], "--model is for the shipped demo models"),
     (["--device", "cuda"], "has no CUDA device"),
-    (["--num-prompts", "5", "--prompts", "PROMPTS"], "--prompts has 3 prompts; the bench needs 5"),
+    (["--num-prompts", "5", "--prompts", "PROMPTS"], "--prompts has 3 prompts; the bench needs 5 from the start"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(folder, tmp_path, extra, message):
     (tmp_path / "p.txt").write_text("a red square moving right\na blue disc moving up\na green disc moving down\n")

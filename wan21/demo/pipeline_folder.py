@@ -100,13 +100,17 @@ def save(folder, model=None, profile: str | Path | None = None) -> Path:
     model = model if model is not None else load()
     folder = Path(folder)
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
     with atomic_dir(folder) as partial:
         pipe = build_pipeline(model)
-        diffusers_logging.disable_progress_bar()  # one bar per file is noise for a 7 MB folder
+        bars = (diffusers_logging, transformers_logging)
+        for library in bars:
+            library.disable_progress_bar()  # one bar per file is noise for a 7 MB folder
         try:
             pipe.save_pretrained(partial, safe_serialization=True)
         finally:
-            diffusers_logging.enable_progress_bar()
+            for library in bars:
+                library.enable_progress_bar()
         index = json.loads((partial / "model_index.json").read_text())
         # The two custom pieces, named as diffusers finds custom code in a folder: the pipeline by
         # [module, class] in the root, the codec by [module, class] in its component folder.

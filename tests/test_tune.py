@@ -1,0 +1,104 @@
+"""`stepcache tune`: per target speedup, the best setting of each method (and the overall pick, which may be fewer
+steps) on tuning prompts, checked on held-out prompts, written as presets named by speed (on the demo's saved
+pipeline folder, on CPU, with a small search so that it stays quick)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import stepcache
+from stepcache.profiles import ProfileFitWarning
+from stepcache.wan21.demo import pipeline_folder
+from stepcache.wan21.demo.model import load
+
+SMALL = ["--tune-prompts", "2", "--heldout-prompts", "2", "--calibration-pairs", "2", "--device", "cpu"]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "stepcache.cli", *args], capture_output=True, text=True,
+                          timeout=900, cwd=str(cwd))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return pipeline_folder.save(tmp_path_factory.mktemp("demo") / "pipe", load())
+
+
+@pytest.fixture(scope="module")
+def tuned(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "mine.json"
+    result = cli("tune", "--pipeline", str(folder), "--speedups", "2,3", "--methods", "magcache", *SMALL,
+                 "--out", str(out), cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads(out.read_text()), result.stdout
+
+
+def test_each_pick_is_the_best_run_that_reaches_its_speed_and_is_checked_held_out(tuned):
+    _, data, stdout = tuned
+    tuned_block = data["tuned"]
+    assert tuned_block["operating_point"] == {"steps": 30, "guidance": 2.5, "height": 32, "width": 32, "frames": 8,
+                                              "dtype": "fp32", "device": "cpu"}
+    tuning = {tuple(p) for p in tuned_block["tuning_pairs"]}
+    assert tuning and not tuning & {tuple(p) for p in tuned_block["heldout_pairs"]}
+    for level, target in (("2x", 2.0), ("3x", 3.0)):
+        result = tuned_block["speedups"][level]
+        reaching = [r for r in tuned_block["runs"] if r["which"] == "tune" and r["ideal_speedup"] >= target - 1e-9]
+        assert result["pick"]["psnr"] == max(r["psnr"] for r in reaching)
+        held = result["heldout"]
+        assert held["which"] == "heldout" and held["method"] == result["pick"]["method"]
+        assert held["params"] == result["pick"]["params"] and held["ideal_speedup"] >= target - 0.5
+        assert f"{level}: best" in stdout
+    # fewer steps is always among the candidates: the floor a cache has to beat
+    assert {r["method"] for r in tuned_block["runs"]} >= {"floor-steps", "stepcache-magcache"}
+
+
+def test_presets_named_by_speed_are_listed_and_run_at_their_speed(tuned, folder, tmp_path):
+    path, data, _ = tuned
+    listed = cli("schedule", "--profile", str(path), "--list-presets", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("  magcache")]
+    assert {"2x", "3x"} <= {row[1] for row in rows}
+    pipe = pipeline_folder.load(folder)
+    for level, target in (("2x", 2.0), ("3x", 3.0)):
+        stepcache.enable(pipe, "magcache", profile=str(path), preset=level)
+        pipe("a red square moving right on a dark background", generator=torch.Generator().manual_seed(3),
+             output_type="latent")
+        computed, total = stepcache.stats(pipe).counts()
+        stepcache.disable(pipe)
+        assert total / computed >= target  # MagCache's schedule is the same on every prompt
+    result = cli("generate", "--model", str(folder), "--profile", str(path), "--preset", "2x", "--prompt",
+                 "a blue disc moving up on a light background", "--device", "cpu", "--out",
+                 str(tmp_path / "v" / "blue.mp4"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "v" / "blue.stats.json").read_text())["computed_passes"] <= 30
+
+
+def test_a_tuned_profile_warns_at_another_step_count(tuned, folder):
+    path, _, _ = tuned
+    pipe = pipeline_folder.load(folder)
+    stepcache.enable(pipe, "magcache", profile=str(path), preset="2x")
+    with pytest.warns(ProfileFitWarning, match="was tuned at 30 steps"):
+        pipe("a red square moving right on a dark background", num_inference_steps=20,
+             generator=torch.Generator().manual_seed(3), output_type="latent")
+    assert any("tuned at 30 steps" in note for note in stepcache.stats(pipe).to_dict()["notes"])
+    stepcache.disable(pipe)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--speedups", "1"], "each speedup must be a number > 1"),
+    (["--speedups", "2,fast"], "give comma-separated numbers"),
+    (["--speedups", "2", "--methods", "fastcache"], "--methods 'fastcache'"),
+    (["--speedups", "2", "--tune-prompts", "200"], "--prompts has 144 prompts; stepcache tune needs 206"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(folder, tmp_path, extra, message):
+    result = cli("tune", "--pipeline", str(folder), "--out", str(tmp_path / "p.json"), *extra, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
+def test_the_output_must_be_a_profile_file(folder, tmp_path):
+    result = cli("tune", "--pipeline", str(folder), "--speedups", "2", "--out", str(tmp_path / "p.txt"),
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "ends in .json" in result.stderr
