@@ -30,8 +30,6 @@ from ..timing import meter_for
 
 METHODS = ("teacache", "magcache", "easycache")
 PREDICTIONS = ("reuse", "linear")
-MAGCACHE_KS = (2, 3, 4, 6)
-MAGCACHE_RETENTIONS = (0.1, 0.2)
 FIXED_KS = (2, 3, 4, 5, 6)
 THRESHOLD_TRIES = 5          # an input-dependent method's threshold is raised this many times at most
 THRESHOLD_STEP = 1.35        # by this factor each time
@@ -204,10 +202,11 @@ class Tuner:
     def fixed_linear(self, target: float) -> list[tuple]:
         """The fixed 1-in-k pattern with linear prediction: the ks whose schedule reaches ``target`` (known
         without running: the pattern does not depend on the input)."""
+        from stepcache.schedule import SPEEDUP_RETENTIONS
         from .bench_peers import FixedSkip
         method = FixedSkip(linear=True)
         out = []
-        for retention in MAGCACHE_RETENTIONS:
+        for retention in SPEEDUP_RETENTIONS:
             for k in FIXED_KS:
                 params = {"k": k, "retention_ratio": retention}
                 if self.magcache_speedup(method, params) >= target:
@@ -225,21 +224,12 @@ class Tuner:
         return total / max(computed, 1)
 
     def magcache(self, method, target: float) -> list[tuple]:
-        """Per K and retention, the smallest threshold whose schedule reaches ``target`` (bisection on the
-        schedule, which is input-independent)."""
-        out = []
-        for k in MAGCACHE_KS:
-            for retention in MAGCACHE_RETENTIONS:
-                def speed(thresh):
-                    return self.magcache_speedup(method, {"thresh": thresh, "K": k, "retention_ratio": retention})
-                if speed(1e3) < target:
-                    continue
-                low, high = 0.0, 1e3
-                for _ in range(30):
-                    mid = (low + high) / 2
-                    low, high = (mid, high) if speed(mid) < target else (low, mid)
-                out.append((method, {"thresh": float(f"{high:.4g}"), "K": k, "retention_ratio": retention}))
-        return out
+        """Per K and retention, the smallest threshold whose schedule reaches ``target`` (found on the table, as
+        ``stepcache schedule --speedup`` finds it: the schedule is input-independent)."""
+        from stepcache.schedule import magcache_reaching
+        branches = method.profile(self.ctx).magcache_branches()[:self.passes_per_step]
+        return [(method, found["params"]) for found in magcache_reaching(method.profile(self.ctx), target,
+                                                                           self.steps, branches)]
 
     def input_dependent(self, method, target: float) -> dict | None:
         """TeaCache and EasyCache: start from the threshold the calibration replay gives for the target share

@@ -102,3 +102,30 @@ def test_the_output_must_be_a_profile_file(folder, tmp_path):
     result = cli("tune", "--pipeline", str(folder), "--speedups", "2", "--out", str(tmp_path / "p.txt"),
                  cwd=tmp_path)
     assert result.returncode == 2 and "ends in .json" in result.stderr
+
+
+def test_schedule_speedup_gives_the_least_error_setting_that_reaches_it(tmp_path):
+    """From a table alone: every listed setting reaches the speedup, the first has the least estimated error, and
+    its printed setting gives that speedup through `stepcache schedule`."""
+    import re
+    result = cli("schedule", "--profile", "wan2.1-t2v-1.3b", "--speedup", "2.5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"\{'thresh': ([\d.e-]+), 'K': (\d+), 'retention_ratio': ([\d.]+)\}\s+([\d.]+)x\s+estimated "
+                      r"error ([\d.]+)", result.stdout)
+    assert len(rows) >= 3 and all(float(r[3]) >= 2.5 for r in rows)
+    errors = [float(r[4]) for r in rows]
+    assert errors == sorted(errors)
+    thresh, k, retention = rows[0][:3]
+    check = cli("schedule", "--profile", "wan2.1-t2v-1.3b", "--thresh", thresh, "--K", k, "--retention", retention,
+                cwd=tmp_path)
+    computed, total = map(int, re.search(r"computed (\d+)/(\d+) passes", check.stdout).groups())
+    assert total / computed >= 2.5
+    bad = cli("schedule", "--profile", "wan2.1-t2v-1.3b", "--speedup", "0.5", cwd=tmp_path)
+    assert bad.returncode == 2 and "--speedup 0.5" in bad.stderr
+
+
+def test_schedule_speedup_shows_a_tuned_preset_first(tuned, tmp_path):
+    path, _, _ = tuned
+    result = cli("schedule", "--profile", str(path), "--speedup", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("tuned on your model (stepcache tune): preset 2x")

@@ -222,3 +222,19 @@ def test_scripts_outside_a_wan_checkout_say_where_they_belong(tmp_path, script):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert "copy this script into the root of a Wan-Video/Wan2.1 checkout" in result.stderr
+
+
+def test_cache_preset_takes_a_named_setting_instead_of_the_method_flags(tmp_path):
+    """--cache_preset runs a profile's named setting (a published one here; `stepcache tune` writes 2x, 3x); the
+    method's own flags with it are refused, naming them, since the two would say different things."""
+    p = plan("magcache", ["--use_magcache", "--cache_preset", "E012K4R02"])
+    assert (p.params["thresh"], p.params["K"], p.params["retention_ratio"]) == (0.12, 4, 0.2)
+    default = plan("magcache", ["--use_magcache"])
+    assert default.params["K"] == 2  # without it, the published flags' defaults
+    p = plan("teacache", ["--cache_preset", "use_ret_steps-0.1", "--cache_predict", "linear"])
+    assert (p.params["thresh"], p.params["variant"], p.params["predict"]) == (0.1, "use_ret_steps", "linear")
+    with pytest.raises(PlanError, match="leave out --magcache_K, --magcache_thresh"):
+        plan("magcache", ["--use_magcache", "--cache_preset", "E012K4R02", "--magcache_thresh=0.2", "--magcache_K",
+                          "3"])
+    with pytest.raises(PlanError, match="--cache_preset: unknown magcache preset 'fast-ish'"):
+        plan("magcache", ["--use_magcache", "--cache_preset", "fast-ish"])

@@ -222,6 +222,10 @@ def build_parser(method: str, repo: WanRepo | None = None) -> argparse.ArgumentP
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
                        help="a shipped profile name (`stepcache profiles`) or a profile file, e.g. one written by "
                             "--magcache_calibration (default: chosen from --task and --size)")
+    group.add_argument("--cache_preset", default=None, metavar="NAME",
+                       help="a named setting of the profile in place of the method's flags above, e.g. a preset "
+                            "written by `stepcache tune` (2x, 3x) or a published one (`stepcache schedule --profile "
+                            "P --list-presets` lists them); not with those flags")
     group.add_argument("--cache_stats", default=None, metavar="PATH",
                        help="where to write the run's stats as JSON (default: next to the video, "
                             "<video>.stats.json)")
@@ -236,6 +240,8 @@ def split_argv(method: str, argv: list[str], repo: WanRepo | None = None) -> tup
         ours, rest = parser.parse_known_args(argv)
     except SystemExit as exc:  # a cache flag with a malformed value; argparse printed why
         raise PlanError("invalid cache flag value (see above)") from exc
+    ours.given = {action.dest for action in parser._actions for token in argv
+                  if any(token == flag or token.startswith(flag + "=") for flag in action.option_strings)}
     return ours, rest
 
 
@@ -395,18 +401,30 @@ def _check_easycache_leftovers(ours, notes: list[str]) -> None:
         notes.append("--start_idx, --end_idx and --out_dir are accepted for compatibility and unused")
 
 
+# Flags that are not a method's setting: they may come with --cache_preset.
+NOT_SETTINGS = {"use_magcache", "magcache_calibration", "calibration_file", "cache_predict", "cache_experts",
+                "cache_profile", "cache_preset", "cache_stats", "start_idx", "end_idx", "out_dir"}
+
+
 def _method_params(method: str, active: str, ours, profile: Profile, args, notes: list[str],
                    repo: WanRepo) -> dict:
     steps = args.sample_steps
-    if method == "magcache":
+    preset = getattr(ours, "cache_preset", None)
+    if preset is not None:
+        settings = sorted(getattr(ours, "given", set()) - NOT_SETTINGS)
+        if settings:
+            raise PlanError(f"--cache_preset {preset!r} sets the method's settings; leave out "
+                            f"{', '.join('--' + s for s in settings)} (or the preset)")
+        params = {}
+    elif method == "magcache":
         params = {"thresh": ours.magcache_thresh, "K": ours.magcache_K, "retention_ratio": ours.retention_ratio}
     elif method == "teacache":
         params = {"thresh": ours.teacache_thresh, "variant": "use_ret_steps" if ours.use_ret_steps else "default"}
     else:
         params = repo.easycache_params(ours, args, notes)
-        if ours.ret_steps >= steps:
-            raise PlanError(f"--ret_steps {ours.ret_steps} covers all {steps} sampling steps, so nothing could be "
-                            f"reused; use fewer than --sample_steps")
+    if method == "easycache" and preset is None and ours.ret_steps >= steps:
+        raise PlanError(f"--ret_steps {ours.ret_steps} covers all {steps} sampling steps, so nothing could be "
+                        f"reused; use fewer than --sample_steps")
     if ours.cache_predict is not None:
         params["predict"] = ours.cache_predict
     if getattr(ours, "cache_experts", None) is not None:
@@ -414,10 +432,12 @@ def _method_params(method: str, active: str, ours, profile: Profile, args, notes
             raise PlanError(f"--cache_experts applies to the two-expert tasks; --task {args.task} runs one model")
         params["experts"] = ours.cache_experts
     try:
-        config = resolve_method(active, profile, None, **params)
+        config = resolve_method(active, profile, preset, **params)
         config.spec.validate(config, steps)
     except (ParameterError, ProfileError) as exc:
-        raise PlanError(f"{_flag_names(method)}: {exc}") from exc
+        raise PlanError(f"{'--cache_preset' if preset else _flag_names(method)}: {exc}") from exc
+    if preset is not None:
+        params = {k: v for k, v in config.params.items() if k != "coefficients"}
     if active == "magcache":
         table_steps = int(profile.method("magcache")["steps"])
         if table_steps != steps:
