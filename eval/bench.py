@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
@@ -82,10 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-prompt", type=int, default=0,
                         help="start this far into the fixed prompt order (default 0): a different set of prompts "
                              "and seeds, to check a result on videos its settings were not chosen on")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps of the baseline (default 30, or the pipeline's own)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="CFG scale (default: the demo's 2.5, or the pipeline's own)")
+    parser.add_argument("--steps", type=number_list(int, 2, "an integer"), default=None,
+                        help="denoising steps of the baseline (default 30, or the pipeline's own); a comma-separated "
+                             "list runs one bench per operating point")
+    parser.add_argument("--guidance", type=number_list(float, 1.0, "a number"), default=None,
+                        help="CFG scale (default: the demo's 2.5, or the pipeline's own); a comma-separated list "
+                             "runs one bench per operating point (steps x guidance), each in OUT/steps<S>-guidance<G>")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default: 3, quick 1)")
     parser.add_argument("--profile", dest="profile_file", default=None, metavar="FILE",
                         help="a stepcache profile file for the model, instead of calibrating it in this run")
@@ -119,6 +122,56 @@ def _command(args) -> str:
         flag = flags[key]
         parts += [flag] if value is True else [flag, str(value)]
     return " ".join(parts)
+
+
+def number_list(kind, low, what: str):
+    """argparse type: one number or a comma-separated list of distinct numbers, each >= ``low``."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} or a comma-separated list of them") from None
+        bad = [v for v in values if not math.isfinite(v) or v < low]
+        if not values or bad or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r}: give distinct values, each {what} >= {low:g}")
+        return values
+    parse.__name__ = f"{what} list"
+    return parse
+
+
+def operating_points(args) -> list[tuple]:
+    """(steps, guidance) pairs the command asks for, None where it leaves one to the default."""
+    return [(s, g) for s in (args.steps or [None]) for g in (args.guidance or [None])]
+
+
+def point_folder(steps, guidance) -> str:
+    return f"steps{steps if steps is not None else 'default'}-guidance{f'{guidance:g}' if guidance is not None else 'default'}"
+
+
+def run_operating_points(args, points: list[tuple]) -> int:
+    """One bench per operating point, each in its own folder under --out (each resumable), then
+    OUT/operating-points.md with every point's verdict: a ranking holds at its operating point only."""
+    import copy
+    from ..outputs import write_text
+    if args.model == "demo-experts" and not args.pipeline:
+        raise BenchError("--steps and --guidance take one value each with --model demo-experts")
+    out = check_output_dir(args.out, "--out")
+    codes, parts = [], ["# The bench at each operating point", "",
+                        "A method's ranking is a fact about one operating point (steps, guidance); each section is "
+                        "one bench run (its folder holds the whole report).", ""]
+    for steps, guidance in points:
+        sub = copy.copy(args)
+        sub.steps, sub.guidance = [steps] if steps else None, [guidance] if guidance is not None else None
+        sub.out, sub.docs = str(out / point_folder(steps, guidance)), None
+        print(f"=== operating point: steps {steps or 'default'}, guidance "
+              f"{guidance if guidance is not None else 'default'} -> {sub.out}", flush=True)
+        codes.append(run(sub))
+        verdict = Path(sub.out) / "verdict.md"
+        parts += [f"## {point_folder(steps, guidance)}", "",
+                  verdict.read_text() if verdict.exists() else "(no report: the run failed)", ""]
+    write_text(out / "operating-points.md", "\n".join(parts))
+    print(f"wrote {out / 'operating-points.md'}")
+    return 1 if 1 in codes else (EXIT_INCOMPLETE if EXIT_INCOMPLETE in codes else max(codes))
 
 
 # ------------------------------------------------------------------------------------------- model, prompts
@@ -938,6 +991,10 @@ def list_methods(args) -> int:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+    points = operating_points(args)
+    if len(points) > 1:
+        return run_operating_points(args, points)
+    args.steps, args.guidance = points[0]
     if args.list:
         return list_methods(args)
     if args.model == "demo-experts" and not args.pipeline:

@@ -170,3 +170,19 @@ def test_the_bench_records_what_its_meter_reads(folder, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     timings = [r for r in records if r.get("kind") in ("timing", "baseline_timing")]
     assert timings and all(r["peak_memory"] == 7 << 30 for r in timings)
+
+
+def test_operating_points_run_one_bench_each_and_are_reported_side_by_side(folder, tmp_path):
+    """--steps and --guidance as lists: one bench per (steps, guidance), each resumable in its own folder, and
+    one page with every point's verdict."""
+    out = tmp_path / "points"
+    result = bench("--pipeline", str(folder), "--quick", "--device", "cpu", "--methods", "baseline,floor-steps",
+                   "--num-prompts", "1", "--steps", "8", "--guidance", "2.5,5", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for guidance in ("2.5", "5"):
+        settings = json.loads((out / f"steps8-guidance{guidance}" / "settings.json").read_text())
+        assert settings["steps"] == 8 and settings["guidance"] == float(guidance)
+    page = (out / "operating-points.md").read_text()
+    assert "## steps8-guidance2.5" in page and "## steps8-guidance5" in page
+    bad = bench("--pipeline", str(folder), "--steps", "8,8", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert bad.returncode == 2 and "distinct values" in bad.stderr
