@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start this far into the fixed prompt order (default 0): a different set of prompts "
                              "and seeds, to check a result on videos its settings were not chosen on")
     parser.add_argument("--steps", type=number_list(int, 2, "an integer"), default=None,
-                        help="denoising steps of the baseline (default 30, or the pipeline's own); a comma-separated "
-                             "list runs one bench per operating point")
+                        help="denoising steps of the baseline (default: the demo's 30; with --pipeline the pipeline's "
+                             "own, else 50); a comma-separated list runs one bench per operating point")
     parser.add_argument("--guidance", type=number_list(float, 1.0, "a number"), default=None,
                         help="CFG scale (default: the demo's 2.5, or the pipeline's own); a comma-separated list "
                              "runs one bench per operating point (steps x guidance), each in OUT/steps<S>-guidance<G>")
@@ -954,9 +954,9 @@ def check_pipeline(args) -> dict:
     mode = MODES[_mode(args)]
     prompts = subject_prompts(args, spec)
     count = args.num_prompts or mode["prompts"]
+    # diffusers MagCache calibrates on the calibration prompts even when --profile spares stepcache's calibration
     check_prompt_budget(prompts, args.first_prompt + count, f"--first-prompt {args.first_prompt} + --num-prompts "
-                        f"{count}", 0 if args.profile_file else args.calibration_pairs or mode["calibration_pairs"],
-                        "the bench")
+                        f"{count}", args.calibration_pairs or mode["calibration_pairs"], "the bench")
     device = resolve_device(args.device, BenchError)
     return {"folder": folder, "pipeline_class": pipeline_class, "spec": spec,
             "identity": pipeline_identity(folder, pipeline_class),

@@ -1,6 +1,6 @@
 """`stepcache tune`: choose by speedup instead of threshold, on your own pipeline.
 
-For each target speedup (``--speedups 1.5,2,2.5,3``, counted in transformer passes: the ideal speedup), it
+For each target speedup (``--speedups 1.5,2,2.5,3``, counted in block work: the ideal speedup), it
 calibrates the pipeline as ``stepcache calibrate`` does, then searches on tuning prompts each method's settings
 (TeaCache, MagCache, EasyCache, each reusing or predicting linearly), the fixed skip pattern with linear prediction,
 and plain fewer steps, and picks the highest PSNR (against the uncached video) among the settings that reach the
@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a diffusers pipeline folder stepcache supports (text-to-video; the demo's saved folder: "
                              "stepcache demo --save-pipeline DIR)")
     parser.add_argument("--speedups", required=True,
-                        help="comma-separated target speedups, each > 1, e.g. 1.5,2,2.5,3 (in transformer passes)")
+                        help="comma-separated target speedups, each > 1, e.g. 1.5,2,2.5,3 (ideal speedups: the block "
+                             "work of the uncached run over the block work that ran)")
     parser.add_argument("--out", required=True, help="the profile file to write (.json)")
     parser.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     parser.add_argument("--prompts", default=None,
@@ -353,6 +354,11 @@ def summary(results: dict) -> list[str]:
         if pick["method"] == "floor-steps":
             lines.append(f"      fewer steps beats every cache at {level} on this model: run "
                          f"{pick['params']['steps']} steps uncached")
+        elif pick["method"].startswith("floor-fixed"):
+            best = max(r["per_method"].values(), key=lambda row: row["psnr"], default=None)
+            behind = f" ({pick['psnr'] - best['psnr']:.2f} dB ahead of the best cache)" if best else ""
+            lines.append(f"      the fixed 1-in-k pattern beats every cache at {level}{behind}; it has no preset: "
+                         f"the presets are each cache's best")
     return lines
 
 
