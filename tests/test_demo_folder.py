@@ -63,8 +63,10 @@ def test_the_folder_gives_the_demo_latents_exactly(folder, model):
 
 def test_it_loads_without_stepcache_with_diffusers_own_loader(folder, model, tmp_path):
     """DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) in a Python where stepcache cannot be
-    imported: the folder's own code and transformers' classes, and the demo's latents; without
-    trust_remote_code diffusers refuses (the folder carries code)."""
+    imported: the folder's own code and transformers' classes (the tokenizer named as transformers 4 and 5 both
+    know it), and the demo's latents; without trust_remote_code diffusers refuses (the folder carries code)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
     out = tmp_path / "latents.pt"
     script = f"""
 import sys
@@ -78,6 +80,8 @@ except ValueError as exc:
     assert "trust_remote_code" in str(exc), exc
 pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
 pipe.set_progress_bar_config(disable=True)
+import transformers
+assert isinstance(pipe.tokenizer, transformers.PreTrainedTokenizerFast), type(pipe.tokenizer)
 print(type(pipe).__name__, type(pipe.vae).__name__, type(pipe.text_encoder).__name__)
 generators = [torch.Generator().manual_seed(s) for s in range({len(PROMPTS)})]
 with torch.inference_mode():

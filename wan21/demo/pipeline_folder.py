@@ -30,6 +30,7 @@ from .text import EOS, MAX_TOKENS, PAD, UNK, WordEncoder, WordTokenizer
 FOLDER_CODE = Path(demo_pipeline.__file__).parent
 PIPELINE_CLASS = demo_pipeline.StepcacheDemoPipeline.__name__
 CODEC_CLASS = demo_codec.DemoLinearCodec.__name__
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 CODEC_MODULE = Path(demo_codec.__file__).stem
 PIPELINE_MODULE = Path(demo_pipeline.__file__).stem
 
@@ -116,6 +117,13 @@ def save(folder, model=None, profile: str | Path | None = None) -> Path:
         # [module, class] in the root, the codec by [module, class] in its component folder.
         index["_class_name"] = [PIPELINE_MODULE, PIPELINE_CLASS]
         index["vae"] = [CODEC_MODULE, CODEC_CLASS]
+        # transformers 5 saves its fast tokenizer as "TokenizersBackend", a name transformers 4 lacks; the older
+        # name is the same class in 5, so the folder loads with either.
+        index["tokenizer"] = ["transformers", TOKENIZER_CLASS]
+        config_path = partial / "tokenizer" / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["tokenizer_class"] = TOKENIZER_CLASS
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (partial / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(demo_pipeline.__file__, partial / f"{PIPELINE_MODULE}.py")
         shutil.copyfile(demo_codec.__file__, partial / "vae" / f"{CODEC_MODULE}.py")
