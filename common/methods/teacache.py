@@ -163,15 +163,23 @@ class TeaCache(Method):
         line = fit_polynomial(x, y, 1)
         # Held-out errors: fit on every other run, measure on the rest (in-sample error favours the higher degree).
         generations = sorted({p[0] for p in pairs})
-        held = {}
-        if len(generations) >= 2:
-            train = [p for p in pairs if generations.index(p[0]) % 2 == 0]
-            test = [p for p in pairs if generations.index(p[0]) % 2 == 1]
-            tx, ty = [p[1] for p in train], [p[2] for p in train]
-            vx, vy = [p[1] for p in test], [p[2] for p in test]
-            if len(tx) > DEGREE + 1:
-                held = {"heldout_rmse": rmse(fit_polynomial(tx, ty, DEGREE), vx, vy),
-                        "heldout_linear_rmse": rmse(fit_polynomial(tx, ty, 1), vx, vy), "heldout_pairs": len(vx)}
+        odd = {g: i % 2 == 1 for i, g in enumerate(generations)}
+
+        def halves(points):
+            return [p for p in points if not odd[p[0]]], [p for p in points if odd[p[0]]]
+
+        def fitted(points, degree=DEGREE):
+            return fit_polynomial([p[1] for p in points], [p[2] for p in points], degree)
+
+        def error(fit, points):
+            return rmse(fit, [p[1] for p in points], [p[2] for p in points])
+
+        held, joint_train_fit = {}, None
+        train, test = halves(pairs)
+        if len(generations) >= 2 and len(train) > DEGREE + 1:
+            joint_train_fit = fitted(train)
+            held = {"heldout_rmse": error(joint_train_fit, test), "heldout_linear_rmse": error(fitted(train, 1), test),
+                    "heldout_pairs": len(test)}
         low, high = min(x), max(x)
         poly = Polynomial(coefficients)
         grid = [low + (high - low) * i / 200 for i in range(201)]
@@ -202,21 +210,15 @@ class TeaCache(Method):
                 if len(own) < DEGREE + 2:
                     raise CalibrationError(f"TeaCache needs at least {DEGREE + 2} (signal, output) pairs per "
                                            f"expert; the {expert} expert has {len(own)} (run more steps)")
-                ox, oy = [p[1] for p in own], [p[2] for p in own]
-                fit = fit_polynomial(ox, oy, DEGREE)
+                fit = fitted(own)
                 entry = variant["experts"][expert] = {
-                    "coefficients": fit, "fit_range": [min(ox), max(ox)], "fit_rmse": rmse(fit, ox, oy),
-                    "joint_rmse": rmse(coefficients, ox, oy), "pairs": len(own)}
+                    "coefficients": fit, "fit_range": [min(p[1] for p in own), max(p[1] for p in own)],
+                    "fit_rmse": error(fit, own), "joint_rmse": error(coefficients, own), "pairs": len(own)}
                 # Held out as above: both fits made on the even runs, measured on this expert's odd-run pairs.
-                train = [p for p in pairs if generations.index(p[0]) % 2 == 0]
-                own_train = [p for p in own if generations.index(p[0]) % 2 == 0]
-                test = [p for p in own if generations.index(p[0]) % 2 == 1]
-                if test and len(own_train) > DEGREE + 1:
-                    vx, vy = [p[1] for p in test], [p[2] for p in test]
-                    entry["heldout_rmse"] = rmse(fit_polynomial([p[1] for p in own_train],
-                                                                [p[2] for p in own_train], DEGREE), vx, vy)
-                    entry["heldout_joint_rmse"] = rmse(fit_polynomial([p[1] for p in train], [p[2] for p in train],
-                                                                      DEGREE), vx, vy)
+                own_train, own_test = halves(own)
+                if own_test and len(own_train) > DEGREE + 1:
+                    entry["heldout_rmse"] = error(fitted(own_train), own_test)
+                    entry["heldout_joint_rmse"] = error(joint_train_fit, own_test)
         presets, notes = speed_presets(self._reuse(coefficients, warmup, force_last, cal))
         return {"variants": {"default": variant}, "defaults": {"thresh": presets["medium"]["thresh"],
                                                                "variant": "default"},
