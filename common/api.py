@@ -78,6 +78,7 @@ class StepClock:
         self.context: dict[str, Any] | None = None
         self.counters: dict[str, int] = {}
         self.last_timestep: dict[str, float] = {}
+        self.given_guidance: float | None = None
 
     def install(self, patch: InstalledPatch, model: nn.Module) -> None:
         original = getattr(model, "cache_context", None)
@@ -95,12 +96,22 @@ class StepClock:
 
         patch.set(model, "cache_context", cache_context)
 
-    def start_generation(self, num_steps: int | None = None) -> None:
+    def start_generation(self, num_steps: int | None = None, guidance: float | None = None) -> None:
         """Called by entry points that wrap a whole generation (the official-repo scripts)."""
         self.counters.clear()
         self.last_timestep.clear()
         if num_steps is not None:
             self.num_steps = int(num_steps)
+        if guidance is not None:
+            self.given_guidance = float(guidance)
+
+    def guidance(self) -> float | None:
+        """The guidance scale of the running generation: what a diffusers pipeline keeps while it runs
+        (``_guidance_scale``), else what the entry point gave :meth:`start_generation`, else None (unknown)."""
+        value = getattr(self.pipeline, "_guidance_scale", None)
+        if isinstance(value, (int, float)):
+            return float(value)
+        return self.given_guidance
 
     def now(self, branch_hint: str | None = None,
             timestep: Callable[[], torch.Tensor | None] = lambda: None) -> tuple[str, int, int]:
@@ -214,6 +225,7 @@ class CachedModel:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
         self.runner = CacheRunner(self.config, group=self.group_of, sharded=self.sharded, cfg_group=self.cfg_group)
         self.runner.stats = self.stats
+        self.runner.guidance_of = self.clock.guidance
 
     def _forward(self, original, args, kwargs):
         latent = self.adapter.latent_of(self.model, args, kwargs)
@@ -270,11 +282,12 @@ class CachedModel:
             self.owner.runner.reset()
         self.clock.start_generation()
 
-    def start_generation(self, num_steps: int | None = None) -> None:
-        """Mark the start of a generation explicitly (entry points that wrap upstream's sampling call)."""
+    def start_generation(self, num_steps: int | None = None, guidance: float | None = None) -> None:
+        """Mark the start of a generation explicitly (entry points that wrap upstream's sampling call); the
+        guidance scale, when given, is checked against a tuned profile's."""
         if self.owner.runner is not None:
             self.owner.runner.reset()
-        self.clock.start_generation(num_steps)
+        self.clock.start_generation(num_steps, guidance)
 
     def remove(self) -> None:
         """Take the cache off this model and every expert installed with it."""

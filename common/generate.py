@@ -8,6 +8,8 @@ and written next to it, with a ``manifest.json`` entry that ``stepcache compare`
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,9 @@ class GenerateError(InputError):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    parser.add_argument("--model", required=True, help="diffusers pipeline: a local folder (with model_index.json) "
+                                                        "or a Hugging Face Hub id such as "
+                                                        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (fetched into its cache)")
     parser.add_argument("--method", default="magcache", choices=["none", "teacache", "magcache", "easycache"],
                         help="cache method; 'none' runs the uncached baseline (default: magcache)")
     parser.add_argument("--profile", default=None,
@@ -113,6 +117,36 @@ def _read_json(path: Path) -> dict:
         raise GenerateError(f"cannot read {path}: {exc}") from exc
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what checking a Hub pipeline needs before its weights are fetched: its index, its components' configs, and a
+# profile it carries
+HUB_CONFIGS = ["model_index.json", "*/config.json", FOLDER_PROFILE]
+
+
+def pipeline_folder(text: str, error=GenerateError, flag: str = "--model", full: bool = True) -> Path:
+    """The local folder of a pipeline given as a folder or as a Hugging Face Hub id (``org/name``). A Hub pipeline
+    is fetched into the Hub's cache: its configs only when ``full`` is False (enough to check every flag before
+    gigabytes of weights move), then everything; a cached copy is used offline (``HF_HUB_OFFLINE=1``)."""
+    path = Path(text)
+    if path.exists() or not HUB_ID.match(text):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise error(f"{flag} {text!r} is not a local folder, and fetching it from the Hugging Face Hub needs "
+                    f"huggingface_hub (pip install huggingface_hub)") from None
+    if full:
+        print(f"stepcache: fetching {text} from the Hugging Face Hub into its cache (the whole pipeline; a cached "
+              f"copy is reused)", flush=True)
+    try:
+        return Path(snapshot_download(text, allow_patterns=None if full else HUB_CONFIGS))
+    except Exception as exc:  # offline without a cached copy, a wrong id, no access: all say the same to a user
+        first = (str(exc).splitlines() or [""])[0][:300]
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise error(f"{flag} {text!r} is not a local folder, and the Hugging Face Hub has no such pipeline that can "
+                    f"be fetched{offline}: {type(exc).__name__}: {first}") from None
+
+
 def pipeline_of(folder: Path, error=GenerateError) -> tuple[str, Any, Any]:
     """(pipeline class, family, pipeline spec) of a local diffusers folder, from its model_index.json."""
     if not (folder / "model_index.json").exists():
@@ -141,7 +175,7 @@ def resolve_device(text: str, error=GenerateError) -> str:
 
 def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
-    folder = Path(args.model)
+    folder = pipeline_folder(args.model, full=False)
     pipeline_class, family_spec, spec = pipeline_of(folder)
     apply_pipeline_defaults(args, spec)
     family, transformer_class = family_spec.name, spec.transformer
@@ -167,13 +201,7 @@ def plan(args) -> dict[str, Any]:
         profile = load_profile(str(folder / FOLDER_PROFILE))
         print(f"stepcache: profile {profile.name} from {folder / FOLDER_PROFILE} (the folder's own)")
     else:
-        config = _read_json(folder / "transformer" / "config.json")
-        claimed = families.claim(pipeline_class, _read_json(folder / "model_index.json"), config)
-        if claimed is not None:  # a pipeline class two families share, configured this family's way
-            family = claimed[0].name
-            found = [load_profile(name) for name in claimed[1]]
-        else:
-            found = match_profiles(family, config, transformer_class)
+        family, found = shipped_profiles(folder, pipeline_class, family, transformer_class)
         if not found:
             raise ProfileError(f"no shipped profile matches the transformer in {folder}; pass --profile NAME or a "
                                f"calibrated profile file (`stepcache calibrate`)")
@@ -181,6 +209,16 @@ def plan(args) -> dict[str, Any]:
         warn_resolution(warning)
     result["config"] = resolve_method(args.method, profile, args.preset, **params)
     return result
+
+
+def shipped_profiles(folder: Path, pipeline_class: str, family: str, transformer_class: str) -> tuple[str, list]:
+    """(family, the shipped profiles that fit) for a pipeline folder, from its configs: a pipeline class two families
+    share (WanPipeline for Wan2.1 and Wan2.2) goes to the family whose configuration it has."""
+    config = _read_json(folder / "transformer" / "config.json")
+    claimed = families.claim(pipeline_class, _read_json(folder / "model_index.json"), config)
+    if claimed is not None:
+        return claimed[0].name, [load_profile(name) for name in claimed[1]]
+    return family, match_profiles(family, config, transformer_class)
 
 
 def load_pipeline(folder: Path, pipeline_class: str, spec, dtype_name: str, device: str):
@@ -202,7 +240,7 @@ def generate(args) -> dict[str, Any]:
 
     checked = plan(args)
     device = checked["device"]
-    pipe = load_pipeline(Path(args.model), checked["pipeline_class"], checked["spec"], args.dtype, device)
+    pipe = load_pipeline(pipeline_folder(args.model), checked["pipeline_class"], checked["spec"], args.dtype, device)
     config = checked["config"]
     if config is not None:
         stepcache.enable(pipe, config.method, config.profile, preset=config.preset,

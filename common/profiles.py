@@ -257,6 +257,24 @@ def check_profile_fit(profile: Profile, model) -> list[str]:
     return notes
 
 
+def operating_point_mismatch(profile: Profile | None, steps: int, guidance: float | None) -> str | None:
+    """What differs between the operating point a tuned profile was tuned at and a generation's (steps, and the
+    guidance scale when the entry point knows it), said as a note; None when nothing does or nothing was tuned."""
+    tuned = profile.data.get("tuned", {}).get("operating_point") if profile is not None else None
+    if not tuned:
+        return None
+    differ = []
+    if tuned.get("steps") is not None and tuned["steps"] != steps:
+        differ.append(f"{steps} steps")
+    if tuned.get("guidance") is not None and guidance is not None and abs(float(guidance) - tuned["guidance"]) > 1e-6:
+        differ.append(f"guidance {guidance:g}")
+    if not differ:
+        return None
+    return (f"profile {profile.name} was tuned at {tuned.get('steps')} steps and guidance {tuned.get('guidance')}; "
+            f"this generation has {' and '.join(differ)}, so its presets' measured speed and quality are not this "
+            f"run's")
+
+
 def profile_summary(profile: Profile) -> str:
     lines = [f"{profile.name}: {profile.data.get('description', '')}"]
     from .methods import names

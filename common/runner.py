@@ -173,6 +173,12 @@ class RunStats:
 
 
 class CacheRunner:
+    @staticmethod
+    def guidance_of() -> float | None:
+        """The guidance scale of the generation being run, when the entry point can tell (an installation sets
+        its clock's reader here); read once per generation, to warn when a tuned profile was tuned at another."""
+        return None
+
     def __init__(self, config: MethodConfig, *,
                  group: SequenceGroup | Callable[[], SequenceGroup | None] | None = None,
                  sharded: frozenset[str] | set[str] = frozenset(), cfg_group: SequenceGroup | None = None):
@@ -261,14 +267,11 @@ class CacheRunner:
         for note in self.spec.generation_notes(self.config, num_steps):
             self.note(note)
         profile = getattr(self.config, "profile", None)  # a calibration run has no profile
-        tuned = profile.data.get("tuned", {}).get("operating_point") if profile is not None else None
-        if tuned and tuned.get("steps") != num_steps:
-            from .profiles import ProfileFitWarning
-            text = (f"profile {profile.name} was tuned at {tuned['steps']} steps (guidance "
-                    f"{tuned.get('guidance')}); this generation has {num_steps} steps, so its presets' measured speed "
-                    f"and quality are not this run's")
-            self.note(text)
-            warnings.warn(f"stepcache: {text}", ProfileFitWarning, stacklevel=4)
+        from .profiles import ProfileFitWarning, operating_point_mismatch
+        mismatch = operating_point_mismatch(profile, num_steps, self.guidance_of())
+        if mismatch:
+            self.note(mismatch)
+            warnings.warn(f"stepcache: {mismatch}", ProfileFitWarning, stacklevel=4)
 
     def note(self, text: str) -> None:
         """Say once per generation what this run did differently (shown in the stats' summary and dict)."""

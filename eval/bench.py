@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..outputs import atomic_path, check_output_dir, write_json
 from ..generate import add_size_arguments
 from ..timing import add_clock_argument, meter_for
+from . import bench_plan
 
 FORMAT = "stepcache-bench/1"
 BENCH_SEED = 200_000          # noise seeds used by nothing else (demo calibration 50_000, prompt-match check 100_000)
@@ -49,9 +50,11 @@ class BenchError(InputError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--pipeline", default=None, metavar="DIR",
-                        help="benchmark a diffusers pipeline folder stepcache supports (Wan2.1 T2V, HunyuanVideo, "
-                             "the demo's saved folder: stepcache demo --save-pipeline DIR) instead of --model; "
+    parser.add_argument("--pipeline", default=None, metavar="DIR_OR_ID",
+                        help="benchmark a diffusers pipeline stepcache supports (Wan2.1 T2V, HunyuanVideo, the demo's "
+                             "saved folder: stepcache demo --save-pipeline DIR), as a folder or a Hugging Face Hub "
+                             "id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (fetched into its cache), instead of "
+                             "--model; "
                              "with --prompts, --device, --dtype, --height, --width, --frames")
     parser.add_argument("--prompts", default=None,
                         help="--pipeline: a .txt (one per line) or .json prompt file, or 'vbench' (the installed "
@@ -246,19 +249,39 @@ def block_stack(transformer) -> list:
     return adapter_for(transformer).blocks(transformer)
 
 
+def denoisers(pipe) -> list:
+    """The models a pipeline denoises with: its transformer, and a two-expert pipeline's second expert."""
+    second = getattr(pipe, "transformer_2", None)
+    return [pipe.transformer] + ([second] if second is not None else [])
+
+
+def expert_steps(pipe, steps: int) -> list[int]:
+    """How many of ``steps`` each denoiser runs: all of them for one model; for two experts, up to the switch the
+    pipeline's loop takes (read off its scheduler, as stepcache does) and the rest."""
+    from stepcache.api import targets_of
+    models, switch_step = targets_of(pipe.transformer, pipe)
+    if switch_step is None:
+        return [steps]
+    pipe.scheduler.set_timesteps(steps)
+    switch = switch_step()
+    return [switch, steps - switch]
+
+
 class BlockWork:
     """Real work inside the block stack: multiply-adds of every ``nn.Linear`` of its blocks (its adapter's) that
     runs, and the transformer calls. Cache hooks replace ``forward`` of blocks or attention modules, so Linear
     layers run only when their block or module really computes (for every method alike: stepcache, diffusers
     hooks and cache-dit all call the original modules when they compute)."""
 
-    def __init__(self, transformer):
+    def __init__(self, *transformers):
         import torch
-        self.handles = [transformer.register_forward_pre_hook(self._on_call)]
-        for block in block_stack(transformer):
-            for module in block.modules():
-                if isinstance(module, torch.nn.Linear):
-                    self.handles.append(module.register_forward_pre_hook(self._on_linear))
+        self.handles = []
+        for transformer in transformers:   # both experts of a two-expert pipeline
+            self.handles.append(transformer.register_forward_pre_hook(self._on_call))
+            for block in block_stack(transformer):
+                for module in block.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        self.handles.append(module.register_forward_pre_hook(self._on_linear))
         self.reset()
 
     def reset(self):
@@ -282,6 +305,17 @@ def max_peak(peaks: list) -> int | None:
     """The largest peak memory of a run's videos (None where the meter reads none: the CPU)."""
     known = [p for p in peaks if p is not None]
     return max(known) if known else None
+
+
+def prompt_reader(settings: dict):
+    """``reads(prompt, video) -> bool`` when the benchmarked model is the trained demo (itself or its saved pipeline
+    folder), whose videos show one object of a colour moving in a direction that can be read back; else None (a
+    real model's videos cannot be read that way, and the untrained demo matches nothing)."""
+    demo = settings.get("model") == "demo" or settings.get("pipeline_class") == "StepcacheDemoPipeline"
+    if not demo:
+        return None
+    from stepcache.wan21.demo.scenes import parse_prompt, read_back
+    return lambda prompt, video: read_back(video).matches(parse_prompt(prompt))
 
 
 def to_uint8(video):
@@ -374,30 +408,31 @@ class Calibrations:
 
     def _base_profile(self):
         """Whose warm-ups, CFG rules and published presets the calibrated profile keeps: a pipeline folder's own
-        profile, else the shipped profile matching its transformer, else (the demo model) Wan2.1-1.3B's."""
-        from stepcache.api import adapter_for
-        from stepcache.profiles import FOLDER_PROFILE, load_profile
+        profile, else the shipped profile for its configuration (at its size), else (the demo model)
+        Wan2.1-1.3B's."""
+        from stepcache.profiles import FOLDER_PROFILE, choose_by_resolution, load_profile
         folder = getattr(self.demo, "folder", None)
         if folder is None:
             return load_profile(self.BASE_PROFILE)
         if (folder / FOLDER_PROFILE).is_file():
             return load_profile(str(folder / FOLDER_PROFILE))
-        transformer = self.demo.pipe.transformer
-        found = adapter_for(transformer).detect_profiles(transformer)
-        return found[0] if found else None
+        found = self.demo.shipped_profiles()
+        return choose_by_resolution(found, self.demo.height, self.demo.width, "magcache")[0] if found else None
 
-    @property
-    def mag_ratios(self) -> list[float]:
+    def mag_ratios(self, expert: int = 0) -> list[float]:
+        """diffusers MagCache's table for one denoiser (a two-expert pipeline has one per expert)."""
         if self._mag is None:
             self._mag = self._diffusers_ratios()
-        return self._mag["ratios"]
+        return self._mag["experts"][expert] if "experts" in self._mag else self._mag["ratios"]
 
     @property
     def mag_ratio_source(self) -> str:
-        self.mag_ratios
+        self.mag_ratios()
         return self._mag["source"]
 
     def _diffusers_ratios(self) -> dict:
+        """diffusers' own ``MagCacheConfig(calibrate=True)`` tables on the calibration pairs (the mean over pairs and
+        CFG contexts), one per denoiser, each calibrated over the steps that denoiser runs."""
         import ast
         import contextlib
         import io
@@ -405,27 +440,36 @@ class Calibrations:
         if path.exists():
             return json.loads(path.read_text())
         from diffusers import MagCacheConfig
-        transformer = self.demo.pipe.transformer
+        models = denoisers(self.demo.pipe)
+        own = expert_steps(self.demo.pipe, self.steps)
         pairs = self.pairs()
         print(f"calibrating diffusers MagCache (calibrate=True) on {len(pairs)} pairs", flush=True)
-        lists = []
+        lists: list[list[list[float]]] = [[] for _ in models]
         for prompt, seed in pairs:
-            transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=self.steps))
+            for model, steps in zip(models, own):
+                model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
             buffer = io.StringIO()
             try:
                 with contextlib.redirect_stdout(buffer):
                     self._generate(prompt, seed)
             finally:
-                transformer.disable_cache()
+                for model in models:
+                    model.disable_cache()
             found = [ast.literal_eval(line) for line in buffer.getvalue().splitlines()
                      if line.startswith("[") and not line.startswith("[MagCache")]
             if not found:
                 raise BenchError("diffusers MagCache calibration printed no ratios")
-            lists += found
-        ratios = [float(sum(col) / len(col)) for col in zip(*lists)]
-        data = {"ratios": ratios, "lists": lists,
-                "source": f"mean of {len(lists)} printed tables: {len(pairs)} calibration runs x "
-                          f"{len(lists) // max(len(pairs), 1)} cache contexts"}
+            for table in found:   # each expert's table has that expert's length (they differ, checked below)
+                lists[own.index(len(table)) if len(table) in own else 0].append(table)
+        if len(models) > 1 and (own[0] == own[1] or not all(lists)):
+            raise BenchError(f"diffusers' MagCache calibration did not give one table per expert ({own} steps)")
+        means = [[float(sum(col) / len(col)) for col in zip(*tables)] for tables in lists]
+        data = {"ratios": means[0], "lists": lists[0] if len(models) == 1 else lists,
+                "source": f"mean of {sum(map(len, lists))} printed tables: {len(pairs)} calibration runs x "
+                          f"{sum(map(len, lists)) // max(len(pairs), 1)} cache contexts"}
+        if len(models) > 1:
+            data["experts"] = means
+            data["source"] += f", one table per expert ({own[0]} and {own[1]} steps)"
         write_json(path, data)
         return data
 
@@ -446,7 +490,8 @@ class Calibrations:
                 "easycache_warmup_steps": prof.data.get("easycache", {}).get("warmup_steps"),
                 "magcache_presets": prof.data.get("magcache", {}).get("presets")}
         if self._mag is not None:
-            out["diffusers_magcache"] = {"ratios": self._mag["ratios"], "source": self._mag["source"]}
+            out["diffusers_magcache"] = {"ratios": self._mag["ratios"], "source": self._mag["source"],
+                                         **({"experts": self._mag["experts"]} if "experts" in self._mag else {})}
         return out
 
 
@@ -602,9 +647,11 @@ def plan_runs(methods, quick: bool, steps: int) -> list[Run]:
     return runs
 
 
-def select_methods(spec: str, quick: bool):
+def select_methods(spec: str, quick: bool, two_experts: bool = False):
+    """The methods ``--methods`` names (keys or families); the expert-rule variants only on a two-expert
+    pipeline."""
     from .bench_peers import all_methods
-    methods = all_methods()
+    methods = [m for m in all_methods() if two_experts or not m.two_experts_only]
     if spec == "all":
         chosen = [m for m in methods if not (quick and m.full_only)]
     else:
@@ -640,6 +687,13 @@ class Bench:
         self.torch = torch
         self.lpips = None
         self.lpips_info = {"status": "skipped", "reason": "not set up"}
+        self.reads_prompt = prompt_reader(settings)
+
+    def scored(self, prompt, reference, video) -> dict:
+        out = quality(reference, video, self.lpips)
+        if self.reads_prompt is not None:
+            out["match"] = self.reads_prompt(prompt, video)
+        return out
 
     # --- small helpers -------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
@@ -658,17 +712,18 @@ class Bench:
     def check_clean(self) -> None:
         """Nothing of the last run may stay on the model: a leftover hook would change every later run."""
         from .bench_peers import tidy
-        pipe, transformer = self.demo.pipe, self.demo.pipe.transformer
-        tidy(transformer)
+        pipe = self.demo.pipe
         problems = []
-        if getattr(transformer, "_stepcache", None) is not None:
-            problems.append("stepcache still enabled")
-        if getattr(transformer, "_cache_config", None) is not None:
-            problems.append("a diffusers cache is still enabled")
-        for name, module in transformer.named_modules():
-            if "_diffusers_hook" in module.__dict__ or "forward" in module.__dict__:
-                problems.append(f"hooks or a replaced forward left on {name or 'the transformer'}")
-                break
+        for transformer in denoisers(pipe):
+            tidy(transformer)
+            if getattr(transformer, "_stepcache", None) is not None:
+                problems.append("stepcache still enabled")
+            if getattr(transformer, "_cache_config", None) is not None:
+                problems.append("a diffusers cache is still enabled")
+            for name, module in transformer.named_modules():
+                if "_diffusers_hook" in module.__dict__ or "forward" in module.__dict__:
+                    problems.append(f"hooks or a replaced forward left on {name or 'the transformer'}")
+                    break
         if type(pipe) is not self.pipe_class:
             problems.append(f"pipeline class replaced by {type(pipe)}")
         if problems:
@@ -687,7 +742,7 @@ class Bench:
             self.ref_latents = load_reference(path)["latents"]
         else:
             print(f"baseline: {len(self.pairs)} videos, {self.steps} steps", flush=True)
-            counter = BlockWork(self.demo.pipe.transformer)
+            counter = BlockWork(*denoisers(self.demo.pipe))
             latents, per_video = [], []
             try:
                 for prompt, seed in self.pairs:
@@ -698,6 +753,9 @@ class Bench:
             finally:
                 counter.remove()
             self.ref_latents = self.torch.cat(latents)
+            if self.reads_prompt is not None:
+                for entry, video in zip(per_video, self.demo.decode(self.ref_latents)):
+                    entry["match"] = self.reads_prompt(entry["prompt"], to_uint8(video))
             with atomic_path(path) as part:
                 self.torch.save({"latents": self.ref_latents, "pairs": self.pairs}, part)
             self.store.append({"kind": "quality", "run": "baseline[]", "method": "baseline", "params": {},
@@ -720,7 +778,7 @@ class Bench:
         print(f"[{index}/{total}] {run.id}  config: {json.dumps(record['config'], default=str)}", flush=True)
         counter = None
         try:
-            counter = BlockWork(ctx.transformer)
+            counter = BlockWork(*ctx.denoisers)
             per_video = []
             method.install(ctx, run.params)
             for (prompt, seed), ref, base in zip(self.pairs, self.ref_videos, self.base_work):
@@ -730,7 +788,7 @@ class Bench:
                 video = to_uint8(self.demo.decode(latent))[0]
                 per_video.append({"prompt": prompt, "seed": seed, "calls": counter.calls, "macs": counter.macs,
                                   "compute_fraction": counter.macs / base,
-                                  **quality(ref, video, self.lpips), **extra})
+                                  **self.scored(prompt, ref, video), **extra})
             record.update(status="ok", per_video=per_video)
         except Exception as exc:  # a peer that crashes on this model: recorded as raised, never hidden
             if method.family not in PEER_FAMILIES:
@@ -786,17 +844,40 @@ class Bench:
                            "identical": identical})
 
     # --- the whole thing ----------------------------------------------------------------------------------------
-    def warm_up(self) -> None:
+    def warm_up(self) -> float:
+        """Warm the model up (the first calls in a process pay one-off kernel set-up) and return the seconds one
+        uncached video takes, from the last warm-up call."""
         prompt, seed = self.pairs[0]
-        for _ in range(2):   # the first calls in a process pay one-off kernel set-up
-            self.latents(prompt, seed, min(self.steps, 10))
+        steps = min(self.steps, bench_plan.WARM_UP_STEPS)
+        seconds = 0.0
+        for _ in range(bench_plan.WARM_UP_CALLS):
+            self.meter.start()
+            self.latents(prompt, seed, steps)
+            seconds = self.meter.stop()[0]
+        return seconds * self.steps / steps
+
+    def plan(self, todo: list[Run], seconds_per_video: float, scored_untimed: int) -> bench_plan.Plan:
+        """The unscored runs that fit what is left of --budget-minutes (all of them without one), said."""
+        calibrated = any((self.store.folder / "calibration").glob("*"))
+        fixed = (bench_plan.calibration_cost(self.settings["calibration_pairs"], calibrated)
+                 + len(self.pairs) * self.settings["repeats"] * scored_untimed)
+        budget = self.args.budget_minutes
+        left = None if budget is None else budget * 60 - (time.perf_counter() - self.started)
+        plan = bench_plan.fit(todo, self.steps, len(self.pairs), self.settings["repeats"], BASELINE_EVERY, fixed,
+                              seconds_per_video, left)
+        print(plan.describe(seconds_per_video), flush=True)
+        if plan.left_out:
+            print(f"budget of {budget:g} min: left out {len(plan.left_out)} of {len(todo)} runs, each method keeping "
+                  f"settings spread over its sweep ({bench_plan.left_out_text(plan.left_out)}); run the same "
+                  f"command again, with more minutes, to add them", flush=True)
+        return plan
 
     def non_block_share(self) -> None:
         """What a pass costs with every block bypassed, over a full pass: on a model this small the embeddings,
         rope, output head and the pipeline's own work are a real share, and a method that still runs them on a
         reused pass cannot reach its ideal speedup. Once per session, interleaved, median of 3."""
         prompt, seed = self.pairs[0]
-        blocks = block_stack(self.demo.pipe.transformer)
+        blocks = [b for model in denoisers(self.demo.pipe) for b in block_stack(model)]
 
         def bypass(hidden_states, *args, **kwargs):
             return hidden_states
@@ -829,7 +910,7 @@ class Bench:
     def run(self) -> None:
         records = self.store.records()
         self.setup_lpips()
-        self.warm_up()
+        seconds_per_video = self.warm_up()
         self.reference(records)
         done = {r["run"] for r in self.store.records() if r.get("kind") == "quality"}
         unavailable = {}
@@ -844,6 +925,10 @@ class Bench:
             print(f"skipped {key}: {reason}", flush=True)
         if len(done) > 1:
             print(f"resuming: {len(done) - 1} run(s) already scored, {len(todo)} to go", flush=True)
+        timed_runs = {r["run"] for r in records if r.get("kind") == "timing"}
+        scored_untimed = sum(1 for r in records if r.get("kind") == "quality" and r.get("status") == "ok"
+                             and r["run"] != "baseline[]" and r["run"] not in timed_runs)
+        todo = self.plan(todo, seconds_per_video, scored_untimed).runs
         for i, run in enumerate(todo, start=1):
             if self.over_budget():
                 return
@@ -934,22 +1019,15 @@ def settings_for(args, identity: dict, runs: list[Run], pipeline: dict | None = 
 def check_pipeline(args) -> dict:
     """Everything about --pipeline that can be checked before a model loads: the folder, the flags that belong to
     --model, the prompts, the sizes (the pipeline's own where not given) and the device."""
-    from stepcache.generate import apply_pipeline_defaults, pipeline_of, resolve_device
-    from .bench_subject import check_prompt_budget, pipeline_identity, subject_prompts
-    folder = Path(args.pipeline)
+    from stepcache.generate import (apply_pipeline_defaults, pipeline_folder, pipeline_of, resolve_device,
+                                    shipped_profiles)
+    from .bench_subject import check_prompt_budget, pipeline_identity, subject_images, subject_prompts
+    folder = pipeline_folder(args.pipeline, BenchError, "--pipeline", full=False)
     for flag, given in (("--model", args.model != "demo"), ("--untrained", args.untrained),
                         ("--weights", args.weights is not None), ("--low-weights", args.low_weights is not None)):
         if given:
             raise BenchError(f"{flag} is for the shipped demo models; with --pipeline the folder is the model")
-    pipeline_class, _, spec = pipeline_of(folder, BenchError)
-    index = json.loads((folder / "model_index.json").read_text())
-    if index.get("transformer_2") not in (None, [None, None]):
-        raise BenchError(f"{folder} is a two-expert pipeline (Wan2.2 A14B): stepcache bench --pipeline runs one "
-                         f"transformer so far; compare the two rules with `stepcache bench --model demo-experts`, or "
-                         f"with stepcache generate and compare (docs/wan22.md)")
-    if spec.needs_image:
-        raise BenchError(f"{pipeline_class} needs a first frame per video; stepcache bench --pipeline runs text-to-"
-                         f"video pipelines so far")
+    pipeline_class, family_spec, spec = pipeline_of(folder, BenchError)
     apply_pipeline_defaults(args, spec)
     mode = MODES[_mode(args)]
     prompts = subject_prompts(args, spec)
@@ -957,20 +1035,28 @@ def check_pipeline(args) -> dict:
     # diffusers MagCache calibrates on the calibration prompts even when --profile spares stepcache's calibration
     check_prompt_budget(prompts, args.first_prompt + count, f"--first-prompt {args.first_prompt} + --num-prompts "
                         f"{count}", args.calibration_pairs or mode["calibration_pairs"], "the bench")
+    images = subject_images(args, pipeline_class, spec, prompts)
     device = resolve_device(args.device, BenchError)
+    family = shipped_profiles(folder, pipeline_class, family_spec.name, spec.transformer)[0]
+    settings = {"guidance": spec.guidance, "prompts": prompts, "device": device, "dtype": args.dtype,
+                "height": args.height, "width": args.width, "frames": args.frames, "family": family}
+    if images is not None:
+        settings["images"] = images
+    index = json.loads((folder / "model_index.json").read_text())
     return {"folder": folder, "pipeline_class": pipeline_class, "spec": spec,
-            "identity": pipeline_identity(folder, pipeline_class),
-            "settings": {"guidance": spec.guidance, "prompts": prompts, "device": device, "dtype": args.dtype,
-                         "height": args.height, "width": args.width, "frames": args.frames}}
+            "two_experts": index.get("transformer_2") not in (None, [None, None]),
+            "identity": pipeline_identity(folder, pipeline_class, args.pipeline), "settings": settings}
 
 
 def build_subject(args, checked: dict):
     """(PipelineSubject, description) of a checked --pipeline folder."""
+    from stepcache.generate import pipeline_folder
     from .bench_subject import PipelineSubject, folder_summary
     s = checked["settings"]
-    subject = PipelineSubject(checked["folder"], checked["pipeline_class"], checked["spec"], s["dtype"],
-                              s["device"], s["height"], s["width"], s["frames"])
-    return subject, {**folder_summary(checked["folder"]), "pipeline_class": checked["pipeline_class"],
+    folder = pipeline_folder(args.pipeline, BenchError, "--pipeline")   # a Hub pipeline's weights arrive now
+    subject = PipelineSubject(folder, checked["pipeline_class"], checked["spec"], s["dtype"],
+                              s["device"], s["height"], s["width"], s["frames"], images=s.get("images"))
+    return subject, {**folder_summary(folder), "pipeline_class": checked["pipeline_class"],
                      "device": s["device"], "dtype": s["dtype"]}
 
 
@@ -985,11 +1071,21 @@ def list_methods(args) -> int:
         print(f"{'':<32} sweep: {', '.join(json.dumps(p) for p in grid)}")
         if m.note:
             print(f"{'':<32} {m.note}")
+    mode = MODES[_mode(args)]
+    steps = args.steps or 30
+    runs = [r for r in plan_runs(select_methods(args.methods, quick), quick, steps) if not r.method.unavailable()]
+    videos = (args.num_prompts or mode["prompts"]) * (args.num_seeds or mode["seeds"])
+    cost = bench_plan.whole_plan_cost(runs, steps, videos, args.repeats or mode["repeats"], BASELINE_EVERY,
+                                      args.calibration_pairs or mode["calibration_pairs"])
+    print(f"\nthis plan ({len(runs)} runs that can run here, {videos} videos each, {steps} steps): at most "
+          f"{cost:.0f} uncached videos' worth of work; multiply by the seconds one uncached {steps}-step video "
+          f"takes on your device for the time (the bench prints its own estimate once it has timed one)")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.pipeline or Path(args.pipeline).exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing to fetch: no peer may reach for the network
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
     points = operating_points(args)
     if len(points) > 1:
@@ -1009,7 +1105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         subject = check_pipeline(args) if args.pipeline else None
         identity = subject["identity"] if subject else model_identity(args)
-        methods = select_methods(args.methods, bool(args.quick))
+        methods = select_methods(args.methods, bool(args.quick), bool(subject and subject["two_experts"]))
         runs = plan_runs(methods, bool(args.quick), args.steps or 30)
         settings = settings_for(args, identity, runs, subject["settings"] if subject else None)
         store = Store(Path(args.out))

@@ -60,6 +60,18 @@ class Context:
     def transformer(self):
         return self.demo.pipe.transformer
 
+    @property
+    def denoisers(self) -> list:
+        """The transformer, and a two-expert pipeline's second expert."""
+        from .bench import denoisers
+        return denoisers(self.demo.pipe)
+
+    @property
+    def expert_steps(self) -> list[int]:
+        """The steps each denoiser runs in a run of ``steps``."""
+        from .bench import expert_steps
+        return expert_steps(self.demo.pipe, self.steps)
+
 
 @dataclass
 class Method:
@@ -76,6 +88,7 @@ class Method:
     # True when a skipped pass skips the whole transformer call (fewer steps, EasyCache); otherwise the
     # embeddings, rope and output head still run on a skipped pass, which bounds wall/ideal on a small model
     skips_whole_pass: bool = False
+    two_experts_only: bool = False  # a question only a two-expert pipeline asks (planned only there)
 
     def unavailable(self) -> str | None:
         if self.requires and importlib.util.find_spec(self.requires.replace("-", "_")) is None:
@@ -211,7 +224,8 @@ class StepcacheMethod(_StepcacheBase):
     exploratory: not an option of stepcache, only a question the benchmark asks)."""
 
     VARIANTS = {None: ("", ""), "linear": ("-linear", " (linear prediction)"),
-                "protected": ("-protected", " (protected warm-up)")}
+                "protected": ("-protected", " (protected warm-up)"),
+                "separate": ("-separate", " (experts='separate')")}
 
     def __init__(self, method: str, label: str, variant: str | None = None):
         self.method = method
@@ -231,13 +245,17 @@ class StepcacheMethod(_StepcacheBase):
         if variant == "linear":
             note = ("predict='linear': a reused pass extrapolates the last two computed residuals by step index "
                     "(as diffusers' SeaCache and cache-dit's TaylorSeer do) instead of repeating the last one; " + note)
+        if variant == "separate":
+            note = ("experts='separate': each expert of a two-expert pipeline with its own state and its own "
+                    "calibrated table, nothing carried across the switch (the unsuffixed method runs the profile's "
+                    "published rule); " + note)
         protect = variant == "protected"
         if protect:
             note = (f"EXPLORATORY, not in the verdict: the first {PROTECT_FRACTION:.0%} of the steps always computed "
                     f"(the feasibility run saw reuse right after the warm-up change a whole video's layout). " + note)
         super().__init__(f"stepcache-{method}{suffix}", label + label_suffix, "stepcache", full, quick,
                          note=note, exploratory=protect, full_only=protect, needs_calibration=True,
-                         skips_whole_pass=method == "easycache")
+                         skips_whole_pass=method == "easycache", two_experts_only=variant == "separate")
 
     def stepcache_params(self, ctx, params):
         p = dict(params)
@@ -249,6 +267,8 @@ class StepcacheMethod(_StepcacheBase):
             p.setdefault("warmup_steps", ctx.calibrations.easycache_warmup)
         if self.variant == "linear":
             p["predict"] = "linear"
+        if self.variant == "separate":
+            p["experts"] = "separate"
         if self.variant == "protected":
             if self.method == "magcache":
                 p["retention_ratio"] = PROTECT_FRACTION
@@ -267,30 +287,43 @@ class DiffusersMethod(Method):
     def make_config(self, ctx, params) -> dict:
         raise NotImplementedError
 
+    def expert_config(self, ctx, params, expert: int) -> dict:
+        """The config of one denoiser (``expert``: its index); every denoiser alike unless a method says
+        otherwise."""
+        return self.make_config(ctx, params)
+
     def config(self, ctx, params):
-        kwargs = self.make_config(ctx, params)
-        shown = {}
-        for k, v in kwargs.items():
-            if k == "mag_ratios":
-                shown[k] = (f"{len(v)} ratios from diffusers' MagCacheConfig(calibrate=True) on this model "
-                            f"({ctx.calibrations.mag_ratio_source}): " + " ".join(f"{r:.4f}" for r in v))
-            elif callable(v):
-                shown[k] = "lambda: pipe.current_timestep"
-            elif k == "taylor_factors_dtype":
-                shown[k] = str(v)
-            else:
-                shown[k] = v
-        return {"call": f"pipe.transformer.enable_cache({self.config_class}(...))",
-                "num_inference_steps": ctx.steps, **shown}
+        def shown(kwargs) -> dict:
+            out = {}
+            for k, v in kwargs.items():
+                if k == "mag_ratios":
+                    out[k] = (f"{len(v)} ratios from diffusers' MagCacheConfig(calibrate=True) on this model "
+                              f"({ctx.calibrations.mag_ratio_source}): " + " ".join(f"{r:.4f}" for r in v))
+                elif callable(v):
+                    out[k] = "lambda: pipe.current_timestep"
+                elif k == "taylor_factors_dtype":
+                    out[k] = str(v)
+                else:
+                    out[k] = v
+            return out
+        two = len(ctx.denoisers) > 1
+        out = {"call": f"pipe.transformer{' and pipe.transformer_2' if two else ''}.enable_cache("
+                       f"{self.config_class}(...))", "num_inference_steps": ctx.steps,
+               **shown(self.expert_config(ctx, params, 0))}
+        if two:
+            out["second_expert"] = shown(self.expert_config(ctx, params, 1))
+        return out
 
     def install(self, ctx, params):
         import diffusers
         cls = getattr(diffusers, self.config_class)
-        ctx.transformer.enable_cache(cls(**self.make_config(ctx, params)))
+        for index, model in enumerate(ctx.denoisers):   # a two-expert pipeline: a cache on each expert
+            model.enable_cache(cls(**self.expert_config(ctx, params, index)))
 
     def remove(self, ctx):
-        with contextlib.suppress(Exception):   # nothing installed when enable_cache itself failed
-            ctx.transformer.disable_cache()
+        for model in ctx.denoisers:
+            with contextlib.suppress(Exception):   # nothing installed when enable_cache itself failed
+                model.disable_cache()
 
 
 class DiffusersFBC(DiffusersMethod):
@@ -317,9 +350,14 @@ class DiffusersMagCache(DiffusersMethod):
         self.needs_calibration = True
 
     def make_config(self, ctx, params):
+        return self.expert_config(ctx, params, 0)
+
+    def expert_config(self, ctx, params, expert: int) -> dict:
+        # each expert with the table diffusers calibrated on it, over the steps it runs
+        steps = ctx.expert_steps[expert] if len(ctx.denoisers) > 1 else ctx.steps
         return {"threshold": params["threshold"], "max_skip_steps": params["max_skip_steps"],
-                "retention_ratio": 0.2, "num_inference_steps": ctx.steps,
-                "mag_ratios": list(ctx.calibrations.mag_ratios)}
+                "retention_ratio": 0.2, "num_inference_steps": steps,
+                "mag_ratios": list(ctx.calibrations.mag_ratios(expert))}
 
 
 class DiffusersTaylorSeer(DiffusersMethod):
@@ -489,6 +527,9 @@ def all_methods() -> list[Method]:
         StepcacheMethod("teacache", "stepcache TeaCache", "protected"),
         StepcacheMethod("magcache", "stepcache MagCache", "protected"),
         StepcacheMethod("easycache", "stepcache EasyCache", "protected"),
+        StepcacheMethod("teacache", "stepcache TeaCache", "separate"),
+        StepcacheMethod("magcache", "stepcache MagCache", "separate"),
+        StepcacheMethod("easycache", "stepcache EasyCache", "separate"),
     ]
 
 

@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..outputs import atomic_path
+from . import published
 
 TARGETS = (2.0, 2.5, 3.0)
 OVERHEAD_TARGET = 0.97
@@ -139,7 +140,7 @@ def build_rows(settings, records, runs) -> tuple[list[dict], dict]:
                        passes=total_passes, computed_passes=total_passes, compute_fraction=1.0, ideal_speedup=1.0,
                        wall_speedup=1.0 if base_times else None, wall_placed=1.0 if base_times else None,
                        wall_low=1.0 if base_times else None, seconds=baseline_seconds, overhead=None,
-                       reference=True)
+                       reference=True, prompt_match=_mean([v.get("match") for v in (base or {}).get("per_video", [])]))
             rows.append(row)
             continue
         if reason and q is None:
@@ -167,7 +168,7 @@ def build_rows(settings, records, runs) -> tuple[list[dict], dict]:
                        psnr=_mean([v["psnr"] for v in pv]), psnr_video=_mean([v["psnr_video"] for v in pv]),
                        psnr_frame_min=min(v["psnr_frame_min"] for v in pv),
                        ssim=_mean([v["ssim"] for v in pv]), lpips=_mean([v.get("lpips") for v in pv]),
-                       per_video=pv)
+                       prompt_match=_mean([v.get("match") for v in pv]), per_video=pv)
             if share is not None and ideal:
                 # the best wall/ideal any method gets at this compute fraction when its skipped passes still run
                 # everything outside the blocks (share of a pass): f / (f (1 - share) + share)
@@ -386,7 +387,7 @@ def build_report(settings, records, runs, label, command, model_info, calibratio
                             "than the fewer-steps floor",
                     "goal_missed_at": goal_missed,
                     "what_would_change_it": WHAT_WOULD_CHANGE_IT if goal_missed else []},
-        "overhead": overhead, "could_not_run": could_not_run,
+        "overhead": overhead, "could_not_run": could_not_run, "published": published.beside(rows, settings),
     }
 
 
@@ -413,8 +414,13 @@ def _wall_cell(row) -> str:
 
 def format_table(report) -> str:
     total = report["totals"]["total_passes"]
-    head = ("| method | setting | passes computed | ideal | wall | wall/ideal | PSNR | PSNR video | SSIM | LPIPS |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    matching = any(r.get("prompt_match") is not None for r in report["rows"])
+    match_head, match_rule = (" prompt match |", "---|") if matching else ("", "")
+
+    def match(row) -> str:
+        return f" {_fmt(row.get('prompt_match'), '.0%')} |" if matching else ""
+    head = ("| method | setting | passes computed | ideal | wall | wall/ideal | PSNR | PSNR video | SSIM | LPIPS |"
+            + match_head + "\n|---|---|---|---|---|---|---|---|---|---|" + match_rule)
     lines = [head]
     rows = sorted(report["rows"], key=lambda r: (FAMILY_ORDER.index(r["family"]), r["exploratory"], r["method"],
                                                  -(r.get("compute_fraction") or 0)))
@@ -422,18 +428,18 @@ def format_table(report) -> str:
         name = r["label"] + (" *" if r["exploratory"] else "")
         if r.get("reference"):
             lines.append(f"| {name} | {r['params'] or ''}{total // 2} steps | {total}/{total} | 1.00x | 1.00x | - | "
-                         f"reference | reference | reference | reference |")
+                         f"reference | reference | reference | reference |" + match(r))
             continue
         if r["status"] != "ok":
             lines.append(f"| {name} | {r.get('setting', '-')} | {r['status']}: {r.get('reason') or ''} "
-                         f"| | | | | | | |")
+                         f"| | | | | | | |" + (" |" if matching else ""))
             continue
         exact = r["family"] in ("stepcache", "floor")
         computed = f"{r['computed_passes']:.0f}/{total}" if exact else f"{r['computed_passes']:.1f}/{total} eq."
         lines.append(
             f"| {name} | {r['setting']} | {computed} | {r['ideal_speedup']:.2f}x | {_wall_cell(r)} "
             f"| {_fmt(r['overhead'], '.3f')}{_ceiling(r)} | {r['psnr']:.2f} | {r['psnr_video']:.2f} | {r['ssim']:.4f} "
-            f"| {_fmt(r['lpips'], '.4f')} |")
+            f"| {_fmt(r['lpips'], '.4f')} |" + match(r))
     return "\n".join(lines)
 
 
@@ -476,7 +482,10 @@ def format_markdown(report, plot_name: str | None) -> str:
             "embeddings, rope and output head"
             + (f" (they take {share:.1%} of a pass on this model, measured with every block bypassed)"
                if share is not None else "")
-            + ". * = exploratory, not in the verdict.", ""]
+            + ". * = exploratory, not in the verdict."
+            + (" prompt match: share of videos whose object reads back with the prompt's colour and direction (the "
+               "demo's own check; the baseline's share is what a run can keep)."
+               if any(r.get("prompt_match") is not None for r in report["rows"]) else ""), ""]
     out += ["## Verdict (PSNR at equal wall-clock speedup)", ""]
     if s["repeats"] < 2:
         out += ["*One timing round: every wall-clock speedup below is a single measurement, so read the "
@@ -491,6 +500,7 @@ def format_markdown(report, plot_name: str | None) -> str:
     if plot_name:
         out += ["", f"![PSNR against speedup]({plot_name})"]
     out += ["", "## Table", "", format_table(report), ""]
+    out += published.format_markdown(report.get("published") or {})
     out += ["## Configurations", "",
             "Every run's full configuration is in report.json (`rows[].config`) and was printed with the run. "
             "Per method, the settings all its runs share, and the swept ones (see the table):", ""]

@@ -34,7 +34,7 @@ class PipelineSubject:
     """A supported diffusers pipeline folder at one size, on one device, in one dtype."""
 
     def __init__(self, folder, pipeline_class: str, spec, dtype: str, device: str, height: int, width: int,
-                 frames: int, true_cfg: float = 1.0):
+                 frames: int, true_cfg: float = 1.0, images: dict[str, str] | None = None):
         from stepcache.families import load_object
         from stepcache.generate import load_pipeline
         if spec.decode is None:
@@ -42,6 +42,7 @@ class PipelineSubject:
                                f"no decode)")
         self.folder, self.pipeline_class, self.spec = Path(folder), pipeline_class, spec
         self.height, self.width, self.frames, self.device = height, width, frames, device
+        self.images = images   # an image-to-video pipeline's first frame per prompt
         self.extra = spec.call_kwargs(None, true_cfg)
         self.extra.pop("guidance_scale")
         self.pipe = load_pipeline(self.folder, pipeline_class, spec, dtype, device)
@@ -52,23 +53,40 @@ class PipelineSubject:
         import torch
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+        extra = dict(self.extra)
+        if self.images is not None:
+            if len(prompts) != 1:
+                raise SubjectError("an image-to-video pipeline is run one prompt (and its first frame) at a time")
+            from diffusers.utils import load_image
+            extra["image"] = load_image(self.images[prompts[0]])
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             return self.pipe(prompt=prompts, negative_prompt=[""] * len(prompts), height=self.height,
                              width=self.width, num_frames=self.frames, num_inference_steps=steps,
                              guidance_scale=guidance, output_type="latent",
                              generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
-                             **self.extra).frames
+                             **extra).frames
 
     def decode(self, latents):
         """Float RGB (B, T, H, W, 3) in [0, 1], on the CPU."""
         return self._decode(self.pipe, latents).cpu()
 
+    def shipped_profiles(self) -> list:
+        """The shipped profiles for this pipeline's configuration (what ``stepcache generate`` would match)."""
+        from stepcache.families import pipelines
+        from stepcache.generate import shipped_profiles
+        family = pipelines()[self.pipeline_class][0].name
+        return shipped_profiles(self.folder, self.pipeline_class, family, self.spec.transformer)[1]
+
     def calibration_meta(self) -> dict:
         return {"resolution": [self.height, self.width], "frames": self.frames, "pipeline": self.pipeline_class}
 
 
-def pipeline_identity(folder: Path, pipeline_class: str) -> dict:
+def pipeline_identity(folder: Path, pipeline_class: str, given: str | None = None) -> dict:
+    """What a bench folder records of its pipeline: a local folder by path and fingerprint; a Hugging Face Hub
+    pipeline by id and revision (its snapshot folder, whose files arrive after this is recorded)."""
+    if given is not None and not Path(given).exists():
+        return {"model": "pipeline", "pipeline": given, "revision": folder.name, "pipeline_class": pipeline_class}
     return {"model": "pipeline", "pipeline": str(folder.resolve()), "pipeline_class": pipeline_class,
             "fingerprint": _fingerprint(folder)}
 
@@ -90,6 +108,35 @@ def subject_prompts(args, spec) -> list[str]:
     if not prompts:
         raise SubjectError(f"--prompts {args.prompts!r} holds no prompt")
     return prompts
+
+
+IMAGE_PROMPTS_HELP = ('--prompts FILE.json holding objects {"prompt": TEXT, "image": PATH} (a path relative to the '
+                      'file)')
+
+
+def subject_images(args, pipeline_class: str, spec, prompts: list[str]) -> dict[str, str] | None:
+    """An image-to-video pipeline's first frame for each prompt, from --prompts FILE.json entries that name an
+    ``image`` (relative to the file); None for a text-to-video pipeline. Every prompt must have one, and every
+    image must exist: both are checked before a model loads."""
+    if not spec.needs_image:
+        return None
+    source = args.prompts
+    if source is None or source == "vbench" or Path(source).suffix != ".json":
+        raise SubjectError(f"{pipeline_class} needs a first frame per video: give {IMAGE_PROMPTS_HELP}")
+    base = Path(source).parent
+    images = {}
+    for entry in json.loads(Path(source).read_text()):
+        if isinstance(entry, dict) and entry.get("image"):
+            text = entry.get("prompt") or entry.get("prompt_en")
+            images[text] = str((base / entry["image"]).resolve())
+    missing = [p for p in prompts if p not in images]
+    if missing:
+        raise SubjectError(f"--prompts {source}: {len(missing)} prompt(s) have no image, the first {missing[0]!r}; "
+                           f"{pipeline_class} needs {IMAGE_PROMPTS_HELP}")
+    absent = sorted({path for path in images.values() if not Path(path).is_file()})
+    if absent:
+        raise SubjectError(f"--prompts {source}: image {absent[0]} does not exist ({len(absent)} missing)")
+    return {p: images[p] for p in prompts}
 
 
 def check_prompt_budget(prompts: list[str], start: int, start_flags: str, calibration: int, command: str) -> None:

@@ -42,9 +42,10 @@ class TuneError(InputError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\nDesign notes")[0].replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--pipeline", required=True, metavar="DIR",
-                        help="a diffusers pipeline folder stepcache supports (text-to-video; the demo's saved folder: "
-                             "stepcache demo --save-pipeline DIR)")
+    parser.add_argument("--pipeline", required=True, metavar="DIR_OR_ID",
+                        help="a diffusers pipeline stepcache supports (text-to-video), as a folder or a Hugging Face "
+                             "Hub id (fetched into its cache); the demo's saved folder: stepcache demo "
+                             "--save-pipeline DIR")
     parser.add_argument("--speedups", required=True,
                         help="comma-separated target speedups, each > 1, e.g. 1.5,2,2.5,3 (ideal speedups: the block "
                              "work of the uncached run over the block work that ran)")
@@ -83,8 +84,8 @@ def preset_name(speedup: float) -> str:
 
 def check(args) -> dict:
     """Every argument, resolved, before any model loads."""
-    from ..generate import apply_pipeline_defaults, pipeline_of, resolve_device
-    from .bench_subject import check_prompt_budget, subject_prompts
+    from ..generate import apply_pipeline_defaults, pipeline_folder, pipeline_of, resolve_device
+    from .bench_subject import check_prompt_budget, subject_images, subject_prompts
     speedups = parse_speedups(args.speedups)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -97,18 +98,17 @@ def check(args) -> dict:
     if Path(args.out).suffix != ".json":
         raise TuneError(f"--out {args.out}: a profile file ends in .json")
     check_output_file(args.out, "--out", (".json",))
-    folder = Path(args.pipeline)
+    folder = pipeline_folder(args.pipeline, TuneError, "--pipeline", full=False)
     pipeline_class, _, spec = pipeline_of(folder, TuneError)
     index = json.loads((folder / "model_index.json").read_text())
-    if index.get("transformer_2") not in (None, [None, None]) or spec.needs_image:
-        raise TuneError(f"{folder}: stepcache tune runs one-transformer text-to-video pipelines so far")
     apply_pipeline_defaults(args, spec)
     prompts = subject_prompts(args, spec)
+    images = subject_images(args, pipeline_class, spec, prompts)
     check_prompt_budget(prompts, args.tune_prompts + args.heldout_prompts, f"--tune-prompts {args.tune_prompts} + "
                         f"--heldout-prompts {args.heldout_prompts}", args.calibration_pairs, "stepcache tune")
     guidance = spec.guidance if args.guidance is None else args.guidance
     return {"folder": folder, "pipeline_class": pipeline_class, "spec": spec, "speedups": speedups,
-            "methods": methods, "prompts": prompts, "guidance": guidance,
+            "methods": methods, "prompts": prompts, "images": images, "guidance": guidance,
             "device": resolve_device(args.device, TuneError)}
 
 
@@ -135,9 +135,9 @@ class Tuner:
     def videos(self, pairs, steps: int) -> tuple[list, float, int]:
         """uint8 videos of ``pairs`` at ``steps``, the seconds they took (denoising only) and the block work that
         ran (multiply-adds in the block stack: what a cache saves)."""
-        from .bench import BlockWork, to_uint8
+        from .bench import BlockWork, denoisers, to_uint8
         out, seconds = [], 0.0
-        counter = BlockWork(self.subject.pipe.transformer)
+        counter = BlockWork(*denoisers(self.subject.pipe))
         try:
             for prompt, seed in pairs:
                 self.meter.start()
@@ -185,8 +185,8 @@ class Tuner:
 
     def count_passes_per_step(self) -> None:
         """Transformer calls per denoising step of the uncached run (2 with CFG, 1 without)."""
-        from .bench import BlockWork
-        counter = BlockWork(self.subject.pipe.transformer)
+        from .bench import BlockWork, denoisers
+        counter = BlockWork(*denoisers(self.subject.pipe))
         try:
             prompt, seed = self.tune_pairs[0]
             self.subject.latents([prompt], [seed], 2, self.guidance)
@@ -369,8 +369,10 @@ def run(args) -> int:
     checked = check(args)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    subject = PipelineSubject(checked["folder"], checked["pipeline_class"], checked["spec"], args.dtype,
-                              checked["device"], args.height, args.width, args.frames)
+    from ..generate import pipeline_folder
+    folder = pipeline_folder(args.pipeline, TuneError, "--pipeline")   # a Hub pipeline's weights arrive now
+    subject = PipelineSubject(folder, checked["pipeline_class"], checked["spec"], args.dtype,
+                              checked["device"], args.height, args.width, args.frames, images=checked["images"])
     with tempfile.TemporaryDirectory(prefix="stepcache-tune-") as work:
         tuner = Tuner(args, checked, subject, Path(work))
         results = tuner.tune()

@@ -436,7 +436,7 @@ def install(plan: CachePlan, sampler, args):
     cached = plan.enable(sampler.pipeline.transformer, args.infer_steps, parallel=parallel)
     if cached is not None:
         _log(f"stepcache: {plan.config.describe()}")
-        cached.start_generation(args.infer_steps)
+        cached.start_generation(args.infer_steps, args.embedded_cfg_scale)
     calibration = None
     if plan.calibrate:  # one process (refused under sequence parallelism); CFG is batched: the one branch
         from ..calibrate import install_calibration

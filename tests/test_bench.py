@@ -211,3 +211,98 @@ def test_verdict_reports_ties_and_losses():
     assert [b["method"] for b in at["2.0"]["beaten_by"]] == ["floor"]
     assert at["2.5"]["stepcache_best_psnr"] == 25.0 and at["2.5"]["tied_with"][0]["method"] == "peer"
     assert at["3.0"]["winner"] == "sc" and at["3.0"]["values"]["floor"] is None
+
+
+def _scored(method, run_id, speed, psnr, psnr_video=None, **extra):
+    return {"id": run_id, "method": method, "status": "ok", "ideal_speedup": speed, "psnr": psnr,
+            "psnr_video": psnr if psnr_video is None else psnr_video, **extra}
+
+
+def test_published_figures_sit_beside_the_same_method_at_that_speedup_in_their_own_psnr():
+    from stepcache.eval import published
+    rows = [{"id": "baseline[]", "method": "baseline", "status": "ok", "reference": True},
+            _scored("stepcache-magcache", "mc-a", 2.1, 40.0),   # slower than the published 2.2x: not "at speedup"
+            _scored("stepcache-magcache", "mc-b", 2.4, 35.0, params={"thresh": 0.12, "K": 2},
+                    config={"retention_ratio": 0.2}),
+            _scored("stepcache-magcache", "mc-c", 3.1, 30.0, params={"thresh": 0.12, "K": 4},
+                    config={"retention_ratio": 0.4}),           # K 4 at another retention: not E012K4R02
+            _scored("stepcache-easycache", "ec", 2.6, 33.0, psnr_video=31.0),
+            _scored("floor-steps", "steps", 2.0, 38.0)]
+    section = published.beside(rows, {"model": "demo"})
+    assert section["family"] == "wan2.1"
+    by_setting = {(e["model"], e["setting"]): e for e in section["rows"]}
+    assert all(e["family"] == "wan2.1" for e in section["rows"])
+    e012k2 = by_setting[("Wan2.1 T2V 1.3B 480p", "MagCache E012K2R02")]
+    assert e012k2["same_setting"]["run"] == "mc-b" and e012k2["at_speedup"]["run"] == "mc-b"
+    e012k4 = by_setting[("Wan2.1 T2V 1.3B 480p", "MagCache E012K4R02")]
+    assert e012k4["same_setting"] is None and e012k4["at_speedup"]["run"] == "mc-c"
+    easy = by_setting[("Wan2.1 T2V 1.3B", "EasyCache")]          # EasyCache's figures are whole-video PSNR
+    assert easy["at_speedup"]["psnr"] == 31.0 and easy["measured_column"] == "psnr_video"
+    assert by_setting[("Wan2.1 T2V 14B", "half the steps")]["at_speedup"]["run"] == "steps"
+    text = "\n".join(published.format_markdown(section))
+    assert "| Wan2.1 T2V 1.3B 480p | MagCache E012K2R02 | 2.20x | 20.51 (frame) |" in text
+    assert "35.00 (2.40x) | 35.00 (2.40x) |" in text and "scalingcache-readme:" in text
+    # another family's figures are not shown; a family without figures gives no section
+    assert published.beside(rows, {"model": "pipeline", "pipeline_class": "HunyuanVideoPipeline"})["family"] \
+        == "hunyuanvideo"
+    assert published.format_markdown(published.beside(rows, {"model": "other"})) == []
+
+
+def test_every_published_figure_names_a_known_source_method_and_psnr_definition():
+    from stepcache.eval import published
+    data = published.published()
+    for row in data["rows"]:
+        assert row["source"] in data["sources"] and row["method"] in published.BENCH_METHOD
+        assert row["psnr_kind"] in published.PSNR_COLUMN and row["speedup"] > 1 and row["psnr"] > 0
+
+
+def test_prompt_match_is_read_back_only_for_the_trained_demo():
+    import torch
+    from stepcache.eval.bench import prompt_reader
+    from stepcache.wan21.demo.scenes import Scene, render
+    assert prompt_reader({"model": "pipeline", "pipeline_class": "WanPipeline"}) is None
+    assert prompt_reader({"model": "demo-architecture"}) is None
+    reads = prompt_reader({"model": "demo"})
+    scene = Scene("blue", "square", "down", "dark")
+    video = render([scene], torch.Generator().manual_seed(0))[0]
+    assert reads(scene.prompt, video) and not reads(Scene("red", "square", "down", "dark").prompt, video)
+    assert prompt_reader({"model": "pipeline", "pipeline_class": "StepcacheDemoPipeline"}) is not None
+
+
+class _Method:
+    def __init__(self, key):
+        self.key = key
+
+    def steps(self, ctx, params):
+        return params.get("steps", ctx.steps)
+
+
+class _Run:
+    def __init__(self, key, **params):
+        self.method, self.params, self.id = _Method(key), params, f"{key}{params}"
+
+
+def test_spread_order_takes_the_middle_then_the_ends_then_between():
+    from stepcache.eval.bench_plan import spread_order
+    assert spread_order(1) == [0] and spread_order(2) == [1, 0]
+    assert spread_order(5) == [2, 0, 4, 1, 3]
+    assert sorted(spread_order(8)) == list(range(8))
+
+
+def test_a_budget_keeps_every_method_spread_over_its_sweep_and_says_what_it_left_out():
+    from stepcache.eval.bench_plan import fit, left_out_text, run_cost
+    todo = ([_Run("floor-steps", steps=s) for s in (24, 20, 15, 10, 6)]
+            + [_Run("stepcache-magcache", thresh=t) for t in (0.03, 0.06, 0.12, 0.24, 0.5)])
+    everything = fit(todo, 30, videos=2, repeats=1, every=4, fixed_cost=0, seconds_per_video=1.0,
+                     budget_seconds=None)
+    assert everything.runs == todo and not everything.left_out
+    assert run_cost(todo[0], 30, 2, 1) == pytest.approx(2 * 2 * 24 / 30)   # scored once and timed once
+    half = fit(todo, 30, videos=2, repeats=1, every=4, fixed_cost=0, seconds_per_video=1.0,
+               budget_seconds=everything.seconds / 2)
+    assert half.seconds <= everything.seconds / 2 and half.left_out
+    assert {r.id for r in half.runs} | {r.id for r in half.left_out} == {r.id for r in todo}
+    assert {r.method.key for r in half.runs} == {"floor-steps", "stepcache-magcache"}   # both keep some
+    magcache = [r.params["thresh"] for r in half.runs if r.method.key == "stepcache-magcache"]
+    assert 0.12 in magcache                                       # the middle of a sweep comes first
+    assert "stepcache-magcache:" in left_out_text(half.left_out)
+    assert [r for r in todo if r in half.runs] == half.runs       # kept runs stay in plan order

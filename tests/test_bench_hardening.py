@@ -84,6 +84,8 @@ def test_an_incomplete_report_exits_3_and_names_what_is_missing_then_a_cut_line_
     last = stopped.stderr.strip().splitlines()[-1]
     assert last.startswith("stepcache bench: INCOMPLETE: ") and "floor-steps[steps=" in last and "(not scored)" in last
     assert "**INCOMPLETE**" in (out / "table.md").read_text() and "floor-steps[steps=" in (out / "table.md").read_text()
+    # the budget was planned for before any run started: what it leaves out is said up front
+    assert "plan: 0 run(s) to finish" in stopped.stdout and "budget of 0 min: left out" in stopped.stdout
     # a kill while the next record was being written: its line is cut
     with open(out / "results.jsonl", "a") as f:
         f.write('{"kind": "quality", "run": "floor-steps[steps=3]", "method": "floor-st')

@@ -86,6 +86,21 @@ def test_a_tuned_profile_warns_at_another_step_count(tuned, folder):
     stepcache.disable(pipe)
 
 
+def test_a_tuned_profile_warns_at_another_guidance_and_not_at_its_own(tuned, folder):
+    import warnings
+    path, _, _ = tuned
+    pipe = pipeline_folder.load(folder)
+    stepcache.enable(pipe, "magcache", profile=str(path), preset="2x")
+    with pytest.warns(ProfileFitWarning, match="this generation has guidance 5, so"):
+        pipe("a red square moving right on a dark background", guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(3), output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProfileFitWarning)     # at its own operating point: silent
+        pipe("a red square moving right on a dark background", guidance_scale=2.5,
+             generator=torch.Generator().manual_seed(3), output_type="latent")
+    stepcache.disable(pipe)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--speedups", "1"], "each speedup must be a number > 1"),
     (["--speedups", "2,fast"], "give comma-separated numbers"),
@@ -129,3 +144,45 @@ def test_schedule_speedup_shows_a_tuned_preset_first(tuned, tmp_path):
     result = cli("schedule", "--profile", str(path), "--speedup", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("tuned on your model (stepcache tune): preset 2x")
+
+
+def test_an_image_to_video_pipeline_is_tuned_on_its_prompts_first_frames(tmp_path):
+    from test_bench_pipeline import I2V, image_prompts
+    from wan_tiny import save_i2v_folder
+    folder = save_i2v_folder(tmp_path / "i2v")
+    prompts, _ = image_prompts(tmp_path / "inputs")
+    out = tmp_path / "i2v.json"
+    result = cli("tune", "--pipeline", str(folder), "--prompts", str(prompts), "--speedups", "2", "--methods",
+                 "magcache", "--tune-prompts", "1", "--heldout-prompts", "1", "--calibration-pairs", "2", *I2V,
+                 "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["tuned"]["operating_point"]["steps"] == 8 and "2x" in data["magcache"]["presets"]
+
+
+def test_a_two_expert_pipeline_is_tuned_on_the_work_of_both_experts(tmp_path):
+    from diffusers import DiffusionPipeline  # noqa: F401  (the folder loads through diffusers)
+    from stepcache.generate import load_pipeline, pipeline_of
+    from wan22_tiny import save_a14b_folder
+    folder = save_a14b_folder(tmp_path / "a14b")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a {c} ball moves {d} on grass" for c in ("red", "blue") for d in ("left", "right")))
+    out = tmp_path / "a14b.json"
+    result = cli("tune", "--pipeline", str(folder), "--prompts", str(prompts), "--speedups", "2", "--methods",
+                 "magcache", "--tune-prompts", "1", "--heldout-prompts", "1", "--calibration-pairs", "2", "--device",
+                 "cpu", "--height", "32", "--width", "32", "--frames", "5", "--steps", "10", "--dtype", "fp32",
+                 "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    preset = data["magcache"]["presets"]["2x"]
+    run = next(r for r in data["tuned"]["runs"] if r["method"] == "stepcache-magcache" and r["which"] == "tune"
+               and all(r["params"].get(k) == v for k, v in preset.items() if k in r["params"]))
+    # the ideal speedup the tuner recorded is stepcache's own count over both experts' passes
+    pipeline_class, _, spec = pipeline_of(folder)
+    pipe = load_pipeline(folder, pipeline_class, spec, "fp32", "cpu")
+    stepcache.enable(pipe, "magcache", profile=str(out), preset="2x")
+    pipe(prompt="a red ball moves left on grass", height=32, width=32, num_frames=5, num_inference_steps=10,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    computed, total = stepcache.stats(pipe).counts()
+    stepcache.disable(pipe)
+    assert total == 20 and run["ideal_speedup"] == pytest.approx(total / computed, rel=1e-3)

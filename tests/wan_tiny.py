@@ -114,3 +114,21 @@ def save_t2v_folder(path, seed: int = 0):
     pipe.register_modules(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
     pipe.save_pretrained(path)
     return path
+
+
+def save_i2v_folder(path, seed: int = 0):
+    """A complete local WanImageToVideoPipeline folder: the T2V parts plus a tiny CLIP vision tower and its image
+    processor (8-wide image tokens, 32 px crops), all standard transformers classes."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**{**WAN_TINY, "in_channels": 36, "image_dim": 8})
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer, text_encoder = tiny_text_stack()
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
+                                   transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   image_encoder=encoder.eval(), image_processor=processor)
+    pipe.save_pretrained(path)
+    return path

@@ -271,9 +271,10 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
         if switch_step is not None:
             switch["step"] = record.switch_step = switch_step(bound.arguments)
         attachment.adapter.start_generation()
+        guidance = bound.arguments.get("guide_scale")  # Wan2.2's A14B gives a (low, high) pair: not one scale
         for installed in (attachment.cached, attachment.calibration):
             if installed is not None:
-                installed.start_generation(steps)
+                installed.start_generation(steps, guidance if isinstance(guidance, (int, float)) else None)
         start, dit_before, calls_before = time.perf_counter(), timer.seconds, timer.calls
         try:
             return original(*args, **kwargs)
