@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import families, methods
+from .compiling import around_graph, compiled_inner, outside_graph, whole_model_compiler
 from .distributed import MEASUREMENTS, as_group, resolve_parallel
 from .methods import EXPERTS, VIDEO_MARK, MethodConfig, resolve_method
 from .patching import InstalledPatch, install_forward
@@ -153,7 +154,8 @@ class CachedModel:
     def __init__(self, model: nn.Module, adapter, method: str, profile: Profile | list[Profile] | None,
                  preset: str | None, params: dict[str, Any], clock: StepClock, parallel: Any = "auto", runner=None,
                  cfg_parallel: Any = None, per_video: bool = False, expert: str | None = None,
-                 switch_step: Callable[[], int | None] | None = None, owner: CachedModel | None = None):
+                 switch_step: Callable[[], int | None] | None = None, owner: CachedModel | None = None,
+                 whole_compiler: Callable[[Callable], Callable] | None = None):
         """``expert``: which expert of a two-expert model this is (``stepcache.methods.EXPERTS``), and
         ``switch_step()`` where the run hands over to the second one (asked once per generation). A second
         expert is installed with ``owner``, the first one's CachedModel, whose runner, clock and stats it
@@ -201,8 +203,36 @@ class CachedModel:
         except BaseException:
             self.patch.restore()  # a half-installed cache must not stay on the model
             raise
+        # A model compiled whole (before enable, or by model.compile() after it) is compiled block by block the
+        # same way, its own code between the blocks eager: the cache's decisions are graph breaks inside the block
+        # loop, where dynamo would give up on the whole forward (stepcache.compiling).
+        self.eager_model = False
+        whole_compiler = whole_compiler or whole_model_compiler(model)
+        if whole_compiler is not None:
+            self._compile_by_blocks(whole_compiler)
+        self.patch.set(model, "compile", self._compile_after_enable)
         if owner is not None:
             owner.partners.append(self)
+
+    def _compile_by_blocks(self, compiler: Callable[[Callable], Callable]) -> None:
+        if self.patch.compile_blocks is None:
+            return
+        self.patch.compile_blocks(compiler)
+        blocks = {id(b) for b in self.adapter.blocks(self.model)}
+        for child in self.model.children():   # the embeddings and the output head, compiled the same way
+            if id(child) in blocks or isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+                continue
+            if child.__dict__.get("_compiled_call_impl") is None:
+                self.patch.set(child, "_compiled_call_impl", compiler(child._call_impl))
+        if self.model.__dict__.get("_compiled_call_impl") is not None:
+            self.patch.set(self.model, "_compiled_call_impl", None)
+        self.eager_model = True
+
+    def _compile_after_enable(self, *args, **kwargs) -> None:
+        """``model.compile(...)`` with the cache installed: its blocks are compiled with these options; the model
+        is compiled as asked once the cache is removed."""
+        self._compile_by_blocks(lambda fn: torch.compile(fn, *args, **kwargs))
+        self.patch.after_restore(lambda: nn.Module.compile(self.model, *args, **kwargs))
 
     def _install_end_of_call(self, model: nn.Module) -> None:
         """diffusers pipelines call the denoiser's ``_reset_stateful_cache`` when a call ends (in
@@ -227,24 +257,56 @@ class CachedModel:
         self.runner.stats = self.stats
         self.runner.guidance_of = self.clock.guidance
 
+    # The forward runs model code (``original``) between stepcache's own steps; those steps are ``outside_graph``
+    # and the frames around ``original`` are ``around_graph``, so a compiled model stays compiled and no decision is
+    # ever traced (stepcache.compiling).
+    @around_graph
     def _forward(self, original, args, kwargs):
-        latent = self.adapter.latent_of(self.model, args, kwargs)
-        videos = getattr(self.adapter, "videos_in_batch", lambda x: x.shape[0])(latent)
+        latent, videos = self._batch_of(args, kwargs)
         if not self.per_video or videos == 1:
             return self._forward_batch(original, args, kwargs, latent, None, videos)
         # One decision per video: each runs as its own pass with its own state (branch "NAME#i").
-        outputs = [self._forward_batch(original, a, k, self.adapter.latent_of(self.model, a, k), i, 1)
-                   for i, (a, k) in enumerate(self.adapter.split_batch(args, kwargs, videos))]
+        outputs = [self._forward_batch(original, a, k, self._batch_of(a, k)[0], i, 1)
+                   for i, (a, k) in enumerate(self._split(args, kwargs, videos))]
+        return self._joined(outputs, args, kwargs)
+
+    @outside_graph
+    def _batch_of(self, args, kwargs) -> tuple[torch.Tensor, int]:
+        latent = self.adapter.latent_of(self.model, args, kwargs)
+        return latent, getattr(self.adapter, "videos_in_batch", lambda x: x.shape[0])(latent)
+
+    @outside_graph
+    def _split(self, args, kwargs, videos: int) -> list:
+        return list(self.adapter.split_batch(args, kwargs, videos))
+
+    @outside_graph
+    def _joined(self, outputs: list, args, kwargs):
         latent = torch.cat([self.adapter.output_latent(o) for o in outputs])
         return self.adapter.build_output(self.model, latent, args, kwargs)
 
+    @around_graph
     def _forward_batch(self, original, args, kwargs, latent: torch.Tensor, video: int | None, videos: int):
+        try:
+            branch, ctx = self._begin_pass(args, kwargs, latent, video, videos)
+            if ctx.reused_output is not None:
+                output = self._reused(ctx, args, kwargs)
+            else:
+                output = self._eager(original, args, kwargs) if self.eager_model else original(*args, **kwargs)
+                self._computed(output)
+        except BaseException:
+            self._abort()
+            raise
+        self._tick(branch, video)
+        return output
+
+    @outside_graph
+    def _begin_pass(self, args, kwargs, latent: torch.Tensor, video: int | None, videos: int):
         owner = self.owner
         if owner.candidates is not None:
             size = self.adapter.pixel_size(self.model, args, kwargs)
             if size != owner._picked_for:  # first pass, or a generation at another size: its own table
                 profile, warning = choose_by_resolution(owner.candidates, *size, self.method)
-                warn_resolution(warning, stacklevel=4)
+                warn_resolution(warning, stacklevel=6)
                 owner._picked_for = size
                 if owner.config is None or profile.name != owner.config.profile.name:
                     owner._build(profile)
@@ -255,26 +317,41 @@ class CachedModel:
         branch, step, num_steps = self.clock.now(branch_of(self.model, args, kwargs) if branch_of else None,
                                                  lambda: self.adapter.timestep_of(self.model, args, kwargs))
         runner = owner.runner
-        try:
-            ctx = runner.begin_pass(branch if video is None else f"{branch}{VIDEO_MARK}{video}", step, num_steps,
-                                    latent, self.expert, self.switch_step)
-            if videos > 1:
-                runner.note(f"a batch of {videos} videos takes one decision per pass for all of them, as the "
-                            f"published code does; per_video=True decides for each video")
-            if ctx.reused_output is not None:
-                output = self.adapter.build_output(self.model, ctx.reused_output, args, kwargs)
-                runner.end_pass(None)
-            else:
-                output = original(*args, **kwargs)
-                runner.end_pass(self.adapter.output_latent(output))
-        except BaseException:
-            # The generation cannot go on: release its tensors now, and let the next call start afresh.
+        ctx = runner.begin_pass(branch if video is None else f"{branch}{VIDEO_MARK}{video}", step, num_steps,
+                                latent, self.expert, self.switch_step)
+        if videos > 1:
+            runner.note(f"a batch of {videos} videos takes one decision per pass for all of them, as the "
+                        f"published code does; per_video=True decides for each video")
+        return branch, ctx
+
+    @staticmethod
+    @outside_graph
+    def _eager(original, args, kwargs):
+        """The model's own code, not traced (its blocks run their own compiled code)."""
+        return original(*args, **kwargs)
+
+    @outside_graph
+    def _reused(self, ctx, args, kwargs):
+        output = self.adapter.build_output(self.model, ctx.reused_output, args, kwargs)
+        self.owner.runner.end_pass(None)
+        return output
+
+    @outside_graph
+    def _computed(self, output) -> None:
+        self.owner.runner.end_pass(self.adapter.output_latent(output))
+
+    @outside_graph
+    def _abort(self) -> None:
+        """The generation cannot go on: release its tensors now, and let the next call start afresh."""
+        runner = self.owner.runner
+        if runner is not None:
             runner.abort_pass()
-            self.clock.start_generation()
-            raise
+        self.clock.start_generation()
+
+    @outside_graph
+    def _tick(self, branch: str, video: int | None) -> None:
         if video is None or video == 0:
             self.clock.tick(branch)
-        return output
 
     def end_generation(self) -> None:
         """The pipeline call ended (diffusers' ``_reset_stateful_cache``), however it went: release the tensors."""
@@ -302,10 +379,11 @@ class CachedModel:
 
 
 def _resolve_target(target: Any) -> tuple[nn.Module, Any]:
-    """(transformer, pipeline or None) for a pipeline or a bare transformer."""
+    """(transformer, pipeline or None) for a pipeline or a bare transformer; a transformer compiled with
+    ``torch.compile(model)`` is the module inside the compiled wrapper."""
     if isinstance(target, nn.Module):
-        return target, None
-    transformer = getattr(target, "transformer", None)
+        return compiled_inner(target), None
+    transformer = compiled_inner(getattr(target, "transformer", None))
     known = families.pipelines()
     supported = ", ".join(sorted(known))
     if transformer is None or not isinstance(transformer, nn.Module):
@@ -323,14 +401,14 @@ def _experts_of(pipeline: Any) -> list[nn.Module] | None:
     """The two experts of a two-expert pipeline in run order (diffusers' Wan2.2 A14B: ``transformer`` while the
     timestep is at or above ``boundary_ratio * num_train_timesteps``, then ``transformer_2``), or None. Without a
     ``boundary_ratio`` the pipeline never calls ``transformer_2``."""
-    second = getattr(pipeline, "transformer_2", None)
+    second = compiled_inner(getattr(pipeline, "transformer_2", None))
     config = getattr(pipeline, "config", None) or {}
     if second is None or config.get("boundary_ratio") is None:
         return None
     if not isinstance(second, nn.Module):
         raise UnsupportedModelError(f"{type(pipeline).__name__}.transformer_2 is a {type(second).__name__}, not a "
                                     f"transformer")
-    return [pipeline.transformer, second]
+    return [compiled_inner(pipeline.transformer), second]
 
 
 def targets_of(model: nn.Module, pipeline: Any) -> tuple[list[nn.Module], Callable[[], int] | None]:
@@ -395,6 +473,7 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     ``transformer.cache_context(BRANCH)``. A new generation is recognised when the timestep goes back up; call
     ``stepcache.enable(...).start_generation()`` before each generation when your timesteps do not fall.
     """
+    compilers = _whole_model_compilers(target)
     model, pipeline = _resolve_target(target)
     models, switch_step = targets_of(model, pipeline)
     adapter = adapter_for(model, pipeline)
@@ -407,13 +486,28 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
                              f"transformers); {type(model).__name__} cannot")
     resolved = _profile_for(adapter, model, profile)
     return install(models, adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset, params=params,
-                   parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video, switch_step=switch_step)
+                   parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video, switch_step=switch_step,
+                   compilers=compilers)
+
+
+def _whole_model_compilers(target: Any) -> dict[int, Callable]:
+    """Per model (by id of the module stepcache installs on), how it was compiled whole, when it was: read before
+    a ``torch.compile(model)`` wrapper is looked through."""
+    wrappers = [target] if isinstance(target, nn.Module) else [getattr(target, name, None)
+                                                               for name in ("transformer", "transformer_2")]
+    found = {}
+    for wrapper in wrappers:
+        compiler = whole_model_compiler(wrapper) if isinstance(wrapper, nn.Module) else None
+        if compiler is not None:
+            found[id(compiled_inner(wrapper))] = compiler
+    return found
 
 
 def install(models: list[nn.Module], adapter, method: str, profile: Profile | list[Profile] | None, clock: StepClock,
             *, preset: str | None = None, params: dict[str, Any] | None = None, parallel: Any = "auto",
             cfg_parallel: Any = None, per_video: bool = False,
-            switch_step: Callable[[], int | None] | None = None, runner=None) -> CachedModel:
+            switch_step: Callable[[], int | None] | None = None, runner=None,
+            compilers: dict[int, Callable] | None = None) -> CachedModel:
     """Install ``method`` (or a measuring ``runner``) on one model, or on the two experts of a two-expert model
     in run order, sharing one runner, clock and stats; ``switch_step()`` says where the second expert starts,
     once per generation. Entry points that drive their own loop (the official-repo drop-ins) call this with their
@@ -434,7 +528,8 @@ def install(models: list[nn.Module], adapter, method: str, profile: Profile | li
         for model, expert in zip(models, experts):
             installed = CachedModel(model, adapter, method, profile, preset, params, clock, parallel,
                                     runner=runner, cfg_parallel=cfg_parallel, per_video=per_video, expert=expert,
-                                    switch_step=switch_step, owner=cached)
+                                    switch_step=switch_step, owner=cached,
+                                    whole_compiler=(compilers or {}).get(id(model)))
             model._stepcache = installed
             cached = cached or installed
     except BaseException:
@@ -446,7 +541,7 @@ def install(models: list[nn.Module], adapter, method: str, profile: Profile | li
 
 def _cached(target: Any) -> CachedModel | None:
     """The installation on a pipeline or transformer (for either expert of a two-expert model: the first's)."""
-    model = target if isinstance(target, nn.Module) else getattr(target, "transformer", None)
+    model = compiled_inner(target if isinstance(target, nn.Module) else getattr(target, "transformer", None))
     cached = getattr(model, "_stepcache", None)
     return None if cached is None else cached.owner
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .compiling import around_graph, compiled_like, outside_graph
+
 _MISSING = object()
 
 
@@ -28,6 +30,14 @@ class InstalledPatch:
         self._forwards: list[tuple[nn.Module, Any, Any, Any]] = []  # (module, installed, original, before)
         self._handles: list[Any] = []
         self._order: list[tuple[str, int]] = []
+        self._after_restore: list[Callable[[], None]] = []
+        # Set by install_stack: compile every block's forward with the given function (a whole model compiled
+        # around the cache is compiled block by block; see stepcache.compiling)
+        self.compile_blocks: Callable[[Callable[[Callable], Callable]], None] | None = None
+
+    def after_restore(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything is restored (to hand back what the user did to the model meanwhile)."""
+        self._after_restore.append(action)
 
     def hook(self, handle: Any) -> None:
         """Keep a ``torch.utils.hooks.RemovableHandle`` to remove with the rest."""
@@ -81,10 +91,14 @@ class InstalledPatch:
                     setattr(owner, attr, original)
         for handle in self._handles:
             handle.remove()
+        actions = list(self._after_restore)
         self._saved.clear()
         self._forwards.clear()
         self._order.clear()
         self._handles.clear()
+        self._after_restore.clear()
+        for action in actions:
+            action()
 
 
 def _registry_refs(module: nn.Module) -> list[Any]:
@@ -161,32 +175,71 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
         raise ValueError("the model has no transformer blocks to cache")
     first, last = blocks[0], blocks[-1]
     skipping = {"active": False}
+    # A block either runs (``RUN``) or returns what ``before`` gives instead: the runner's decision is taken in
+    # ``before``/``after``, outside any compiled graph, and a compiled block stays one compiled frame.
+    RUN = object()
+
+    @outside_graph
+    def before(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        runner = runner_of()
+        if runner is None or runner.current is None:
+            return RUN
+        if block is first:
+            skipping["active"] = False
+            signal = signal_of(args, kwargs) if signal_of is not None and runner.wants_signal else None
+            if signal is None:
+                signal = runner.current.signal_tensor
+            reused = runner.enter_stack(io.hidden_in(args, kwargs), signal)
+            if reused is not None:
+                skipping["active"] = True
+                return io.replace_hidden(io.passthrough(args, kwargs), reused)
+        elif skipping["active"]:
+            return io.passthrough(args, kwargs)
+        return RUN
+
+    @outside_graph
+    def after(output: Any) -> None:
+        runner = runner_of()
+        if runner is not None and runner.current is not None:
+            runner.leave_stack(io.hidden_out(output))
+
+    # Regional compilation after enable (``block.compile()``, diffusers' ``compile_repeated_blocks``): the block's
+    # own forward is compiled, called from the wrapper, so that a fullgraph region holds model code only; when the
+    # cache is removed the block is compiled the way the user asked.
+    compiled: dict[nn.Module, Callable] = {}
+    originals: dict[nn.Module, Callable] = {}
 
     def wrap(block: nn.Module, original: Callable) -> Callable:
+        originals[block] = original
+        patch.set(block, "compile", compile_block(block, original))
+        in_place = block.__dict__.get("_compiled_call_impl")
+        if in_place is not None:   # compiled before enable: the same compilation of the forward alone
+            again = compiled_like(in_place, original)
+            if again is not None:
+                compiled[block] = again
+                patch.set(block, "_compiled_call_impl", None)
+
         @functools.wraps(original)
+        @around_graph
         def forward(*args, **kwargs):
-            runner = runner_of()
-            if runner is None or runner.current is None:
-                return original(*args, **kwargs)
-            if block is first:
-                skipping["active"] = False
-                signal = signal_of(args, kwargs) if signal_of is not None and runner.wants_signal else None
-                if signal is None:
-                    signal = runner.current.signal_tensor
-                reused = runner.enter_stack(io.hidden_in(args, kwargs), signal)
-                if reused is not None:
-                    skipping["active"] = True
-                    return io.replace_hidden(io.passthrough(args, kwargs), reused)
-            elif skipping["active"]:
-                return io.passthrough(args, kwargs)
-            output = original(*args, **kwargs)
+            instead = before(block, args, kwargs)
+            if instead is not RUN:
+                return instead
+            output = compiled.get(block, original)(*args, **kwargs)
             if block is last:
-                runner.leave_stack(io.hidden_out(output))
+                after(output)
             return output
         return forward
 
+    def compile_block(block: nn.Module, original: Callable) -> Callable:
+        def compile(*args, **kwargs):
+            compiled[block] = torch.compile(original, *args, **kwargs)
+            patch.after_restore(lambda: nn.Module.compile(block, *args, **kwargs))
+        return compile
+
     for block in blocks:
         patch.wrap_forward(block, lambda original, block=block: wrap(block, original), innermost=True)
+    patch.compile_blocks = lambda make: compiled.update({b: make(o) for b, o in originals.items()})
 
 
 def first_block_signal(blocks: Sequence[nn.Module], read: Callable[[nn.Module, tuple, dict], torch.Tensor],
@@ -217,6 +270,7 @@ def install_forward(patch: InstalledPatch, model: nn.Module,
     ``around(original_forward, args, kwargs)``."""
     def make(original):
         @functools.wraps(original)
+        @around_graph
         def forward(*args, **kwargs):
             return around(original, args, kwargs)
         return forward

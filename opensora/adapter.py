@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiling import outside_graph
 from ..patching import first_arg_io, first_block_signal, install_stack
 from ..profiles import match_profiles
 
@@ -148,7 +149,7 @@ class STDiT3Adapter:
         signal_of = first_block_signal(model.spatial_blocks, block0_modulated_input, wants_signal, signal_name,
                                        TEACACHE_SIGNAL, "Open-Sora STDiT3")
         install_stack(patch, runner_of, self.blocks(model), self.block_io, signal_of=signal_of)
-        patch.hook(model.register_forward_pre_hook(self._before_call, with_kwargs=True))
+        patch.hook(model.register_forward_pre_hook(outside_graph(self._before_call), with_kwargs=True))
 
     # -------------------------------------------------------------------------------------------- step index
     def _before_call(self, model, args, kwargs):

@@ -14,6 +14,7 @@ stack (wrapped beneath diffusers' split hook) stores each rank's own shard of th
 from __future__ import annotations
 
 from ..diffusers_io import DiffusersTransformerAdapter
+from ..compiling import outside_graph
 from ..patching import first_arg_io, install_stack
 
 
@@ -68,6 +69,7 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
         if not wants_signal:
             return
 
+        @outside_graph
         def capture(module, inputs, outputs):
             runner = runner_of()
             if runner is not None and runner.current is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiling import outside_graph
 from ..patching import first_arg_io, install_stack
 from ..profiles import match_profiles
 from ..timing import DiTTimer
@@ -121,6 +122,7 @@ class WanOfficialAdapter:
             return
 
         def capture(wanted: str):
+            @outside_graph
             def hook(module, inputs, output):
                 runner = runner_of()
                 if runner is not None and runner.current is not None and signal_name() == wanted:

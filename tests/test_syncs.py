@@ -1,0 +1,59 @@
+"""Host synchronisations stepcache itself makes per pass (a GPU waits for each): MagCache decides from its table
+alone (none); TeaCache and EasyCache read one scalar per pass. Counted with a TorchFunctionMode over every
+Tensor -> host conversion whose caller is stepcache's own code (the pipeline's and the model's are theirs)."""
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import stepcache
+from stepcache.wan21.demo.model import PROFILE, DemoPipeline, load
+
+pytest.importorskip("diffusers")
+
+HOST = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
+import stepcache.hunyuan  # noqa: E402
+import stepcache.opensora  # noqa: E402
+import stepcache.wan21  # noqa: E402
+import stepcache.wan22  # noqa: E402
+
+# stepcache's own code: the core and the family adapters; the demo model's pipeline driver is the caller's side
+OWN = [Path(m.__file__).parent for m in (stepcache, stepcache.wan21, stepcache.wan22, stepcache.hunyuan,
+                                         stepcache.opensora)]
+DEMO = Path(stepcache.wan21.demo.__file__).parent
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.where: list[tuple[str, str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST:
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1])
+                           if "torch/overrides" not in f.filename), None)
+            path = Path(caller.filename) if caller else None
+            ours = path is not None and any(d in path.parents for d in OWN) and DEMO not in path.parents
+            if ours:
+                self.where.append((func.__name__, caller.filename, caller.lineno))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method,per_pass", [("magcache", 0), ("teacache", 1), ("easycache", 1)])
+def test_host_reads_per_pass(method, per_pass):
+    torch.set_num_threads(1)
+    demo = DemoPipeline(load())
+    stepcache.enable(demo.pipe, method, profile=str(PROFILE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        demo.latents(["a red square moving right on a dark background"], [1], steps=30)
+        reads = HostReads()
+        with reads:
+            demo.latents(["a red square moving right on a dark background"], [1], steps=30)
+    computed, total = stepcache.stats(demo.pipe).counts(stepcache.stats(demo.pipe).generation_ids()[-1])
+    stepcache.disable(demo.pipe)
+    assert computed < total                                   # it cached: the reads are a caching run's
+    assert len(reads.where) <= per_pass * total + 1, reads.where[:5]
