@@ -189,3 +189,32 @@ class Calls:
 
     def remove(self):
         self.handle.remove()
+
+
+def save_folder(path, seed: int = 0, words=("a", "red", "blue", "ball", "cube", "moves", "left", "right", "on",
+                                            "grass")):
+    """A complete local HunyuanVideoPipeline folder with tiny text encoders (a 2-layer LLaMA whose width is the
+    transformer's text_embed_dim, a 1-layer CLIP text model whose width is its pooled_projection_dim) and
+    word-level tokenizers, all standard transformers classes, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+
+    def tokenizer(max_length):
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                       eos_token="</s>", model_max_length=max_length)
+    pipe = build_pipeline(seed)
+    c = pipe.transformer.config
+    torch.manual_seed(seed + 1)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(vocab), hidden_size=c.text_embed_dim, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=512))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=c.pooled_projection_dim,
+                                        intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=77, eos_token_id=1, pad_token_id=0))
+    pipe.register_modules(text_encoder=llama.eval(), tokenizer=tokenizer(512), text_encoder_2=clip.eval(),
+                          tokenizer_2=tokenizer(77))
+    pipe.save_pretrained(path)
+    return path

@@ -321,3 +321,24 @@ def test_a_hub_id_is_read_from_the_hub_cache_and_recorded_by_id_and_revision(fol
     missing = bench("--pipeline", "stepcache/absent", "--quick", "--out", str(tmp_path / "o2"), cwd=tmp_path)
     assert missing.returncode == 2 and not (tmp_path / "o2").exists()
     assert missing.stderr.count("\n") == 1 and "'stepcache/absent' is not a local folder" in missing.stderr
+
+
+def test_a_hunyuanvideo_pipeline_is_benched_with_its_two_stream_blocks(tmp_path):
+    from hunyuan_tiny import save_folder
+    folder = save_folder(tmp_path / "hy")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a {c} ball moves {d} on grass" for c in ("red", "blue", "red")
+                                 for d in ("left", "right")))
+    out = tmp_path / "out"
+    result = bench("--pipeline", str(folder), "--prompts", str(prompts), "--quick", "--num-prompts", "1",
+                   "--device", "cpu", "--height", "32", "--width", "32", "--frames", "9", "--steps", "10",
+                   "--dtype", "fp32", "--methods", "baseline,floor-steps,stepcache-magcache", "--out", str(out),
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["family"] == "hunyuanvideo" and report["published"]["family"] == "hunyuanvideo"
+    # the non-block share was measured with every block passing both streams through (a bypass returning one
+    # tensor breaks HunyuanVideo's double-stream blocks)
+    assert report["totals"]["non_block_share"] is not None and 0 < report["totals"]["non_block_share"] < 1
+    magcache = [r for r in report["rows"] if r["method"] == "stepcache-magcache" and r["status"] == "ok"]
+    assert magcache and all(r["computed_passes"] == pytest.approx(r["stepcache_passes"][0]) for r in magcache)
