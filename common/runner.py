@@ -58,6 +58,12 @@ class BranchState:
     decisions: dict[int, Decision] = field(default_factory=dict)
     window: tuple[int, int] | None = None  # the steps this state serves (one expert's, experts="separate")
 
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this state keeps between passes (each counted once)."""
+        kept = {id(t): t for t in (self.residual, self.older_residual, self.previous_signal, self.previous_input,
+                                   self.computed_input, self.computed_output) if t is not None}
+        return sum(t.numel() * t.element_size() for t in kept.values())
+
     def decide(self, step: int, num_steps: int, measurement: float | None, have_cache: bool) -> Decision:
         """The policy's decision, in the step numbering of the steps this state serves."""
         if self.window is None:
@@ -93,6 +99,12 @@ class RunStats:
         self.records: list[PassRecord] = []
         self.notes: dict[int, list[str]] = {}  # generation -> what the run did differently from its profile
         self.tallies: dict[int, dict[str, int]] = {}  # generation -> how often something a method noted happened
+        # generation -> branch -> the most bytes the cache held for that branch between two passes
+        self.cache_bytes: dict[int, dict[str, int]] = {}
+
+    def held(self, generation: int, branch: str, nbytes: int) -> None:
+        per_branch = self.cache_bytes.setdefault(generation, {})
+        per_branch[branch] = max(per_branch.get(branch, 0), nbytes)
 
     def generation_ids(self) -> list[int]:
         return sorted({r.generation for r in self.records})
@@ -151,6 +163,10 @@ class RunStats:
             lines.append(f"  expert {expert} (from step {counts['first_step']}): computed {counts['computed']}/"
                          f"{counts['total']}")
         gen = self.records[-1].generation if generation is None else generation
+        held = self.cache_bytes.get(gen, {})
+        if held:
+            lines.append(f"  cache held at most {max(held.values()) / 2 ** 20:.1f} MiB per branch between passes "
+                         f"({sum(held.values()) / 2 ** 20:.1f} MiB over {len(held)} branches)")
         lines += [f"  note: {note}" for note in self.notes.get(gen, [])]
         lines += [f"  {count} {text}" for text, count in self.tallies.get(gen, {}).items()]
         return "\n".join(lines)
@@ -168,6 +184,8 @@ class RunStats:
                          for b in self.branches(generation)},
             "notes": self.notes.get(self.records[-1].generation if generation is None and self.records
                                     else generation, []),
+            "cache_peak_bytes": dict(self.cache_bytes.get(self.records[-1].generation if generation is None
+                                                          and self.records else generation, {})),
             "passes": [r.__dict__ for r in self.of(generation)],
         }
 
@@ -354,6 +372,12 @@ class CacheRunner:
         decision = ctx.decision = self._agreed(decision, state, h0.device)
         ctx.h0 = h0
         if decision.compute:
+            # The stack is about to run, and leave_stack replaces the tensor it would drop: release it now, one
+            # residual-sized tensor less at the pass's peak (the last residual reusing; the older one predicting)
+            if self.predict == "linear":
+                state.older_residual = None
+            else:
+                state.residual = None
             return None
         # .to: a no-op unless the model moved (offloading) since the residual was stored
         return h0 + self._predicted_residual(state, ctx.step).to(h0.device, h0.dtype)
@@ -391,6 +415,7 @@ class CacheRunner:
         if decision is None:
             raise RuntimeError("the adapter never reached the block stack in this pass")
         state.decisions[ctx.step] = decision
+        self.stats.held(self.generation, ctx.name, state.held_bytes())
         self.stats.records.append(PassRecord(self.generation, ctx.name, ctx.step, decision.compute,
                                              decision.reason, ctx.signal, decision.accumulator, ctx.expert))
         if ctx.step == ctx.num_steps - 1:
