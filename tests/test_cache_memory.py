@@ -66,3 +66,30 @@ def test_a_computed_pass_runs_its_blocks_without_the_tensor_it_is_about_to_repla
     hook.remove()
     stepcache.disable(demo.pipe)
     assert seen and max(seen) == (0 if predict == "reuse" else 1)
+
+
+def test_the_meta_shapes_give_what_the_runner_holds_on_a_real_run(demo):
+    """The docs' memory table multiplies shapes read on the meta device by tensor counts measured on the demo;
+    on the demo itself, that product must be what stepcache's stats report for a real run."""
+    from stepcache.eval.cache_memory import shapes_on_meta
+    config = {k: v for k, v in dict(demo.pipe.transformer.config).items() if not k.startswith("_")}
+    latents = []
+    hook = demo.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: latents.append(kwargs["hidden_states"].shape), with_kwargs=True)
+    stats, residual = held(demo, "magcache", predict="linear")
+    hook.remove()
+    shapes = shapes_on_meta("WanTransformer3DModel", config, list(latents[0][1:]), 12, "float32")
+    assert shapes["hidden_bytes"] == residual
+    assert stats.to_dict()["cache_peak_bytes"]["cond"] == 2 * shapes["hidden_bytes"]
+
+
+def test_the_table_covers_the_listed_models_with_their_published_widths():
+    import json
+    from stepcache.eval.cache_memory import DATA, shapes_on_meta
+    from stepcache.profiles import load_profile
+    wan14 = next(e for e in json.loads(DATA.read_text())["models"]
+                 if e["source"] == "Wan-AI/Wan2.1-T2V-14B-Diffusers" and e["size"].startswith("1280x720"))
+    shipped = load_profile("wan2.1-t2v-14b").data["model"]["config"]
+    assert all(wan14["config"][k] == v for k, v in shipped.items())      # the same model the profile is for
+    shapes = shapes_on_meta(wan14["class"], wan14["config"], wan14["latent"], wan14["text_tokens"], wan14["dtype"])
+    assert shapes["hidden_shape"] == [1, 75600, 5120]                   # 21 x 45 x 80 tokens at 720p, 40 x 128 wide

@@ -1,0 +1,156 @@
+"""How much memory the cache holds, per method and prediction mode, on the real models: computed, not written by
+hand.
+
+``python -m stepcache.eval.cache_memory [--markdown]``
+
+Two measurements make each number:
+- the shapes: each real model is built from its published config on the ``meta`` device (no memory, no weights)
+  and run on a meta latent of the listed size; the block stack's input (what a STACK method's residual has the
+  shape of, read through the model's stepcache adapter) and the model's input latent (what EasyCache's tensors
+  have the shape of) are recorded;
+- the tensor counts: the demo model runs each method for real, and stepcache's own stats report the bytes each CFG
+  branch held between passes; divided by the demo's residual (or latent) bytes, that is how many such tensors a
+  method keeps.
+
+The table multiplies the two, per CFG branch (a CFG run holds two branches; a guidance-distilled HunyuanVideo one),
+in the model's dtype. Design notes: docs/design.md#cache-memory
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..cliargs import OneLineParser
+from ..errors import run_cli
+
+DATA = Path(__file__).with_name("data") / "model-shapes.json"
+PROMPT = "a red square moving right on a dark background"
+MODES = [("magcache", {}), ("magcache", {"predict": "linear"}), ("teacache", {}), ("easycache", {})]
+
+
+class _Reached(Exception):
+    pass
+
+
+def shapes_on_meta(model_class: str, config: dict, latent: list[int], text_tokens: int, dtype: str) -> dict:
+    """The block stack's input and the model's input latent (shape, bytes) of one call of the real model at this
+    size, built and run on the meta device."""
+    import diffusers
+    import torch
+    from stepcache.api import adapter_for
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = getattr(diffusers, model_class)(**config).to(torch_dtype)
+    adapter = adapter_for(model)
+    first = adapter.blocks(model)[0]
+    seen = {}
+
+    def reach(module, args, kwargs):
+        seen["hidden"] = adapter.block_io.hidden_in(args, kwargs)
+        raise _Reached
+    hook = first.register_forward_pre_hook(reach, with_kwargs=True)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.empty(1, *latent, dtype=torch_dtype)
+        text = torch.empty(1, text_tokens, model.config.get("text_dim") or model.config["text_embed_dim"],
+                           dtype=torch_dtype)
+        kwargs = dict(timestep=torch.tensor([999.0]), encoder_hidden_states=text, return_dict=False)
+        if model_class == "HunyuanVideoTransformer3DModel":
+            kwargs.update(encoder_attention_mask=torch.ones(1, text_tokens),
+                          pooled_projections=torch.empty(1, model.config["pooled_projection_dim"], dtype=torch_dtype),
+                          guidance=torch.tensor([6000.0]))
+        try:
+            model(x, **kwargs)
+        except _Reached:
+            pass
+        finally:
+            hook.remove()
+    hidden = seen["hidden"]
+    return {"hidden_shape": list(hidden.shape), "hidden_bytes": hidden.numel() * hidden.element_size(),
+            "latent_shape": list(x.shape), "latent_bytes": x.numel() * x.element_size()}
+
+
+def demo_tensor_counts() -> dict[str, float]:
+    """Per method and mode, the bytes a CFG branch held between passes on the demo model over its residual's
+    (STACK methods) or its latent's (EasyCache) bytes: how many such tensors the method keeps."""
+    import torch
+    import stepcache
+    from stepcache.wan21.demo.model import PROFILE, DemoPipeline, load
+    demo = DemoPipeline(load())
+    transformer = demo.pipe.transformer
+    sizes = {}
+    hooks = [transformer.blocks[0].register_forward_pre_hook(
+                 lambda m, a: sizes.__setitem__("hidden", a[0].numel() * a[0].element_size())),
+             transformer.register_forward_pre_hook(
+                 lambda m, a, k: sizes.__setitem__("latent", (a[0] if a else k["hidden_states"]).numel()
+                                                   * (a[0] if a else k["hidden_states"]).element_size()),
+                 with_kwargs=True)]
+    counts = {}
+    try:
+        for method, params in MODES:
+            stepcache.enable(demo.pipe, method, profile=str(PROFILE), **params)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                demo.latents([PROMPT], [1], steps=30)
+            held = stepcache.stats(demo.pipe).to_dict()["cache_peak_bytes"]
+            stepcache.disable(demo.pipe)
+            unit = sizes["latent"] if method == "easycache" else sizes["hidden"]
+            counts[mode_name(method, params)] = max(held.values()) / unit
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def mode_name(method: str, params: dict) -> str:
+    return method + (f" ({params['predict']})" if params.get("predict") else "")
+
+
+def table() -> dict:
+    data = json.loads(DATA.read_text())
+    counts = demo_tensor_counts()
+    rows = []
+    for entry in data["models"]:
+        shapes = shapes_on_meta(entry["class"], entry["config"], entry["latent"], entry["text_tokens"],
+                                entry["dtype"])
+        per_branch = {}
+        for method, params in MODES:
+            name = mode_name(method, params)
+            unit = shapes["latent_bytes"] if method == "easycache" else shapes["hidden_bytes"]
+            per_branch[name] = counts[name] * unit
+        rows.append({**{k: entry[k] for k in ("name", "size", "branches", "dtype", "source")}, **shapes,
+                     "per_branch_bytes": per_branch})
+    return {"tensor_counts": counts, "rows": rows, "sources": data["_about"]}
+
+
+def markdown(result: dict) -> str:
+    names = [mode_name(m, p) for m, p in MODES]
+
+    def gib(value: float) -> str:
+        return f"{value / 2 ** 30:.2f}"
+    lines = ["| model, size | block-stack input | " + " | ".join(f"{n}, GiB" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for row in result["rows"]:
+        b = row["branches"]
+        cells = [f"{gib(row['per_branch_bytes'][n])} x {b} = {gib(row['per_branch_bytes'][n] * b)}" for n in names]
+        lines.append(f"| {row['name']}, {row['size']} ({row['dtype']}) | {' x '.join(map(str, row['hidden_shape']))} "
+                     f"| " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{k} {v:.2f}" for k, v in result["tensor_counts"].items())
+    return "\n".join(lines) + f"\n\nTensors held per branch (measured on the demo model): {counts}.\n"
+
+
+def main(argv=None) -> int:
+    p = OneLineParser(prog="python -m stepcache.eval.cache_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a markdown table")
+    args = p.parse_args(argv)
+
+    def body():
+        result = table()
+        print(json.dumps(result, indent=1) if args.json else markdown(result))
+    return run_cli(body, prog="python -m stepcache.eval.cache_memory")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
