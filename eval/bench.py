@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--pipeline", default=None, metavar="DIR_OR_ID",
-                        help="benchmark a diffusers pipeline stepcache supports (Wan2.1 T2V, HunyuanVideo, the demo's "
-                             "saved folder: stepcache demo --save-pipeline DIR), as a folder or a Hugging Face Hub "
+                        help="benchmark a diffusers pipeline stepcache supports (Wan2.1 T2V and I2V, Wan2.2, "
+                             "HunyuanVideo, the demo's saved folder: stepcache demo --save-pipeline DIR; I2V takes "
+                             "--prompts FILE.json with a first frame per prompt), as a folder or a Hugging Face Hub "
                              "id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (fetched into its cache), instead of "
                              "--model; "
                              "with --prompts, --device, --dtype, --height, --width, --frames")

@@ -1,7 +1,7 @@
 """How much memory the cache holds, per method and prediction mode, on the real models: computed, not written by
 hand.
 
-``python -m stepcache.eval.cache_memory [--markdown]``
+``python -m stepcache.eval.cache_memory [--json]``
 
 Two measurements make each number:
 - the shapes: each real model is built from its published config on the ``meta`` device (no memory, no weights)

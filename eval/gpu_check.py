@@ -6,7 +6,8 @@ Three checks, each printed PASS or FAIL with its numbers (exit code 1 when one f
 1. **threshold 0 is the uncached model**: the same prompt and seed uncached and with ``thresh=0``; the latents
    must be equal bit for bit.
 2. **memory**: what the cache held per branch (stepcache's stats) against the size of one block-stack residual
-   of this model at this size, and the peak device memory of the cached run against the uncached one.
+   of this model at this size (TeaCache and MagCache; EasyCache's tensors are latent-sized and only printed), and
+   the peak device memory of the cached run against the uncached one.
 3. **compiling adds no recompiles**: the blocks compiled (``compile_repeated_blocks``, inductor) with the method
    enabled, two generations with dynamo's ``error_on_recompile``; the count of compiled graphs is printed.
 
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, help="a profile file or name (default: the folder's, else matched)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--prompt", default=None, help="the prompt (default: a short one)")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend for check 2 (default inductor)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend for check 3 (default inductor)")
     add_size_arguments(p, "denoising steps (default 50, or the pipeline's own)")
     args = p.parse_args(argv)
     return run_cli(lambda: run(args), prog="python -m stepcache.eval.gpu_check")

@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\nDesign notes")[0].replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--pipeline", required=True, metavar="DIR_OR_ID",
-                        help="a diffusers pipeline stepcache supports (text-to-video), as a folder or a Hugging Face "
-                             "Hub id (fetched into its cache); the demo's saved folder: stepcache demo "
-                             "--save-pipeline DIR")
+                        help="a diffusers pipeline stepcache supports (image-to-video with --prompts FILE.json "
+                             "naming a first frame per prompt), as a folder or a Hugging Face Hub id (fetched into "
+                             "its cache); the demo's saved folder: stepcache demo --save-pipeline DIR")
     parser.add_argument("--speedups", required=True,
                         help="comma-separated target speedups, each > 1, e.g. 1.5,2,2.5,3 (ideal speedups: the block "
                              "work of the uncached run over the block work that ran)")

@@ -19,8 +19,8 @@ pytest.importorskip("diffusers")
 
 PROMPTS = ("a red square moving right on a dark background", "a blue disc moving up on a light background")
 METHODS = ("teacache", "magcache", "easycache")
-MODES = ("torch.compile(model) before", "model.compile() after", "model.compile() before",
-         "regional fullgraph after", "regional fullgraph before")
+MODES = ("torch.compile(model) before", "torch.compile(model) after", "model.compile() after",
+         "model.compile() before", "regional fullgraph after", "regional fullgraph before")
 
 
 def compile_model(pipe, mode: str, when: str) -> None:
