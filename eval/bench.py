@@ -251,9 +251,10 @@ def block_stack(transformer) -> list:
 
 
 def denoisers(pipe) -> list:
-    """The models a pipeline denoises with: its transformer, and a two-expert pipeline's second expert."""
-    second = getattr(pipe, "transformer_2", None)
-    return [pipe.transformer] + ([second] if second is not None else [])
+    """The models a pipeline denoises with, as stepcache installs on them: its transformer, and a two-expert
+    pipeline's second expert."""
+    from stepcache.api import targets_of
+    return targets_of(pipe.transformer, pipe)[0]
 
 
 def expert_steps(pipe, steps: int) -> list[int]:

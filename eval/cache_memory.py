@@ -79,14 +79,19 @@ def demo_tensor_counts() -> dict[str, float]:
     import stepcache
     from stepcache.wan21.demo.model import PROFILE, DemoPipeline, load
     demo = DemoPipeline(load())
+    from stepcache.api import adapter_for
     transformer = demo.pipe.transformer
+    adapter = adapter_for(transformer)
     sizes = {}
-    hooks = [transformer.blocks[0].register_forward_pre_hook(
-                 lambda m, a: sizes.__setitem__("hidden", a[0].numel() * a[0].element_size())),
-             transformer.register_forward_pre_hook(
-                 lambda m, a, k: sizes.__setitem__("latent", (a[0] if a else k["hidden_states"]).numel()
-                                                   * (a[0] if a else k["hidden_states"]).element_size()),
-                 with_kwargs=True)]
+
+    def size_of(name, read):
+        def hook(module, a, k):
+            tensor = read(module, a, k)
+            sizes[name] = tensor.numel() * tensor.element_size()
+        return hook
+    hooks = [adapter.blocks(transformer)[0].register_forward_pre_hook(
+                 size_of("hidden", lambda m, a, k: adapter.block_io.hidden_in(a, k)), with_kwargs=True),
+             transformer.register_forward_pre_hook(size_of("latent", adapter.latent_of), with_kwargs=True)]
     counts = {}
     try:
         for method, params in MODES:

@@ -45,6 +45,7 @@ def run(args) -> int:
     from stepcache.api import adapter_for
     from stepcache.families import load_object
     from stepcache.generate import apply_pipeline_defaults, pipeline_folder, pipeline_of, resolve_device
+    from stepcache.profiles import FOLDER_PROFILE
     from stepcache.timing import meter_for
     from .bench_subject import PipelineSubject
     folder = pipeline_folder(args.pipeline, CheckError, "--pipeline", full=False)
@@ -59,8 +60,8 @@ def run(args) -> int:
     guidance = spec.guidance if args.guidance is None else args.guidance
     meter = meter_for(device)
     pipe, failures = subject.pipe, []
-    profile = args.profile or next((str(folder / name) for name in ("stepcache-profile.json",)
-                                    if (folder / name).is_file()), None)
+    own = folder / FOLDER_PROFILE
+    profile = args.profile or (str(own) if own.is_file() else None)
 
     print(f"{pipeline_class} on {device} ({args.dtype}), {args.height}x{args.width}, {args.frames} frames, "
           f"{args.steps} steps, guidance {guidance:g}; method {args.method}", flush=True)
@@ -75,11 +76,12 @@ def run(args) -> int:
 
     # on the eager model: what the cache holds, and the peak with it
     residual = {}
-    first = adapter_for(pipe.transformer).blocks(pipe.transformer)[0]
-    hook = first.register_forward_pre_hook(
-        lambda module, a, k: residual.__setitem__("bytes", (a[0] if a else k["hidden_states"]).numel()
-                                                  * (a[0] if a else k["hidden_states"]).element_size()),
-        with_kwargs=True)
+    adapter = adapter_for(pipe.transformer)
+
+    def stack_input(module, a, k):
+        hidden = adapter.block_io.hidden_in(a, k)
+        residual["bytes"] = hidden.numel() * hidden.element_size()
+    hook = adapter.blocks(pipe.transformer)[0].register_forward_pre_hook(stack_input, with_kwargs=True)
     stepcache.enable(pipe, args.method, profile=profile)
     cached, cached_peak = _generate(subject, args.steps, guidance, meter)
     stats = stepcache.stats(pipe).to_dict()

@@ -163,12 +163,18 @@ def test_an_image_to_video_pipeline_without_a_frame_per_prompt_is_refused_in_one
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def word_prompts(root):
+    """Six prompts in the tiny text encoders' words (enough for --quick with one benchmarked prompt)."""
+    prompts = root / "p.txt"
+    prompts.write_text("\n".join(f"a {c} ball moves {d} on grass" for c in ("red", "blue", "red")
+                                 for d in ("left", "right")))
+    return prompts
+
+
 def test_a_two_expert_pipeline_is_benched_on_both_experts_with_both_rules(tmp_path):
     from wan22_tiny import save_a14b_folder
     folder = save_a14b_folder(tmp_path / "a14b")
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"a {c} ball moves {d} on grass" for c in ("red", "blue", "red")
-                                  for d in ("left", "right")))
+    prompts = word_prompts(tmp_path)
     out = tmp_path / "out"
     methods = "baseline,floor-steps,stepcache-magcache,stepcache-magcache-separate,diffusers-magcache"
     result = bench("--pipeline", str(folder), "--prompts", str(prompts), "--quick", "--num-prompts", "1", *I2V[:8],
@@ -326,9 +332,7 @@ def test_a_hub_id_is_read_from_the_hub_cache_and_recorded_by_id_and_revision(fol
 def test_a_hunyuanvideo_pipeline_is_benched_with_its_two_stream_blocks(tmp_path):
     from hunyuan_tiny import save_folder
     folder = save_folder(tmp_path / "hy")
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"a {c} ball moves {d} on grass" for c in ("red", "blue", "red")
-                                 for d in ("left", "right")))
+    prompts = word_prompts(tmp_path)
     out = tmp_path / "out"
     result = bench("--pipeline", str(folder), "--prompts", str(prompts), "--quick", "--num-prompts", "1",
                    "--device", "cpu", "--height", "32", "--width", "32", "--frames", "9", "--steps", "10",
