@@ -33,6 +33,7 @@ from .policies import ParameterError
 from .profiles import (Profile, ProfileError, ProfileFitWarning, check_profile_family, check_profile_fit,
                        choose_by_resolution, known_profiles, load_profile, warn_resolution)
 from .runner import CacheRunner, RunStats
+from .storage import CacheStorage
 
 # Which adapter serves which model class, and which pipelines' denoising loops we know (one call per CFG branch,
 # wrapped in cache_context(name)), come from the families (stepcache.families); adapters are imported only for
@@ -155,7 +156,8 @@ class CachedModel:
                  preset: str | None, params: dict[str, Any], clock: StepClock, parallel: Any = "auto", runner=None,
                  cfg_parallel: Any = None, per_video: bool = False, expert: str | None = None,
                  switch_step: Callable[[], int | None] | None = None, owner: CachedModel | None = None,
-                 whole_compiler: Callable[[Callable], Callable] | None = None):
+                 whole_compiler: Callable[[Callable], Callable] | None = None,
+                 storage: CacheStorage = CacheStorage()):
         """``expert``: which expert of a two-expert model this is (``stepcache.methods.EXPERTS``), and
         ``switch_step()`` where the run hands over to the second one (asked once per generation). A second
         expert is installed with ``owner``, the first one's CachedModel, whose runner, clock and stats it
@@ -169,6 +171,7 @@ class CachedModel:
         self.per_video = per_video
         self.expert = expert
         self.switch_step = switch_step
+        self.storage = storage
         self.owner = owner or self
         self.partners: list[CachedModel] = []  # the other experts installed with this one as their owner
         # The group sharded measurements are reduced over, asked at each pass (parallelism may come later).
@@ -253,7 +256,8 @@ class CachedModel:
 
     def _build(self, profile: Profile) -> None:
         self.config = resolve_method(self.method, profile, self.preset, **self.params)
-        self.runner = CacheRunner(self.config, group=self.group_of, sharded=self.sharded, cfg_group=self.cfg_group)
+        self.runner = CacheRunner(self.config, group=self.group_of, sharded=self.sharded, cfg_group=self.cfg_group,
+                                  storage=self.storage)
         self.runner.stats = self.stats
         self.runner.guidance_of = self.clock.guidance
 
@@ -347,6 +351,9 @@ class CachedModel:
         if runner is not None:
             runner.abort_pass()
         self.clock.start_generation()
+        forget = getattr(self.adapter, "start_generation", None)   # where an adapter tracks the generation itself
+        if forget is not None:
+            forget()
 
     @outside_graph
     def _tick(self, branch: str, video: int | None) -> None:
@@ -447,7 +454,7 @@ def _profile_for(adapter, model: nn.Module, profile: str | Profile | None) -> Pr
 
 def enable(target: Any, method: str, profile: str | Profile | None = None, *, preset: str | None = None,
            num_steps: int | None = None, parallel: Any = "auto", cfg_parallel: Any = None, per_video: bool = False,
-           **params) -> CachedModel:
+           cache_dtype: Any = None, cache_device: Any = None, **params) -> CachedModel:
     """Install ``method`` (one of ``stepcache.methods.names()``) on a pipeline or transformer.
 
     ``profile`` is a shipped profile name or a profile file; without it the profile is matched on the model's
@@ -469,10 +476,16 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     stats say so). ``per_video=True`` (diffusers models) runs each video of a batch as its own pass with its own
     state instead, so each video gets the pattern and output it would get alone, at the price of batch-1 passes.
 
+    ``cache_dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype) and ``cache_device`` (``"cpu"``,
+    ``"cuda:N"``) say where the cached residuals are kept between passes: by default in the dtype and on the device
+    they are computed in; ``cache_device="cpu"`` frees their GPU memory at one copy per pass
+    (:mod:`stepcache.storage`).
+
     A bare transformer driven by your own loop: pass ``num_steps=`` and wrap each call in
     ``transformer.cache_context(BRANCH)``. A new generation is recognised when the timestep goes back up; call
     ``stepcache.enable(...).start_generation()`` before each generation when your timesteps do not fall.
     """
+    storage = CacheStorage.of(cache_dtype, cache_device)
     compilers = _whole_model_compilers(target)
     model, pipeline = _resolve_target(target)
     models, switch_step = targets_of(model, pipeline)
@@ -487,7 +500,7 @@ def enable(target: Any, method: str, profile: str | Profile | None = None, *, pr
     resolved = _profile_for(adapter, model, profile)
     return install(models, adapter, method, resolved, StepClock(pipeline, num_steps), preset=preset, params=params,
                    parallel=parallel, cfg_parallel=cfg_parallel, per_video=per_video, switch_step=switch_step,
-                   compilers=compilers)
+                   compilers=compilers, storage=storage)
 
 
 def _whole_model_compilers(target: Any) -> dict[int, Callable]:
@@ -507,7 +520,7 @@ def install(models: list[nn.Module], adapter, method: str, profile: Profile | li
             *, preset: str | None = None, params: dict[str, Any] | None = None, parallel: Any = "auto",
             cfg_parallel: Any = None, per_video: bool = False,
             switch_step: Callable[[], int | None] | None = None, runner=None,
-            compilers: dict[int, Callable] | None = None) -> CachedModel:
+            compilers: dict[int, Callable] | None = None, storage: CacheStorage = CacheStorage()) -> CachedModel:
     """Install ``method`` (or a measuring ``runner``) on one model, or on the two experts of a two-expert model
     in run order, sharing one runner, clock and stats; ``switch_step()`` says where the second expert starts,
     once per generation. Entry points that drive their own loop (the official-repo drop-ins) call this with their
@@ -529,7 +542,7 @@ def install(models: list[nn.Module], adapter, method: str, profile: Profile | li
             installed = CachedModel(model, adapter, method, profile, preset, params, clock, parallel,
                                     runner=runner, cfg_parallel=cfg_parallel, per_video=per_video, expert=expert,
                                     switch_step=switch_step, owner=cached,
-                                    whole_compiler=(compilers or {}).get(id(model)))
+                                    whole_compiler=(compilers or {}).get(id(model)), storage=storage)
             model._stepcache = installed
             cached = cached or installed
     except BaseException:

@@ -73,3 +73,11 @@ def compiled_like(compiled: Callable, fn: Callable) -> Callable | None:
         if type(context).__name__ == "OptimizeContext" and callable(context):
             return context(fn)
     return None
+
+
+def kept_output(output: torch.Tensor) -> torch.Tensor:
+    """A module's output that the cache keeps past the module's next call (TeaCache's signal, compared with the
+    next pass's): its own copy. Compiled with ``mode="reduce-overhead"`` (CUDA graphs), the module's next replay
+    writes its new output into the same memory, so the kept one would silently become the new one. The signals
+    kept this way are timestep embeddings, a few KiB."""
+    return output.detach().clone()

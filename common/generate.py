@@ -23,6 +23,7 @@ from .methods import EXPERTS_HELP, PARAMETERS, PREDICT_HELP, PREDICTIONS, resolv
 from .policies import ParameterError
 from .profiles import FOLDER_PROFILE, ProfileError, choose_by_resolution, load_profile, match_profiles, warn_resolution
 from .schema import EXPERT_STATES
+from .storage import add_storage_arguments, storage_of_args
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 VIDEO_SUFFIXES = (".mp4",)  # what diffusers' export_to_video writes
@@ -53,6 +54,7 @@ def add_arguments(parser) -> None:
                         help="TeaCache: " + PARAMETERS["teacache"]["clamp_polynomial"])
     parser.add_argument("--predict", default=None, choices=PREDICTIONS, help=PREDICT_HELP)
     parser.add_argument("--experts", default=None, choices=EXPERT_STATES, help=EXPERTS_HELP)
+    add_storage_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
@@ -191,8 +193,11 @@ def plan(args) -> dict[str, Any]:
         raise GenerateError(f"--image {args.image} does not exist")
     check_output_file(args.out, "--out", VIDEO_SUFFIXES)
     result = {"pipeline_class": pipeline_class, "family": family, "spec": spec, "config": None,
-              "device": resolve_device(args.device)}
+              "device": resolve_device(args.device), "storage": storage_of_args(args)}
     if args.method == "none":
+        if not result["storage"].default:
+            raise GenerateError("--cache-dtype and --cache-device say where a cache keeps its residuals; --method "
+                                "none runs uncached: leave them out")
         return result
     params = _method_params(args)
     if args.profile is not None:
@@ -243,8 +248,9 @@ def generate(args) -> dict[str, Any]:
     pipe = load_pipeline(pipeline_folder(args.model), checked["pipeline_class"], checked["spec"], args.dtype, device)
     config = checked["config"]
     if config is not None:
-        stepcache.enable(pipe, config.method, config.profile, preset=config.preset,
-                         **{k: v for k, v in _method_params(args).items()})
+        storage = checked["storage"]
+        stepcache.enable(pipe, config.method, config.profile, preset=config.preset, cache_dtype=storage.dtype,
+                         cache_device=storage.device, **{k: v for k, v in _method_params(args).items()})
         print(f"stepcache: {config.describe()}")
     call: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                                 width=args.width, num_frames=args.frames, num_inference_steps=args.steps,

@@ -174,7 +174,13 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
     if not blocks:
         raise ValueError("the model has no transformer blocks to cache")
     first, last = blocks[0], blocks[-1]
-    skipping = {"active": False}
+    # "active": this pass skips the stack; "taken": the first block's decision was taken above its hooks
+    skipping = {"active": False, "taken": False}
+    # The first block's hooks may be passed by when its input is the same above them and the method reads nothing
+    # in the block (TeaCache reads its modulation on some models: there the block's weights must be in). Asked at
+    # every pass: hooks come and go (diffusers' context parallelism, added after enable, splits the input there)
+    def decide_above() -> bool:
+        return signal_of is None and _hooks_leave_input(first)
     # A block either runs (``RUN``) or returns what ``before`` gives instead: the runner's decision is taken in
     # ``before``/``after``, outside any compiled graph, and a compiled block stays one compiled frame.
     RUN = object()
@@ -183,6 +189,9 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
     def before(block: nn.Module, args: tuple, kwargs: dict) -> Any:
         runner = runner_of()
         if runner is None or runner.current is None:
+            return RUN
+        if block is first and skipping["taken"]:
+            skipping["taken"] = False
             return RUN
         if block is first:
             skipping["active"] = False
@@ -215,9 +224,8 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
         in_place = block.__dict__.get("_compiled_call_impl")
         if in_place is not None:   # compiled before enable: the same compilation of the forward alone
             again = compiled_like(in_place, original)
-            if again is not None:
+            if again is not None:   # (the call above the block's hooks takes the place of the compiled one)
                 compiled[block] = again
-                patch.set(block, "_compiled_call_impl", None)
 
         @functools.wraps(original)
         @around_graph
@@ -237,9 +245,55 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
             patch.after_restore(lambda: nn.Module.compile(block, *args, **kwargs))
         return compile
 
+    # Above every hook of a block (its ``__call__``): a skipped stack's blocks return at once, so that an offloading
+    # hook (diffusers' group offloading, accelerate's) never moves their weights in for a pass that runs none.
+    @outside_graph
+    def above_hooks(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if block is first:
+            if not decide_above():
+                return RUN
+            instead = before(block, args, kwargs)
+            skipping["taken"] = instead is RUN and runner_of() is not None and runner_of().current is not None
+            return instead
+        runner = runner_of()
+        if skipping["active"] and runner is not None and runner.current is not None:
+            return io.passthrough(args, kwargs)
+        return RUN
+
+    def call_above_hooks(block: nn.Module) -> Callable:
+        # a block compiled in place before enable whose compilation could not be redone on its forward alone
+        # keeps it
+        in_place = block.__dict__.get("_compiled_call_impl")
+        call_block = in_place if in_place is not None and block not in compiled else block._call_impl
+
+        @around_graph
+        def call(*args, **kwargs):
+            instead = above_hooks(block, args, kwargs)
+            if instead is not RUN:
+                return instead
+            try:
+                return call_block(*args, **kwargs)
+            finally:
+                skipping["taken"] = False
+        return call
+
     for block in blocks:
         patch.wrap_forward(block, lambda original, block=block: wrap(block, original), innermost=True)
+        patch.set(block, "_compiled_call_impl", call_above_hooks(block))
     patch.compile_blocks = lambda make: compiled.update({b: make(o) for b, o in originals.items()})
+
+
+# Hooks that leave a block's input as it is: diffusers' group offloading moves the block's weights in and the input
+# to their device, where the stack's input already is; the execution tracker only records the order.
+WEIGHT_HOOKS = frozenset({"group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"})
+
+
+def _hooks_leave_input(block: nn.Module) -> bool:
+    """Whether the cache may decide for the stack above ``block``'s hooks: it sees the same input there."""
+    registry = block.__dict__.get("_diffusers_hook")
+    names = set(getattr(registry, "hooks", None) or {}) if registry is not None else set()
+    return (names <= WEIGHT_HOOKS and not block._forward_pre_hooks and "_hf_hook" not in block.__dict__
+            and not nn.modules.module._global_forward_pre_hooks)
 
 
 def first_block_signal(blocks: Sequence[nn.Module], read: Callable[[nn.Module, tuple, dict], torch.Tensor],

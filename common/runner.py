@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import torch
 
-from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, share_decision
+from .distributed import LATENT, SIGNAL, SequenceGroup, agree_on_compute, float_abs, share_decision
 from .errors import StepcacheWarning
 from .methods import EXPERT_MARK, EXPERTS, MethodConfig, base_branch
 from .methods.base import MODEL, STACK
 from .policies import Decision
+from .storage import CacheStorage
 
 
 class NothingCachedWarning(StepcacheWarning):
@@ -49,12 +50,14 @@ class BranchState:
     policy: Any
     residual: torch.Tensor | None = None  # h_L - h0 (a STACK method) or v - x (a MODEL method)
     residual_step: int | None = None
+    residual_dtype: torch.dtype | None = None  # the dtype it was computed in (it may be kept in another)
     older_residual: torch.Tensor | None = None  # the one before, kept only for predict="linear"
     older_residual_step: int | None = None
     previous_signal: torch.Tensor | None = None  # the signal of the previous pass (a method that wants one)
     previous_input: torch.Tensor | None = None  # x of the previous pass (a MODEL method)
     computed_input: torch.Tensor | None = None  # x of the last computed pass (a MODEL method)
     computed_output: torch.Tensor | None = None  # v of the last computed pass (a MODEL method)
+    pending: Any = None  # a method's measurement not yet read to the host (read with its next one)
     decisions: dict[int, Decision] = field(default_factory=dict)
     window: tuple[int, int] | None = None  # the steps this state serves (one expert's, experts="separate")
 
@@ -88,7 +91,7 @@ class PassContext:
 
 
 def mean_abs(t: torch.Tensor) -> torch.Tensor:
-    return t.float().abs().mean()
+    return float_abs(t).mean()
 
 
 class RunStats:
@@ -191,6 +194,8 @@ class RunStats:
 
 
 class CacheRunner:
+    storage = CacheStorage()  # where residuals are kept (a runner that keeps none, calibration's, has this default)
+
     @staticmethod
     def guidance_of() -> float | None:
         """The guidance scale of the generation being run, when the entry point can tell (an installation sets
@@ -199,15 +204,18 @@ class CacheRunner:
 
     def __init__(self, config: MethodConfig, *,
                  group: SequenceGroup | Callable[[], SequenceGroup | None] | None = None,
-                 sharded: frozenset[str] | set[str] = frozenset(), cfg_group: SequenceGroup | None = None):
+                 sharded: frozenset[str] | set[str] = frozenset(), cfg_group: SequenceGroup | None = None,
+                 storage: CacheStorage = CacheStorage()):
         """``group`` (or a callable returning it, asked at each measurement) is the sequence-parallel group;
         ``sharded`` names the measurements (``stepcache.distributed.SIGNAL``, ``LATENT``) that are taken on a
         rank's shard and must be reduced over it. Measurements not named are rank-invariant: no collective.
 
         ``cfg_group`` spans ranks that run *different* CFG branches of the same step (CFG parallelism, one
         branch per rank): a method whose branches follow one leader branch (its ``decide_on`` parameter) then gets
-        the leader's decision from the rank that runs it."""
+        the leader's decision from the rank that runs it. ``storage`` says where and in what dtype residuals are
+        kept between passes (:mod:`stepcache.storage`)."""
         self.config = config
+        self.storage = storage
         self.method = config.method
         self.group_of = group if callable(group) else (lambda: group)
         self.sharded = frozenset(sharded)
@@ -284,6 +292,8 @@ class CacheRunner:
         self.switch_step = switch_step
         for note in self.spec.generation_notes(self.config, num_steps):
             self.note(note)
+        if not self.storage.default:
+            self.note(self.storage.describe())
         profile = getattr(self.config, "profile", None)  # a calibration run has no profile
         from .profiles import ProfileFitWarning, operating_point_mismatch
         mismatch = operating_point_mismatch(profile, num_steps, self.guidance_of())
@@ -379,8 +389,7 @@ class CacheRunner:
             else:
                 state.residual = None
             return None
-        # .to: a no-op unless the model moved (offloading) since the residual was stored
-        return h0 + self._predicted_residual(state, ctx.step).to(h0.device, h0.dtype)
+        return self._reused_from(state, ctx.step, h0, h0.dtype)
 
     def leave_stack(self, h_out: torch.Tensor) -> None:
         ctx = self._require_pass()
@@ -392,16 +401,22 @@ class CacheRunner:
     def _store_residual(self, state: BranchState, step: int, residual: torch.Tensor) -> None:
         if self.predict == "linear":
             state.older_residual, state.older_residual_step = state.residual, state.residual_step
-        state.residual, state.residual_step = residual.detach(), step
+        state.residual, state.residual_step = self.storage.keep(residual.detach()), step
+        state.residual_dtype = residual.dtype
 
-    def _predicted_residual(self, state: BranchState, step: int) -> torch.Tensor:
+    def _reused_from(self, state: BranchState, step: int, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``base`` plus the residual predicted for ``step``, on ``base``'s device in ``dtype`` (a stored residual is
+        copied only when it is kept elsewhere, or the model moved since: offloading)."""
+        residual = self.storage.bring(state.residual, base.device, dtype)
         older = state.older_residual
-        if (self.predict != "linear" or older is None or older.shape != state.residual.shape
+        if (self.predict != "linear" or older is None or older.shape != residual.shape
                 or state.residual_step == state.older_residual_step):
-            return state.residual
-        # A straight line through the last two computed residuals, in step index, read at this step.
+            return base + residual
+        # A straight line through the last two computed residuals, in step index, read at this step: lerp's
+        # weight 1 + slope lies past the last one, and lerp makes one temporary where r + (r - older) * slope
+        # makes three; the sum with ``base`` then goes into it.
         slope_steps = (step - state.residual_step) / (state.residual_step - state.older_residual_step)
-        return state.residual + (state.residual - older) * slope_steps
+        return torch.lerp(self.storage.bring(older, base.device, dtype), residual, 1 + slope_steps).add_(base)
 
     def end_pass(self, output: torch.Tensor | None) -> None:
         """Close the pass; ``output`` is the model's latent-space prediction (needed by a MODEL method only)."""
@@ -469,4 +484,4 @@ class CacheRunner:
             if remote:
                 share_decision(self.cfg_group, ctx.decision, x.device)
         if not ctx.decision.compute:
-            ctx.reused_output = x + self._predicted_residual(state, ctx.step).to(x.device)
+            ctx.reused_output = self._reused_from(state, ctx.step, x, state.residual_dtype)

@@ -13,7 +13,13 @@ Two measurements make each number:
   method keeps.
 
 The table multiplies the two, per CFG branch (a CFG run holds two branches; a guidance-distilled HunyuanVideo one),
-in the model's dtype. Design notes: docs/design.md#cache-memory
+in the model's dtype.
+
+A second table gives the temporaries of two steps at each model's size, counted on meta tensors (every tensor an
+operation makes, alive until its last reference goes): a reused pass with linear prediction (the runner's
+``lerp``, against the three-temporary ``r + (r - older) * slope`` it replaced), and ``mean|t|`` of a
+residual-sized bf16 tensor, as TeaCache reads HunyuanVideo's signal (stepcache's, against
+``t.float().abs().mean()``). Design notes: docs/design.md#cache-memory
 """
 from __future__ import annotations
 
@@ -109,6 +115,62 @@ def demo_tensor_counts() -> dict[str, float]:
     return counts
 
 
+def transient_bytes(fn, *args) -> int:
+    """The most bytes held at once in tensors ``fn(*args)`` makes (not its inputs; an in-place result or a view is
+    no new memory), run as given: call it on meta tensors to count without memory."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    live = {"now": 0, "peak": 0}
+
+    def release(nbytes):
+        live["now"] -= nbytes
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outputs = out if isinstance(out, (tuple, list)) else (out,)
+            for returned, value in zip(func._schema.returns, outputs):
+                if returned.alias_info is None and hasattr(value, "untyped_storage"):
+                    nbytes = value.numel() * value.element_size()
+                    live["now"] += nbytes
+                    live["peak"] = max(live["peak"], live["now"])
+                    weakref.finalize(value, release, nbytes)
+            return out
+    with Count():
+        result = fn(*args)
+    del result
+    return live["peak"]
+
+
+def reused_pass_before(h0, residual, older, slope):
+    """A reused pass with linear prediction as the runner computed it before lerp."""
+    return h0 + (residual + (residual - older) * slope)
+
+
+def mean_abs_before(t):
+    """``mean|t|`` as the published TeaCache code reads it, in float32."""
+    return t.float().abs().mean()
+
+
+def transients(shape: list[int], dtype: str) -> dict[str, int]:
+    """Temporaries (bytes) of a linear-prediction reused pass and of a mean|t| at a residual of ``shape``, before
+    and now."""
+    import torch
+    from stepcache.methods import resolve_method
+    from stepcache.runner import BranchState, CacheRunner, mean_abs
+    torch_dtype = getattr(torch, dtype)
+    meta = [torch.empty(shape, dtype=torch_dtype, device="meta") for _ in range(3)]
+    h0, residual, older = meta
+    runner = CacheRunner(resolve_method("magcache", "wan2.1-t2v-1.3b", predict="linear"))
+    state = BranchState(None, residual=residual, residual_step=2, older_residual=older, older_residual_step=0)
+    signal = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    return {"linear_before": transient_bytes(reused_pass_before, h0, residual, older, 0.5),
+            "linear_now": transient_bytes(lambda: runner._reused_from(state, 3, h0, torch_dtype)),
+            "mean_abs_before": transient_bytes(mean_abs_before, signal),
+            "mean_abs_now": transient_bytes(mean_abs, signal)}
+
+
 def mode_name(method: str, params: dict) -> str:
     return method + (f" ({params['predict']})" if params.get("predict") else "")
 
@@ -126,7 +188,8 @@ def table() -> dict:
             unit = shapes["latent_bytes"] if method == "easycache" else shapes["hidden_bytes"]
             per_branch[name] = counts[name] * unit
         rows.append({**{k: entry[k] for k in ("name", "size", "branches", "dtype", "source")}, **shapes,
-                     "per_branch_bytes": per_branch})
+                     "per_branch_bytes": per_branch, "transient_bytes": transients(shapes["hidden_shape"],
+                                                                                   entry["dtype"])})
     return {"tensor_counts": counts, "rows": rows, "sources": data["_about"]}
 
 
@@ -143,7 +206,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['name']}, {row['size']} ({row['dtype']}) | {' x '.join(map(str, row['hidden_shape']))} "
                      f"| " + " | ".join(cells) + " |")
     counts = ", ".join(f"{k} {v:.2f}" for k, v in result["tensor_counts"].items())
-    return "\n".join(lines) + f"\n\nTensors held per branch (measured on the demo model): {counts}.\n"
+    lines += ["", f"Tensors held per branch (measured on the demo model): {counts}.", "",
+              "| model, size | reused pass, linear prediction: before -> now, GiB | mean of a residual-sized bf16 "
+              "signal: before -> now, GiB |", "|---|---|---|"]
+    for row in result["rows"]:
+        t = row["transient_bytes"]
+        lines.append(f"| {row['name']}, {row['size']} | {gib(t['linear_before'])} -> {gib(t['linear_now'])} | "
+                     f"{gib(t['mean_abs_before'])} -> {gib(t['mean_abs_now'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

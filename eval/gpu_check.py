@@ -2,13 +2,15 @@
 
 ``python -m stepcache.eval.gpu_check --pipeline DIR_OR_ID [--method magcache] [--device cuda] [--steps 20]``
 
-Three checks, each printed PASS or FAIL with its numbers (exit code 1 when one fails):
+Four checks, each printed PASS or FAIL with its numbers (exit code 1 when one fails):
 1. **threshold 0 is the uncached model**: the same prompt and seed uncached and with ``thresh=0``; the latents
    must be equal bit for bit.
 2. **memory**: what the cache held per branch (stepcache's stats) against the size of one block-stack residual
    of this model at this size (TeaCache and MagCache; EasyCache's tensors are latent-sized and only printed), and
    the peak device memory of the cached run against the uncached one.
-3. **compiling adds no recompiles**: the blocks compiled (``compile_repeated_blocks``, inductor) with the method
+3. **the cache in host memory** (``cache_device="cpu"``: pinned memory, non-blocking copies): the same decisions
+   and the same latents as the cache on the device, and the peak device memory beside check 2's.
+4. **compiling adds no recompiles**: the blocks compiled (``compile_repeated_blocks``, inductor) with the method
    enabled, two generations with dynamo's ``error_on_recompile``; the count of compiled graphs is printed.
 
 It runs on the CPU as well (the tests run it on the demo's saved folder); on the CPU the peak device memory is
@@ -101,6 +103,18 @@ def run(args) -> int:
           f"{residual.get('bytes', 0) / 2 ** 20:.1f} MiB: {'PASS' if memory_ok else 'FAIL'}; {peak_text}; "
           f"{stats['computed_passes']}/{stats['total_passes']} passes computed", flush=True)
 
+    stepcache.enable(pipe, args.method, profile=profile, cache_device="cpu")
+    hosted, hosted_peak = _generate(subject, args.steps, guidance, meter)
+    hosted_stats = stepcache.stats(pipe).to_dict()
+    stepcache.disable(pipe)
+    host_ok = hosted_stats["pattern"] == stats["pattern"] and torch.equal(hosted, cached)
+    failures += [] if host_ok else ["host cache"]
+    host_peak = ("" if hosted_peak is None else
+                 f"; peak device memory {hosted_peak / 2 ** 30:.2f} GiB (cache on the device: "
+                 f"{cached_peak / 2 ** 30:.2f} GiB)")
+    print(f"3. cache in host memory: {'PASS, the same decisions and latents' if host_ok else 'FAIL'} "
+          f"(max difference {(hosted.float() - cached.float()).abs().max().item():.3g}){host_peak}", flush=True)
+
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     stepcache.enable(pipe, args.method, profile=profile)
@@ -111,12 +125,12 @@ def run(args) -> int:
             for _ in range(2):
                 compiled, _ = _generate(subject, args.steps, guidance, meter)
         graphs = counters["stats"]["unique_graphs"]
-        print(f"3. compiled ({args.backend}, regional, fullgraph) and cached: PASS, two generations without a "
+        print(f"4. compiled ({args.backend}, regional, fullgraph) and cached: PASS, two generations without a "
               f"recompile, {graphs} compiled graph(s); largest difference to eager cached "
               f"{(compiled.float() - cached.float()).abs().max().item():.3g}", flush=True)
     except Exception as exc:   # a recompile, or a compile failure: this check's result, said
         failures.append("compile")
-        print(f"3. compiled and cached: FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+        print(f"4. compiled and cached: FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
     finally:
         stepcache.disable(pipe)
     print("all checks passed" if not failures else f"FAILED: {', '.join(failures)}")

@@ -26,6 +26,7 @@ from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resol
 from ..policies import ParameterError
 from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
+from ..storage import CacheStorage, add_storage_arguments, storage_of_args
 from .resolution import choose_by_resolution, warn_unpublished
 
 FAMILY = "hunyuanvideo"
@@ -62,6 +63,9 @@ def refuse(message: str):
 
 def _help(text: str) -> str:
     return text.replace("%", "%%")  # argparse %-formats help texts
+
+
+STORAGE_OPTIONS = ("--cache-dtype", "--cache-device")
 
 
 def _dest(flag: str) -> str:
@@ -129,6 +133,7 @@ def add_cache_args(parser: argparse.ArgumentParser, method: str) -> argparse.Arg
                             f"{easy['warmup_steps']} steps always computed).")
     group.add_argument("--cache-predict", choices=PREDICTIONS, default=None,
                        help=f"Any method: {PREDICT_HELP}.")
+    add_storage_arguments(group)
     group.add_argument("--magcache-calibration", default=None, metavar="PATH",
                        help="Calibrate MagCache instead of caching: run uncached, measure this model's magnitude "
                             "ratios at this --video-size and --infer-steps (one prompt, as the authors did) and "
@@ -164,6 +169,7 @@ class CachePlan:
     warning: str | None = None  # the MagCache table is not calibrated at this resolution
     notes: list[str] = field(default_factory=list)
     calibrate: str | None = None  # write a MagCache profile measured in this (uncached) run here
+    storage: CacheStorage = field(default_factory=CacheStorage)
 
     def enable(self, transformer, num_steps: int, parallel=None):
         """``parallel``: the sequence-parallel group TeaCache's shard signal is reduced over (None: one
@@ -172,7 +178,8 @@ class CachePlan:
             return None
         from ..api import enable
         return enable(transformer, self.method, profile=self.profile, preset=self.preset, num_steps=num_steps,
-                      parallel=parallel, **self.overrides)
+                      parallel=parallel, cache_dtype=self.storage.dtype, cache_device=self.storage.device,
+                      **self.overrides)
 
 
 def video_size(args) -> tuple[int, int]:
@@ -197,7 +204,7 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
     if args.magcache_calibration:
         return _plan_calibration(args, given, error)
     if method is None:
-        extra = [*given] + [f for f in ("--cache-profile", "--cache-preset", "--cache-predict")
+        extra = [*given] + [f for f in ("--cache-profile", "--cache-preset", "--cache-predict", *STORAGE_OPTIONS)
                             if getattr(args, _dest(f))]
         if extra:
             error(f"argument {extra[0]}: not used with --cache-method none")
@@ -246,11 +253,15 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
     if args.cache_predict is not None:
         overrides["predict"] = args.cache_predict
     try:
+        storage = storage_of_args(args)
+    except ParameterError as exc:
+        error(f"argument --cache-device: {exc}")  # --cache-dtype's choices are argparse's
+    try:
         config = resolve_method(method, profile, args.cache_preset, **overrides)
         config.spec.validate(config, args.infer_steps)  # e.g. a table that cannot be fitted to --infer-steps
     except (ProfileError, ParameterError) as exc:
         error(f"argument --infer-steps: {exc}")
-    return CachePlan(method, profile, args.cache_preset, overrides, config, warning, notes)
+    return CachePlan(method, profile, args.cache_preset, overrides, config, warning, notes, storage=storage)
 
 
 def _default_profile(args, height: int, width: int, error) -> tuple[Profile, str | None]:
@@ -262,7 +273,7 @@ def _default_profile(args, height: int, width: int, error) -> tuple[Profile, str
 
 
 def _plan_calibration(args, given: dict, error) -> CachePlan:
-    extra = [*given] + [f for f in ("--cache-preset", "--cache-predict") if getattr(args, _dest(f))]
+    extra = [*given] + [f for f in ("--cache-preset", "--cache-predict", *STORAGE_OPTIONS) if getattr(args, _dest(f))]
     if extra:
         error(f"argument {extra[0]}: not used with --magcache-calibration (a calibration run is uncached)")
     if args.ulysses_degree > 1 or args.ring_degree > 1:

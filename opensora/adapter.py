@@ -86,9 +86,10 @@ class GenerationTracker:
     """Where a call sits in its generation, from the ``all_timesteps`` list the sampler passes.
 
     A generation is one ``all_timesteps`` list object: RFlow builds a new one in every ``sample()`` call and passes
-    the same object at every step. A new object, a list used up (more calls than entries) or a timestep that
-    goes up (a caller reusing its list) starts the next generation. Timesteps are only compared by order, never
-    for equality.
+    the same object at every step. A new object or a list used up (more calls than entries) starts the next
+    generation, and a pass that raised ends its generation (the cache calls :meth:`STDiT3Adapter.start_generation`),
+    so a caller reusing its list after a failed sample starts afresh too. No timestep is read: on a GPU each read
+    would be a host synchronisation per pass, for a fact the list already gives.
     """
 
     def __init__(self):
@@ -97,19 +98,15 @@ class GenerationTracker:
     def reset(self) -> None:
         self._timesteps: Any = None  # the list object itself (an id could be reused once it is freed)
         self._calls = 0
-        self._last_t: float | None = None
 
-    def observe(self, all_timesteps, timestep) -> tuple[int, int, bool]:
+    def observe(self, all_timesteps) -> tuple[int, int, bool]:
         """(step index, number of steps, whether this call starts a generation)."""
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         steps = len(all_timesteps)
-        new = (all_timesteps is not self._timesteps or self._calls >= steps
-               or (self._last_t is not None and t > self._last_t))
+        new = all_timesteps is not self._timesteps or self._calls >= steps
         if new:
             self._timesteps, self._calls = all_timesteps, 0
         index = self._calls
         self._calls += 1
-        self._last_t = t
         return index, steps, new
 
 
@@ -157,7 +154,7 @@ class STDiT3Adapter:
         _, timestep, all_timesteps = _call_parts(args, kwargs)
         if all_timesteps is None or timestep is None:
             return None  # not the fork's sampler: the clock's pass counter over enable(num_steps=) applies
-        _, steps, new = self.generations.observe(all_timesteps, timestep)
+        _, steps, new = self.generations.observe(all_timesteps)
         cached = getattr(model, "_stepcache", None)
         if new and cached is not None:
             cached.start_generation(steps)
@@ -181,7 +178,10 @@ class STDiT3Adapter:
         return max(latent.shape[0] // 2, 1)  # the sampler batches cond and uncond: two rows per video
 
     def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        return _call_parts(args, kwargs)[1]
+        """None under the fork's sampler: its timestep list says where a generation starts (the clock then counts
+        passes from there without reading a timestep); the timestep for a caller's own loop."""
+        _, timestep, all_timesteps = _call_parts(args, kwargs)
+        return None if all_timesteps is not None else timestep
 
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         height = args[7] if len(args) > 7 else kwargs.get("height")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, resolve_method
 from ..profiles import load_profile
+from ..storage import STORAGE_FLAGS, add_storage_arguments, storage_of_args
 from .adapter import MultiGPUNotSupported
 from .rules import MAGCACHE_RULES, PROFILE, REFERENCE, magcache_profile
 from .session import DEFAULT_MODELS, attach, build_engine, pipeline_of, refuse_multi_gpu
@@ -97,6 +98,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     cache.add_argument("--clamp-polynomial", action="store_true", default=None,
                        help="TeaCache: clamp the rescaling polynomial at 0 (not in the reference)")
     cache.add_argument("--predict", choices=PREDICTIONS, default=None, help=PREDICT_HELP)
+    add_storage_arguments(cache)
 
     gen = parser.add_argument_group("generation (the published runs: 480p, 9:16, 51 frames, 30 steps, cfg 7.0)")
     gen.add_argument("--resolution", default="480p", help="144p, 240p, 360p, 480p or 720p (default 480p)")
@@ -216,7 +218,7 @@ def resolve_cache(method: str, args) -> tuple[Any, str | None, dict[str, Any], d
     """(profile, preset, parameters for stepcache.enable, resolved parameters for the manifest); nothing loads."""
     if method == "none":
         given = {k: getattr(args, k) for k in ("profile", "preset", "thresh", "K", "retention_ratio",
-                                                "warmup_steps", "clamp_polynomial", "predict")
+                                                "warmup_steps", "clamp_polynomial", "predict", *STORAGE_FLAGS)
                  if getattr(args, k) is not None}
         if given:
             raise PlanError(f"--method none makes the uncached baseline; it takes no cache flags "
@@ -235,7 +237,11 @@ def resolve_cache(method: str, args) -> tuple[Any, str | None, dict[str, Any], d
               "warmup_steps": args.warmup_steps, "clamp_polynomial": args.clamp_polynomial, "predict": args.predict}
     params = {k: v for k, v in wanted.items() if v is not None}
     config = resolve_method(method, profile, args.preset, **params)  # raises on any bad value, before loading
+    storage_of_args(args)  # checked here; stepcache.enable takes the flags' values as they are
+    kept = {k: getattr(args, k) for k in STORAGE_FLAGS if getattr(args, k) is not None}
+    params.update(kept)
     resolved = {k: v for k, v in config.params.items() if k != "coefficients"}
+    resolved.update(kept)  # they change the output: a folder resumed with other values is refused
     resolved["profile"] = profile.name
     if method == "magcache":
         resolved["magcache_rule"] = args.magcache_rule

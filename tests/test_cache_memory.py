@@ -93,3 +93,21 @@ def test_the_table_covers_the_listed_models_with_their_published_widths():
     assert all(wan14["config"][k] == v for k, v in shipped.items())      # the same model the profile is for
     shapes = shapes_on_meta(wan14["class"], wan14["config"], wan14["latent"], wan14["text_tokens"], wan14["dtype"])
     assert shapes["hidden_shape"] == [1, 75600, 5120]                   # 21 x 45 x 80 tokens at 720p, 40 x 128 wide
+
+
+def test_the_temporaries_of_a_predicted_pass_and_of_a_mean_are_halved():
+    """Counted on meta tensors: a reused pass with linear prediction holds one residual-sized tensor (its output)
+    where the expression it replaced held two; mean|t| of a bf16 tensor holds a float32 copy where the published
+    expression held two. The counter itself is checked on an expression whose temporaries are known."""
+    from stepcache.eval.cache_memory import mean_abs_before, transient_bytes, transients
+    from stepcache.runner import mean_abs
+    a = torch.empty(4, 8, device="meta")
+    assert transient_bytes(lambda: (a + a) * 2) == 2 * a.numel() * 4       # the sum is alive while scaled
+    assert transient_bytes(lambda: (a + a).mul_(2)) == a.numel() * 4       # in place: one tensor
+    shape = [1, 300, 64]
+    residual = 300 * 64 * 2                                                 # bf16
+    t = transients(shape, "bfloat16")
+    assert (t["linear_before"], t["linear_now"]) == (2 * residual, residual)
+    assert (t["mean_abs_before"], t["mean_abs_now"]) == (4 * residual, 2 * residual + 4)
+    signal = torch.randn(shape, dtype=torch.bfloat16)
+    assert torch.equal(mean_abs(signal), mean_abs_before(signal))          # the same value, bit for bit

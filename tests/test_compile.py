@@ -97,3 +97,37 @@ def test_disable_after_a_whole_model_compile_leaves_the_model_as_compiled_and_no
     _, _, _, pipe = generate("teacache", "torch.compile(model) before")
     assert type(pipe.transformer).__name__ == "OptimizedModule"
     assert "forward" not in pipe.transformer._orig_mod.__dict__
+
+
+def test_teacache_keeps_its_own_copy_of_a_signal_that_cuda_graphs_would_overwrite():
+    """Under CUDA graphs (mode="reduce-overhead") a compiled module writes each call's output into the same memory.
+    Stood in for here: the condition embedder returns the same tensors every call, refilled. TeaCache compares a
+    pass's signal with the previous one, so a kept reference would compare the signal with itself and reuse every
+    pass after the warm-up; its own copy keeps the decisions of the plain run."""
+    torch.set_num_threads(1)
+
+    def patterns(static_outputs: bool):
+        demo = DemoPipeline(load())
+        embedder = demo.pipe.transformer.condition_embedder
+        if static_outputs:
+            forward, buffers = embedder.forward, []
+
+            def refilled(*args, **kwargs):
+                fresh = forward(*args, **kwargs)
+                if not buffers:
+                    buffers.extend(t.clone() if torch.is_tensor(t) else t for t in fresh)
+                for buffer, t in zip(buffers, fresh):
+                    if torch.is_tensor(t):
+                        buffer.copy_(t)
+                return tuple(buffers)
+            embedder.forward = refilled
+        stepcache.enable(demo.pipe, "teacache", profile=str(PROFILE))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            demo.latents([PROMPTS[0]], [1], steps=30)
+        pattern = stepcache.stats(demo.pipe).pattern()
+        stepcache.disable(demo.pipe)
+        return pattern
+    plain = patterns(False)
+    assert "C" in plain[4:] and "." in plain
+    assert patterns(True) == plain

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 
 @pytest.mark.parametrize("method", ["magcache", "teacache"])
-def test_the_gpu_check_passes_its_three_checks_on_the_demo_folder(tmp_path, method):
+def test_the_gpu_check_passes_its_four_checks_on_the_demo_folder(tmp_path, method):
     folder = pipeline_folder.save(tmp_path / "demo", load())
     result = subprocess.run([sys.executable, "-m", "stepcache.eval.gpu_check", "--pipeline", str(folder),
                              "--device", "cpu", "--backend", "eager", "--method", method, "--steps", "12"],
@@ -21,7 +21,8 @@ def test_the_gpu_check_passes_its_three_checks_on_the_demo_folder(tmp_path, meth
     out = result.stdout
     assert "1. threshold 0 against uncached: PASS, bit-identical" in out
     assert "2. memory: the cache held" in out and ": PASS;" in out
-    assert "3. compiled (eager, regional, fullgraph) and cached: PASS" in out and "all checks passed" in out
+    assert "3. cache in host memory: PASS, the same decisions and latents" in out
+    assert "4. compiled (eager, regional, fullgraph) and cached: PASS" in out and "all checks passed" in out
 
 
 def test_a_bad_pipeline_is_one_line(tmp_path):

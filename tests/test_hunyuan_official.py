@@ -189,6 +189,21 @@ def test_cache_predict_reaches_every_method(upstream, method):
     assert plan.config.params["predict"] == "reuse"
 
 
+def test_cache_storage_flags_reach_the_run(upstream, model, tmp_path):
+    """--cache-dtype/--cache-device: planned, refused where there is no cache, and applied: a bf16 cache of the
+    float32 tiny model holds half the bytes of the float32 one, with the same decisions."""
+    _, plan = upstream.official.parse_args("magcache", T.tiny_argv("--cache-dtype", "bf16", "--cache-device", "cpu"))
+    assert (plan.storage.dtype, plan.storage.device) == (torch.bfloat16, torch.device("cpu"))
+    plain, _ = _main(upstream, "magcache", T.tiny_argv("--magcache-thresh", "0.5"), model, tmp_path)
+    plain = plain.to_dict()
+    half, _ = _main(upstream, "magcache", T.tiny_argv("--magcache-thresh", "0.5", "--cache-dtype", "bf16"), model,
+                    tmp_path)
+    half = half.to_dict()
+    assert half["pattern"] == plain["pattern"] and "." in plain["pattern"]
+    assert "residuals kept in bf16" in half["notes"]
+    assert half["cache_peak_bytes"]["cond"] * 2 == plain["cache_peak_bytes"]["cond"]
+
+
 def _copied_script_run(root: Path, tmp_path: Path, method: str, *argv: str) -> subprocess.Popen:
     """The script as a user runs it: a copy at the root of a checkout (here a symlink to its hyvideo/)."""
     where = tmp_path / method
@@ -241,7 +256,10 @@ def test_bad_value_fails_before_loading_with_a_clear_message(upstream, tmp_path,
            ("easycache", ["--cache-method", "none", "--easycache-thresh", "0.1"], "--easycache-thresh"),
            ("magcache", ["--cache-method", "none", "--cache-predict", "linear"], "--cache-predict"),
            ("magcache", ["--magcache-calibration", "x.json", "--cache-predict", "linear"], "--cache-predict"),
-           ("teacache", ["--cache-predict", "cubic"], "--cache-predict")]
+           ("teacache", ["--cache-predict", "cubic"], "--cache-predict"),
+           ("magcache", ["--cache-method", "none", "--cache-dtype", "bf16"], "--cache-dtype"),
+           ("magcache", ["--magcache-calibration", "x.json", "--cache-device", "cpu"], "--cache-device"),
+           ("teacache", ["--cache-device", "gpu"], "--cache-device")]
     for method, argv, flag in bad:
         assert exit_status(lambda: upstream.official.main(method, T.tiny_argv(*argv), load=never)) == 2, \
             (method, argv)

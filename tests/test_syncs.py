@@ -57,3 +57,23 @@ def test_host_reads_per_pass(method, per_pass):
     stepcache.disable(demo.pipe)
     assert computed < total                                   # it cached: the reads are a caching run's
     assert len(reads.where) <= per_pass * total + 1, reads.where[:5]
+
+
+@pytest.mark.parametrize("method,per_pass", [("magcache", 0), ("teacache", 1), ("easycache", 1)])
+def test_open_sora_reads_no_timestep_per_pass(method, per_pass):
+    """Open-Sora's generations come from the sampler's timestep list, and its clock counts passes: no timestep is
+    read (before: two reads per pass, one by the generation tracker and one by the clock)."""
+    from opensora_tiny import STDiT3, model_args, sample
+    torch.set_num_threads(1)
+    model = STDiT3().eval()
+    stepcache.enable(model, method, profile="opensora-1.2")
+    z = torch.randn(1, model.in_channels, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        reads = HostReads()
+        with reads:
+            sample(model, z, model_args())
+    computed, total = stepcache.stats(model).counts()
+    stepcache.disable(model)
+    assert total == 30 and computed < total
+    assert len(reads.where) <= per_pass * total + 1, reads.where[:5]

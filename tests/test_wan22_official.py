@@ -507,6 +507,21 @@ def test_cache_experts_separate_on_the_published_t2v_command(script):
     assert low[0]["step"] == switch and [p["reason"] for p in low[:11]] == ["warmup"] * 11  # int(0.4 * 28)
 
 
+def test_cache_storage_flags_reach_both_experts(script):
+    """--cache_dtype bf16 on the README's T2V-A14B command: the same schedule over both experts, residuals kept in
+    bf16 (half the bytes of the float32 tiny experts' residual)."""
+    argv = replaced(command_argv(MAGCACHE_COMMANDS[2]), "--size", TINY_SIZE)
+    argv = replaced(argv, "--ckpt_dir", argv[argv.index("--ckpt_dir") + 1].lstrip("/"))
+    argv += ["--frame_num", "5", "--save_file", "out/x.mp4"]
+    assert script("magcache", argv) == 0
+    plain = read_json(script.dir / "out" / "x.stats.json")
+    assert script("magcache", argv + ["--cache_dtype", "bf16", "--cache_device", "cpu"]) == 0
+    half = read_json(script.dir / "out" / "x.stats.json")
+    assert half["pattern"] == plain["pattern"] == PUBLISHED[2][-1]
+    assert "residuals kept in bf16 on cpu" in half["notes"]
+    assert half["cache_peak_bytes"]["cond"] * 2 == plain["cache_peak_bytes"]["cond"]
+
+
 @pytest.mark.filterwarnings("ignore::stepcache.runner.NothingCachedWarning")
 def test_published_easycache_command_runs(script, capsys):
     """The T2V-A14B command at its 40 steps: as published (the tiny random experts change too much per step for

@@ -14,7 +14,7 @@ stack (wrapped beneath diffusers' split hook) stores each rank's own shard of th
 from __future__ import annotations
 
 from ..diffusers_io import DiffusersTransformerAdapter
-from ..compiling import outside_graph
+from ..compiling import kept_output, outside_graph
 from ..patching import first_arg_io, install_stack
 
 
@@ -77,6 +77,6 @@ class WanDiffusersAdapter(DiffusersTransformerAdapter):
                 if name not in SIGNALS:
                     raise ValueError(f"the Wan adapter computes the signals {', '.join(SIGNALS)}, but the profile's "
                                      f"variant asks for {name!r}")
-                runner.current.signal_tensor = outputs[SIGNALS.index(name)]
+                runner.current.signal_tensor = kept_output(outputs[SIGNALS.index(name)])
 
         patch.hook(model.condition_embedder.register_forward_hook(capture))

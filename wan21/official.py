@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compiling import outside_graph
+from ..compiling import kept_output, outside_graph
 from ..patching import first_arg_io, install_stack
+from ..storage import CacheStorage
 from ..profiles import match_profiles
 from ..timing import DiTTimer
 
@@ -126,7 +127,7 @@ class WanOfficialAdapter:
             def hook(module, inputs, output):
                 runner = runner_of()
                 if runner is not None and runner.current is not None and signal_name() == wanted:
-                    runner.current.signal_tensor = output
+                    runner.current.signal_tensor = kept_output(output)
             return hook
 
         # e0 is `time_projection(e).unflatten(...)`: the module's output holds the same values before the reshape.
@@ -217,7 +218,7 @@ class Attachment:
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
            calibrate: bool = False, parallel="xdit", experts: tuple[str, ...] = ("model",),
-           adapter: WanOfficialAdapter | None = None, switch_step=None) -> Attachment:
+           adapter: WanOfficialAdapter | None = None, switch_step=None, storage=None) -> Attachment:
     """Install ``method`` (or nothing, or the calibration recorder) on an upstream sampler instance.
 
     ``sampler`` is a ``WanT2V`` / ``WanI2V`` / ``WanFLF2V`` whose ``model`` is a ``WanModel`` or an FSDP wrapper
@@ -226,7 +227,8 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
     arguments. Every generate() call is timed (DiT forward time, CUDA-synchronised) and announced to the cache.
     ``parallel``: the default, ``"xdit"``, is xDiT's sequence-parallel group under ``torchrun`` (the world under
     FSDP alone; None on one process). Wan's measurements are whole on every rank, so nothing is reduced over it;
-    it carries the one agreement each pass ends with.
+    it carries the one agreement each pass ends with. ``storage``: where the cached residuals are kept
+    (:class:`stepcache.storage.CacheStorage`; default: where they are computed).
     """
     from ..api import StepClock, _profile_for, install
     if parallel == "xdit":
@@ -244,7 +246,8 @@ def attach(sampler, method: str | None = None, profile=None, params: dict[str, A
     shared_switch = (lambda: switch["step"]) if len(models) > 1 else None
     if method is not None:
         attachment.cached = install(models, adapter, method, _profile_for(adapter, models[0], profile),
-                                    StepClock(), params=params, parallel=parallel, switch_step=shared_switch)
+                                    StepClock(), params=params, parallel=parallel, switch_step=shared_switch,
+                                    storage=storage or CacheStorage())
     if calibrate:
         from ..calibrate import CalibrationRunner
         runner = CalibrationRunner(None, parallel, adapter.sequence_sharded)  # magnitude ratios only

@@ -30,6 +30,7 @@ from ..outputs import atomic_path, check_output_dir, check_output_file, write_js
 from ..policies import ParameterError
 from ..profiles import Profile, ProfileError, ProfileFitWarning, load_profile
 from ..schema import EXPERT_STATES
+from ..storage import STORAGE_FLAGS, CacheStorage, add_storage_arguments, storage_of_args
 from .official import FAMILY, model_config
 
 METHODS = ("magcache", "teacache", "easycache")
@@ -163,7 +164,8 @@ class WanRepo:
 
     def attach(self, sampler, plan: Plan):
         from .official import attach
-        return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate)
+        return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate,
+                      storage=plan.storage)
 
     def calibrated_model(self, args, kind: str, height: int, width: int, attachment) -> dict[str, Any]:
         """The ``model`` section of a profile calibrated by --magcache_calibration."""
@@ -216,6 +218,7 @@ def build_parser(method: str, repo: WanRepo | None = None) -> argparse.ArgumentP
         repo.add_easycache_flags(group)
     group.add_argument("--cache_predict", choices=PREDICTIONS, default=None,
                        help=f"stepcache option, any method: {PREDICT_HELP}")
+    add_storage_arguments(group, sep="_")
     if repo.has_experts:
         group.add_argument("--cache_experts", choices=EXPERT_STATES, default=None,
                            help=f"stepcache option, any method: {EXPERTS_HELP}")
@@ -256,6 +259,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     stats_path: str | None = None
     calibration_file: str | None = None
+    storage: CacheStorage = field(default_factory=CacheStorage)
 
 
 def task_kind(task: str) -> str:
@@ -317,12 +321,16 @@ def make_plan(method: str, ours: argparse.Namespace, args: argparse.Namespace, u
     base = None if uncached else repo.default_profile(args, upstream)
     profile = _choose_profile(active, ours, args, base, upstream, notes, repo) if active else None
     params = _method_params(method, active, ours, profile, args, notes, repo) if active else {}
+    try:
+        storage = storage_of_args(ours)
+    except ParameterError as exc:
+        raise PlanError(str(exc)) from exc
     if calibrate:
         repo.check_calibration(args, upstream)
         notes.append("--magcache_calibration: running uncached and measuring the magnitude ratio of successive "
                      "block-stack residuals per CFG branch and step")
     return Plan(active, profile, params, calibrate, base, notes, ours.cache_stats,
-                getattr(ours, "calibration_file", None))
+                getattr(ours, "calibration_file", None), storage)
 
 
 def _which_run(method: str, ours, notes: list[str]) -> tuple[str | None, bool]:
@@ -343,7 +351,7 @@ def _which_run(method: str, ours, notes: list[str]) -> tuple[str | None, bool]:
         return method, calibrate
     if ours.cache_profile and not calibrate:
         raise PlanError("--cache_profile has no effect without --use_magcache; add --use_magcache")
-    for flag in ("cache_predict", "cache_experts"):  # calibration runs uncached too
+    for flag in ("cache_predict", "cache_experts", *STORAGE_FLAGS):  # calibration runs uncached too
         if getattr(ours, flag, None) is not None:
             raise PlanError(f"--{flag} has no effect without --use_magcache; add --use_magcache")
     if not calibrate:
@@ -403,6 +411,7 @@ def _check_easycache_leftovers(ours, notes: list[str]) -> None:
 
 # Flags that are not a method's setting: they may come with --cache_preset.
 NOT_SETTINGS = {"use_magcache", "magcache_calibration", "calibration_file", "cache_predict", "cache_experts",
+                *STORAGE_FLAGS,
                 "cache_profile", "cache_preset", "cache_stats", "start_idx", "end_idx", "out_dir"}
 
 

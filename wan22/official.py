@@ -71,9 +71,9 @@ def switch_step(sampler, arguments: dict[str, Any]) -> int:
 
 
 def attach(sampler, method: str | None = None, profile=None, params: dict[str, Any] | None = None,
-           calibrate: bool = False, parallel="xdit"):
+           calibrate: bool = False, parallel="xdit", storage=None):
     """:func:`stepcache.wan21.official.attach` for a Wan2.2 sampler: both experts of A14B, or TI2V's model."""
     experts = expert_attributes(sampler)
     return attach_wan(sampler, method, profile, params, calibrate, parallel, experts=experts,
-                      adapter=Wan22OfficialAdapter(),
+                      adapter=Wan22OfficialAdapter(), storage=storage,
                       switch_step=(lambda arguments: switch_step(sampler, arguments)) if len(experts) > 1 else None)

@@ -114,7 +114,8 @@ class Wan22Repo(WanRepo):
         return [""]
 
     def attach(self, sampler, plan):
-        return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate)
+        return attach(sampler, plan.method, plan.profile, plan.params, calibrate=plan.calibrate,
+                      storage=plan.storage)
 
     def calibrated_model(self, args, kind: str, height: int, width: int, attachment) -> dict[str, Any]:
         model = {"family": self.family, "task": self.profile_task(args.task, bool(args.image)),

@@ -40,9 +40,17 @@ def mean_abs_ratio(mean_abs_of, numerator, denominator) -> float | None:
     """``mean|numerator| / mean|denominator|``, or None when it is not finite (a zero denominator); one host read.
     ``mean_abs_of(*tensors)`` gives each tensor's mean absolute value (over the whole sequence when sharded).
     TeaCache's relative L1 change and EasyCache's input change and transformation rate are all this."""
-    num, den = mean_abs_of(numerator, denominator)
-    value = float(num / den)
-    return value if math.isfinite(value) else None
+    return read_ratios([tuple(mean_abs_of(numerator, denominator))])[0]
+
+
+def read_ratios(pairs: list[tuple[Any, Any]]) -> list[float | None]:
+    """``num / den`` of each pair of 0-d tensors, read to the host in one transfer (a GPU waits once, however many
+    numbers a pass needs); None where a ratio is not finite."""
+    if not pairs:
+        return []
+    import torch
+    values = torch.stack([num / den for num, den in pairs]).tolist()
+    return [v if math.isfinite(v) else None for v in values]
 
 
 class Method:

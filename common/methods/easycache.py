@@ -14,7 +14,7 @@ from typing import Any
 
 from ..policies import Decision, check_range, check_threshold, forced_reason
 from ..schema import BOOLEAN, EXPERTS_RULE, NAME_OR_NONE, PREDICT_RULE, finite, integer
-from .base import EXPERTS_HELP, MODEL, PREDICT_HELP, Method, mean_abs_ratio
+from .base import EXPERTS_HELP, MODEL, PREDICT_HELP, Method, read_ratios
 
 NAME = "easycache"
 # The rate counts as settled once it changes by less than this from step to step, SETTLED_RUN times in a row.
@@ -83,12 +83,17 @@ class EasyCache(Method):
         return EasyCachePolicy(p["thresh"], p["warmup_steps"], p["force_last"])
 
     def measure(self, runner, state, ctx, x, signal):
-        if state.previous_input is None or state.computed_output is None:
-            change = None
-        else:
-            change = mean_abs_ratio(runner.latent_mean_abs, x - state.previous_input, state.computed_output)
+        # The rate of the last computed pass, measured after it, is read here with this pass's input change: one
+        # host read per pass where reading each when measured made two
+        pairs = [] if state.pending is None else [state.pending]
+        if state.previous_input is not None and state.computed_output is not None:
+            pairs.append(tuple(runner.latent_mean_abs(x - state.previous_input, state.computed_output)))
+        values = read_ratios(pairs)
+        if state.pending is not None:
+            state.policy.observe_rate(values.pop(0))
+            state.pending = None
         state.previous_input = x.detach()
-        return change
+        return values[0] if values else None
 
     def follow(self, runner, state, ctx, x):
         state.previous_input = x.detach()
@@ -96,8 +101,7 @@ class EasyCache(Method):
     def observe(self, runner, state, ctx, v):
         x = ctx.latent
         if state.computed_input is not None and state.computed_input.shape == x.shape:
-            state.policy.observe_rate(mean_abs_ratio(runner.latent_mean_abs, v - state.computed_output,
-                                                   x - state.computed_input))
+            state.pending = tuple(runner.latent_mean_abs(v - state.computed_output, x - state.computed_input))
         state.computed_input = x.detach()
         state.computed_output = v.detach()
 
