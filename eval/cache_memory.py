@@ -1,7 +1,7 @@
 """How much memory the cache holds, per method and prediction mode, on the real models: computed, not written by
 hand.
 
-``python -m stepcache.eval.cache_memory [--json]``
+``python -m stepcache.eval.cache_memory [--json] [--opensora-repo PATH]``
 
 Two measurements make each number:
 - the shapes: each real model is built from its published config on the ``meta`` device (no memory, no weights)
@@ -24,12 +24,13 @@ residual-sized bf16 tensor, as TeaCache reads HunyuanVideo's signal (stepcache's
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from ..cliargs import OneLineParser
-from ..errors import run_cli
+from ..errors import InputError, run_cli
 
 DATA = Path(__file__).with_name("data") / "model-shapes.json"
 PROMPT = "a red square moving right on a dark background"
@@ -76,6 +77,65 @@ def shapes_on_meta(model_class: str, config: dict, latent: list[int], text_token
     hidden = seen["hidden"]
     return {"hidden_shape": list(hidden.shape), "hidden_bytes": hidden.numel() * hidden.element_size(),
             "latent_shape": list(x.shape), "latent_bytes": x.numel() * x.element_size()}
+
+
+FORK_TRANSFORMER = "videosys.models.transformers.open_sora_transformer_3d"
+
+
+def fork_shapes_on_meta(repo: str, entry: dict) -> dict:
+    """As :func:`shapes_on_meta`, for Open-Sora 1.2's STDiT3 from the VideoSys fork in a Zehong-Ma/MagCache or
+    ali-vilab/TeaCache checkout at ``repo`` (its config defaults are the XL/2 checkpoint). Its forward reads the
+    pixel size from host tensors, so those are given on the CPU."""
+    import importlib
+    import os
+    import types
+
+    import torch
+    from accelerate import init_empty_weights
+    from stepcache.opensora.adapter import STDiT3Adapter
+    if not os.path.isdir(os.path.join(repo, "videosys")):
+        raise InputError(f"--opensora-repo {repo} has no videosys/ folder (a Zehong-Ma/MagCache or ali-vilab/TeaCache "
+                         f"checkout has it)")
+    if "videosys" not in sys.modules:   # the package alone, without its __init__'s engine imports
+        package = types.ModuleType("videosys")
+        package.__path__ = [os.path.join(repo, "videosys")]
+        sys.modules["videosys"] = package
+    try:
+        fork = importlib.import_module(FORK_TRANSFORMER)
+    except ImportError as exc:
+        raise InputError(f"the VideoSys fork's STDiT3 does not import here ({exc}); it needs colossalai and timm "
+                         f"besides its own requirements") from exc
+    dtype = getattr(torch, entry["dtype"])
+    with init_empty_weights():
+        model = fork.STDiT3(fork.STDiT3Config(**entry["config"]))
+    model = model.to("meta", dtype).eval()
+    for module in model.modules():
+        if hasattr(module, "parallel_manager"):
+            module.parallel_manager = types.SimpleNamespace(cp_size=1, sp_size=1, dp_size=1)
+    adapter = STDiT3Adapter()
+    seen = {}
+
+    def reach(module, args, kwargs):
+        seen["hidden"] = adapter.block_io.hidden_in(args, kwargs)
+        raise _Reached
+    hook = adapter.blocks(model)[0].register_forward_pre_hook(reach, with_kwargs=True)
+    batch, (height, width) = entry["batch"], (int(v) for v in entry["size"].split(" ")[0].split("x")[::-1])
+    pixels = dict(height=torch.full((batch,), float(height)), width=torch.full((batch,), float(width)))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.empty(batch, *entry["latent"], dtype=dtype)
+        kwargs = dict(y=torch.empty(batch, 1, entry["text_tokens"], model.config.caption_channels, dtype=dtype),
+                      mask=None, fps=torch.full((batch,), 24.0), num_frames=torch.full((batch,), 51.0), **pixels)
+        call = (x, torch.full((batch,), 999.0), [999.0])
+        try:
+            model(*call, **kwargs)
+        except _Reached:
+            pass
+        finally:
+            hook.remove()
+    hidden, latent = seen["hidden"], adapter.latent_of(model, call, kwargs)
+    return {"hidden_shape": list(hidden.shape), "hidden_bytes": hidden.numel() * hidden.element_size(),
+            "latent_shape": list(latent.shape), "latent_bytes": latent.numel() * latent.element_size()}
 
 
 def demo_tensor_counts() -> dict[str, float]:
@@ -175,13 +235,19 @@ def mode_name(method: str, params: dict) -> str:
     return method + (f" ({params['predict']})" if params.get("predict") else "")
 
 
-def table() -> dict:
+def table(opensora_repo: str | None = None) -> dict:
     data = json.loads(DATA.read_text())
     counts = demo_tensor_counts()
-    rows = []
+    rows, skipped = [], []
     for entry in data["models"]:
-        shapes = shapes_on_meta(entry["class"], entry["config"], entry["latent"], entry["text_tokens"],
-                                entry["dtype"])
+        if entry.get("code") == "videosys-fork":
+            if opensora_repo is None:
+                skipped.append(f"{entry['name']}: its model is the VideoSys fork's; pass --opensora-repo PATH")
+                continue
+            shapes = fork_shapes_on_meta(opensora_repo, entry)
+        else:
+            shapes = shapes_on_meta(entry["class"], entry["config"], entry["latent"], entry["text_tokens"],
+                                    entry["dtype"])
         per_branch = {}
         for method, params in MODES:
             name = mode_name(method, params)
@@ -190,7 +256,7 @@ def table() -> dict:
         rows.append({**{k: entry[k] for k in ("name", "size", "branches", "dtype", "source")}, **shapes,
                      "per_branch_bytes": per_branch, "transient_bytes": transients(shapes["hidden_shape"],
                                                                                    entry["dtype"])})
-    return {"tensor_counts": counts, "rows": rows, "sources": data["_about"]}
+    return {"tensor_counts": counts, "rows": rows, "skipped": skipped, "sources": data["_about"]}
 
 
 def markdown(result: dict) -> str:
@@ -213,16 +279,20 @@ def markdown(result: dict) -> str:
         t = row["transient_bytes"]
         lines.append(f"| {row['name']}, {row['size']} | {gib(t['linear_before'])} -> {gib(t['linear_now'])} | "
                      f"{gib(t['mean_abs_before'])} -> {gib(t['mean_abs_now'])} |")
+    lines += [f"Not computed: {why}." for why in result["skipped"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m stepcache.eval.cache_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a markdown table")
+    p.add_argument("--opensora-repo", default=os.environ.get("OPENSORA_REPO"), metavar="PATH",
+                   help="a Zehong-Ma/MagCache or ali-vilab/TeaCache checkout, for Open-Sora 1.2's row (its STDiT3 is "
+                        "the VideoSys fork's; default: $OPENSORA_REPO)")
     args = p.parse_args(argv)
 
     def body():
-        result = table()
+        result = table(args.opensora_repo)
         print(json.dumps(result, indent=1) if args.json else markdown(result))
     return run_cli(body, prog="python -m stepcache.eval.cache_memory")
 

@@ -111,3 +111,32 @@ def test_the_temporaries_of_a_predicted_pass_and_of_a_mean_are_halved():
     assert (t["mean_abs_before"], t["mean_abs_now"]) == (4 * residual, 2 * residual + 4)
     signal = torch.randn(shape, dtype=torch.bfloat16)
     assert torch.equal(mean_abs(signal), mean_abs_before(signal))          # the same value, bit for bit
+
+
+def test_open_sora_shapes_from_the_forks_own_model():
+    """Opt-in (OPENSORA_REPO): the VideoSys fork's STDiT3-XL/2 built on the meta device at the published 480p, 51
+    frames: its block stack takes both CFG halves, 15 x 30 x 53 tokens each, 1,152 wide (the fork's imports of
+    colossalai and timm are the tests' stand-ins, which change no shape)."""
+    import json
+    from helpers import opensora_checkout
+    repo = str(opensora_checkout())
+    import opensora_fork
+    opensora_fork.load(repo)
+    from stepcache.eval.cache_memory import DATA, fork_shapes_on_meta
+    entry = next(e for e in json.loads(DATA.read_text())["models"] if e.get("code") == "videosys-fork")
+    shapes = fork_shapes_on_meta(repo, entry)
+    assert shapes["hidden_shape"] == [2, 15 * 30 * 53, 1152] and shapes["hidden_bytes"] == 2 * 23850 * 1152 * 2
+    assert shapes["latent_shape"] == [2, 4, 15, 60, 106] and shapes["latent_bytes"] == 2 * 4 * 15 * 60 * 106 * 4
+
+
+def test_without_the_fork_its_row_is_named_not_computed(monkeypatch):
+    from stepcache.eval import cache_memory
+    monkeypatch.setattr(cache_memory, "demo_tensor_counts", lambda: {cache_memory.mode_name(m, p): 1.0
+                                                                      for m, p in cache_memory.MODES})
+    monkeypatch.setattr(cache_memory, "shapes_on_meta", lambda *a: {"hidden_shape": [1, 2, 3], "hidden_bytes": 12,
+                                                                    "latent_shape": [1], "latent_bytes": 4})
+    result = cache_memory.table(None)
+    assert all("Open-Sora" not in row["name"] for row in result["rows"])
+    assert result["skipped"] == ["Open-Sora 1.2 (STDiT3-XL/2): its model is the VideoSys fork's; pass "
+                                 "--opensora-repo PATH"]
+    assert "Not computed: Open-Sora 1.2" in cache_memory.markdown(result)
