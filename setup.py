@@ -12,6 +12,7 @@ PACKAGES = {
     "stepcache.wan21": "wan21",
     "stepcache.wan22": "wan22",
     "stepcache.hunyuan": "hunyuan",
+    "stepcache.hunyuan15": "hunyuan15",
     "stepcache.opensora": "opensora",
     "stepcache.eval": "eval",
     "stepcache.wan21.demo": "wan21/demo",
@@ -36,7 +37,8 @@ UPSTREAM = ["einops", "loguru", "easydict", "ftfy", "regex", "omegaconf", "beaut
 setup(
     name="stepcache",
     version="0.1.0",
-    description="Training-free step caching (TeaCache, MagCache, EasyCache) for HunyuanVideo, Wan2.1/2.2 and Open-Sora",
+    description="Training-free step caching (TeaCache, MagCache, EasyCache) for HunyuanVideo 1.0/1.5, Wan2.1/2.2 and "
+                "Open-Sora",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -58,6 +60,8 @@ setup(
     },
     entry_points={"console_scripts": ["stepcache=stepcache.cli:main"],
                   # The model families the core finds (stepcache.families); a family of your own adds a line.
-                  "stepcache.families": ["hunyuanvideo=stepcache.hunyuan:FAMILY", "opensora=stepcache.opensora:FAMILY",
+                  "stepcache.families": ["hunyuanvideo=stepcache.hunyuan:FAMILY",
+                                         "hunyuanvideo1.5=stepcache.hunyuan15:FAMILY",
+                                         "opensora=stepcache.opensora:FAMILY",
                                          "wan2.1=stepcache.wan21:FAMILY", "wan2.2=stepcache.wan22:FAMILY"]},
 )

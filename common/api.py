@@ -109,8 +109,11 @@ class StepClock:
 
     def guidance(self) -> float | None:
         """The guidance scale of the running generation: what a diffusers pipeline keeps while it runs
-        (``_guidance_scale``), else what the entry point gave :meth:`start_generation`, else None (unknown)."""
+        (``_guidance_scale``, or its guider's scale), else what the entry point gave :meth:`start_generation`, else
+        None (unknown)."""
         value = getattr(self.pipeline, "_guidance_scale", None)
+        if value is None:
+            value = getattr(getattr(self.pipeline, "guider", None), "guidance_scale", None)
         if isinstance(value, (int, float)):
             return float(value)
         return self.given_guidance

@@ -414,16 +414,16 @@ def _diffusers_target(args):
     device = resolve_device(args.device, CalibrationError)
     pipe = load_pipeline(folder, pipeline_class, spec, args.dtype, device)
     pipe.set_progress_bar_config(disable=True)
-    call = spec.call_kwargs(args.guidance, args.true_cfg)
-    guidance = call.pop("guidance_scale")
+    call = spec.call_kwargs(args.guidance, args.true_cfg, pipe)
+    guidance = call.get("guidance_scale", getattr(getattr(pipe, "guider", None), "guidance_scale", None))
 
     def generate(prompt, seed):
-        pipe(prompt=prompt, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
-             num_inference_steps=args.steps, guidance_scale=guidance, output_type="latent",
-             generator=torch.Generator(device="cpu").manual_seed(seed), **call)
+        pipe(prompt=prompt, negative_prompt="", num_frames=args.frames, num_inference_steps=args.steps,
+             output_type="latent", generator=torch.Generator(device="cpu").manual_seed(seed),
+             **spec.size_kwargs(args.height, args.width), **call)
 
     scheduler = pipe.scheduler
-    meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance, **call,
+    meta = {"resolution": [args.height, args.width], "frames": args.frames, **call, "guidance": guidance,
             "scheduler": type(scheduler).__name__, "shift": scheduler.config.get("shift",
                                                                                    scheduler.config.get("flow_shift")),
             "dtype": args.dtype, "pipeline": pipeline_class}

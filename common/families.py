@@ -36,7 +36,10 @@ class Pipeline:
     own copy, so that nothing in the folder runs; ``decode`` a ``"module:function"`` with ``decode(pipe,
     latents)``, the pipeline's own decoding of ``output_type="latent"`` latents into float RGB (B, T, H, W, 3) in
     [0, 1] (``stepcache bench --pipeline`` stores latents and scores videos); ``prompts`` a ``"module:function"``
-    giving the prompts ``bench --pipeline`` uses when given none (a model trained on its own vocabulary).
+    giving the prompts ``bench --pipeline`` uses when given none (a model trained on its own vocabulary);
+    ``guider`` whether the guidance scale is the pipeline's guider's (HunyuanVideo 1.5: set on ``pipe.guider``, no
+    ``guidance_scale`` argument); ``size_from_image`` whether the pipeline sizes the video from its first frame
+    (no ``height`` / ``width`` arguments).
     """
     transformer: str
     guidance: float
@@ -48,13 +51,26 @@ class Pipeline:
     ships_code: bool = False
     decode: str | None = None
     prompts: str | None = None
+    guider: bool = False
+    size_from_image: bool = False
 
-    def call_kwargs(self, guidance: float | None, true_cfg: float) -> dict[str, Any]:
-        """The guidance arguments of a pipeline call, from the command line's values."""
+    def call_kwargs(self, guidance: float | None, true_cfg: float, pipe: Any = None) -> dict[str, Any]:
+        """The guidance arguments of a pipeline call, from the command line's values. A guider pipeline takes none:
+        a given scale is set on ``pipe``'s guider (None keeps the guider's own, e.g. a distilled checkpoint's 1.0)."""
+        if self.guider:
+            if guidance is not None:
+                if pipe is None:
+                    raise ValueError("this pipeline's guidance is set on its guider: pass the pipeline")
+                pipe.guider = pipe.guider.new(guidance_scale=float(guidance))
+            return {}
         kwargs: dict[str, Any] = {"guidance_scale": self.guidance if guidance is None else guidance}
         if self.true_cfg:
             kwargs["true_cfg_scale"] = true_cfg
         return kwargs
+
+    def size_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        """The size arguments of a pipeline call (none where the first frame sets the size)."""
+        return {} if self.size_from_image else {"height": height, "width": width}
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,11 @@ def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
     folder = pipeline_folder(args.model, full=False)
     pipeline_class, family_spec, spec = pipeline_of(folder)
+    if spec.size_from_image:
+        given = [f"--{k}" for k in ("height", "width") if getattr(args, k, None) is not None]
+        if given:
+            raise GenerateError(f"{' and '.join(given)}: {pipeline_class} sizes the video from --image (its aspect "
+                                f"ratio at the model's own resolution); leave them out")
     apply_pipeline_defaults(args, spec)
     family, transformer_class = family_spec.name, spec.transformer
     for name, value, low in (("--steps", args.steps, 2), ("--frames", args.frames, 1), ("--height", args.height, 16),
@@ -252,10 +257,11 @@ def generate(args) -> dict[str, Any]:
         stepcache.enable(pipe, config.method, config.profile, preset=config.preset, cache_dtype=storage.dtype,
                          cache_device=storage.device, **{k: v for k, v in _method_params(args).items()})
         print(f"stepcache: {config.describe()}")
-    call: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-                                width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-                                generator=torch.Generator(device="cpu").manual_seed(args.seed), output_type="np")
-    call.update(checked["spec"].call_kwargs(args.guidance, args.true_cfg))
+    call: dict[str, Any] = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
+                                num_inference_steps=args.steps, output_type="np",
+                                generator=torch.Generator(device="cpu").manual_seed(args.seed),
+                                **checked["spec"].size_kwargs(args.height, args.width))
+    call.update(checked["spec"].call_kwargs(args.guidance, args.true_cfg, pipe))
     if args.image:
         call["image"] = load_image(args.image)
     timer = DiTTimer(*[m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None])

@@ -292,10 +292,13 @@ class CacheRunner:
         self.switch_step = switch_step
         for note in self.spec.generation_notes(self.config, num_steps):
             self.note(note)
+        from .profiles import ProfileFitWarning, operating_point_mismatch
+        for text in self.spec.generation_warnings(self.config, num_steps):
+            self.note(text)
+            warnings.warn(f"stepcache: {text}", ProfileFitWarning, stacklevel=4)
         if not self.storage.default:
             self.note(self.storage.describe())
         profile = getattr(self.config, "profile", None)  # a calibration run has no profile
-        from .profiles import ProfileFitWarning, operating_point_mismatch
         mismatch = operating_point_mismatch(profile, num_steps, self.guidance_of())
         if mismatch:
             self.note(mismatch)

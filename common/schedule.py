@@ -7,11 +7,12 @@ one-element stand-in tensors, so the printed pattern is what a generation will d
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .cliargs import int_at_least
 from . import methods
 from .methods import PARAMETERS, resolve_method
-from .profiles import load_profile
+from .profiles import ProfileFitWarning, load_profile
 
 
 def simulate(config, num_steps: int, branches: list[str] | None = None):
@@ -141,7 +142,9 @@ def run(args) -> int:
                             retention_rule=args.retention_rule, experts=args.experts)
     steps = args.steps or int(config.profile.method("magcache")["steps"])
     branches = config.profile.magcache_branches()[:1] if args.no_cfg else None
-    stats = simulate(config, steps, branches)
+    with warnings.catch_warnings():   # what a run would warn of is printed below, with the stats' notes
+        warnings.simplefilter("ignore", ProfileFitWarning)
+        stats = simulate(config, steps, branches)
     computed, total = stats.counts()
     branches = stats.branches()
     print(config.describe())
@@ -151,6 +154,8 @@ def run(args) -> int:
     print(f"{steps} steps x {len(branches)} branch(es) ({', '.join(branches)}), passes in call order{switch}:")
     print(stats.pattern(mark_switch=True))
     print(f"computed {computed}/{total} passes (ideal speedup {total / computed:.2f}x)")
+    for note in stats.to_dict()["notes"]:
+        print(f"note: {note}")
     return 0
 
 

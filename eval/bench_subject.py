@@ -43,8 +43,7 @@ class PipelineSubject:
         self.folder, self.pipeline_class, self.spec = Path(folder), pipeline_class, spec
         self.height, self.width, self.frames, self.device = height, width, frames, device
         self.images = images   # an image-to-video pipeline's first frame per prompt
-        self.extra = spec.call_kwargs(None, true_cfg)
-        self.extra.pop("guidance_scale")
+        self.true_cfg = true_cfg
         self.pipe = load_pipeline(self.folder, pipeline_class, spec, dtype, device)
         self.pipe.set_progress_bar_config(disable=True)
         self._decode = load_object(spec.decode)
@@ -53,7 +52,7 @@ class PipelineSubject:
         import torch
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
-        extra = dict(self.extra)
+        extra = self.spec.call_kwargs(guidance, self.true_cfg, self.pipe)
         if self.images is not None:
             if len(prompts) != 1:
                 raise SubjectError("an image-to-video pipeline is run one prompt (and its first frame) at a time")
@@ -61,9 +60,9 @@ class PipelineSubject:
             extra["image"] = load_image(self.images[prompts[0]])
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            return self.pipe(prompt=prompts, negative_prompt=[""] * len(prompts), height=self.height,
-                             width=self.width, num_frames=self.frames, num_inference_steps=steps,
-                             guidance_scale=guidance, output_type="latent",
+            return self.pipe(prompt=prompts, negative_prompt=[""] * len(prompts), num_frames=self.frames,
+                             num_inference_steps=steps, output_type="latent",
+                             **self.spec.size_kwargs(self.height, self.width),
                              generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
                              **extra).frames
 

@@ -60,10 +60,11 @@ class HunyuanVideoDiffusersAdapter(DiffusersTransformerAdapter):
     # Under context parallelism the TeaCache signal is read from block 0's input, the image-token shard; the
     # model's input and output (EasyCache) are whole on every rank.
     sequence_sharded = frozenset({SIGNAL})
+    model_name = "HunyuanVideo transformer (dual-stream blocks)"
 
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         signal_of = first_block_signal(model.transformer_blocks, block0_modulated_input, wants_signal, signal_name,
-                                       self.default_signal, "HunyuanVideo transformer (dual-stream blocks)")
+                                       self.default_signal, self.model_name)
         install_stack(patch, runner_of, self.blocks(model), self.block_io, signal_of=signal_of)
 
     @staticmethod

@@ -72,6 +72,21 @@ class BlockWork:
             h.remove()
 
 
+def cached_run(pipe, method: str, run, **options):
+    """(``run(pipe)``'s output, the stats) with ``method`` enabled on ``pipe`` by ``options`` (profile, parameters),
+    its warnings silenced, and the method removed afterwards however the run ended."""
+    import warnings
+
+    import stepcache
+    stepcache.enable(pipe, method, **options)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run(pipe), stepcache.stats(pipe)
+    finally:
+        stepcache.disable(pipe)
+
+
 # ------------------------------------------------------------------------------------- upstream checkouts
 INSTALL_LINE = 'pip install -e ".[upstream-tests]"'
 

@@ -143,18 +143,21 @@ def test_generate_and_calibrate_take_the_folder_at_its_own_sizes_and_profile(fol
         (folder / "stepcache-profile.json").read_text())["easycache"]["warmup_steps"]  # kept from the folder's
 
 
-def test_save_pipeline_refuses_a_folder_with_other_content_and_replaces_its_own(folder, tmp_path):
+def test_save_pipeline_refuses_a_folder_with_other_content_and_replaces_its_own(folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    from stepcache.cli import main   # in this process: the subprocess runs above cover the installed command
+    monkeypatch.chdir(tmp_path)
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    result = _cli("demo", "--save-pipeline", str(other), cwd=tmp_path)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "--save-pipeline" in result.stderr and [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert main(["demo", "--save-pipeline", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--save-pipeline" in err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
     again = tmp_path / "again"
-    assert _cli("demo", "--save-pipeline", str(again), cwd=tmp_path).returncode == 0
+    assert main(["demo", "--save-pipeline", str(again)]) == 0
     (again / "stale.txt").write_text("from before")
-    result = _cli("demo", "--save-pipeline", str(again), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert main(["demo", "--save-pipeline", str(again)]) == 0
     assert not (again / "stale.txt").exists() and pipeline_folder.is_demo_folder(again)
 
 

@@ -5,12 +5,11 @@ above those hooks, so a reused pass onloads only what the model's own code betwe
 the top-level layers), and nothing at all where the whole forward is skipped (EasyCache). Counted on diffusers'
 own ``ModuleGroup.onload_`` on a tiny Wan2.1 transformer, onloading to the CPU; the output is the one the same
 cache gives without offloading."""
-import warnings
 
 import pytest
 import torch
 
-import stepcache
+from helpers import cached_run
 from wan_tiny import build_t2v, run_t2v
 
 pytest.importorskip("diffusers")
@@ -38,16 +37,12 @@ def offload(pipe):
     return pipe
 
 
-def cached_run(pipe, method, offload_after_enable=False, **params):
-    stepcache.enable(pipe, method, profile="wan2.1-t2v-1.3b", **params)
-    if offload_after_enable:
-        offload(pipe)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return run_t2v(pipe), stepcache.stats(pipe)
-    finally:
-        stepcache.disable(pipe)
+def cached(pipe, method, offload_after_enable=False, **params):
+    def run(pipe):
+        if offload_after_enable:
+            offload(pipe)
+        return run_t2v(pipe)
+    return cached_run(pipe, method, run, profile="wan2.1-t2v-1.3b", **params)
 
 
 @pytest.mark.parametrize("method", ["magcache", "teacache", "easycache"])
@@ -60,24 +55,24 @@ def test_a_reused_pass_onloads_no_block(onloads, method):
     per_pass = len(onloads) / 24          # 12 steps x 2 CFG branches
     assert per_pass == blocks + 1         # every block and the top-level group, once each
     onloads.clear()
-    output, stats = cached_run(pipe, method, **SETTINGS[method])
+    output, stats = cached(pipe, method, **SETTINGS[method])
     computed, total = stats.counts()
     assert 0 < computed < total
     block_onloads = sum(name == "WanTransformerBlock" for name in onloads)
     assert block_onloads == computed * blocks
     # the top-level group: every pass the model's forward runs (EasyCache skips the forward entirely)
     assert len(onloads) - block_onloads == (computed if method == "easycache" else total)
-    plain, plain_stats = cached_run(build_t2v(), method, **SETTINGS[method])
+    plain, plain_stats = cached(build_t2v(), method, **SETTINGS[method])
     assert plain_stats.pattern() == stats.pattern() and torch.equal(output, plain)
-    zero, _ = cached_run(pipe, method, thresh=0.0)
+    zero, _ = cached(pipe, method, thresh=0.0)
     assert torch.equal(zero, baseline)
 
 
 def test_offloading_applied_after_enable_onloads_no_block_on_a_reused_pass(onloads):
     torch.set_num_threads(1)
-    output, stats = cached_run(build_t2v(), "magcache", offload_after_enable=True, **SETTINGS["magcache"])
+    output, stats = cached(build_t2v(), "magcache", offload_after_enable=True, **SETTINGS["magcache"])
     computed, total = stats.counts()
     assert 0 < computed < total
     assert sum(name == "WanTransformerBlock" for name in onloads) == computed * 3
-    plain, _ = cached_run(build_t2v(), "magcache", **SETTINGS["magcache"])
+    plain, _ = cached(build_t2v(), "magcache", **SETTINGS["magcache"])
     assert torch.equal(output, plain)

@@ -100,7 +100,7 @@ def test_the_core_imports_no_family():
 def test_a_family_registers_its_pipelines_adapters_targets_and_commands():
     from stepcache import families
     names = {f.name for f in families.families()}
-    assert names == {"wan2.1", "wan2.2", "hunyuanvideo", "opensora"}
+    assert names == {"wan2.1", "wan2.2", "hunyuanvideo", "hunyuanvideo1.5", "opensora"}
     assert families.pipelines()["WanImageToVideoPipeline"][1].needs_image
     assert families.pipelines()["HunyuanVideoPipeline"][1].call_kwargs(None, 2.0) == {"guidance_scale": 6.0,
                                                                                      "true_cfg_scale": 2.0}

@@ -84,6 +84,11 @@ class Method:
         """What a generation of ``num_steps`` steps does differently from the profile, said once in the stats."""
         return []
 
+    def generation_warnings(self, config, num_steps: int) -> list[str]:
+        """What makes the profile's numbers unfit for a generation of ``num_steps`` steps: warned (and noted in the
+        stats) at every such generation."""
+        return []
+
     def start(self, config) -> Any:
         """Per-runner state of the method's own (e.g. a fitted range to compare signals with)."""
         return None

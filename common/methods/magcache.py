@@ -40,6 +40,10 @@ ZONE_KEYS = ("from", "span", "closed")
 RETENTION_RULES = ("start", "zones")
 
 
+# A table is stretched too far when each step of a run merges this many measured steps or more: a run of at most
+# half its steps (a step-distilled model's 8-12 against a 40- or 50-step table).
+FEW_STEPS_FACTOR = 2
+
 class MagCachePolicy:
     """Accumulated error of the calibrated magnitude ratios, at most ``K`` reuses in a row.
 
@@ -251,6 +255,16 @@ class MagCache(Method):
             return []
         return [f"the MagCache table of {config.profile.name} was measured at {table_steps} steps; resampled to "
                 f"{num_steps} ({config.params['resample']})"]
+
+    def generation_warnings(self, config, num_steps):
+        table_steps = int(config.profile.method(NAME)["steps"])
+        if table_steps < FEW_STEPS_FACTOR * num_steps:
+            return []
+        return [f"this run has {num_steps} steps and the MagCache table of {config.profile.name} was measured at "
+                f"{table_steps}: each of its steps merges {table_steps / num_steps:.1f} measured ones, and a few-step "
+                f"(step-distilled) model does not change per step as the model the table was measured on does; "
+                f"calibrate at {num_steps} steps (`stepcache calibrate --steps {num_steps}`) and check the reuse "
+                f"against fewer steps before trusting it"]
 
     def check_section(self, c, section):
         steps = c.need(section, "steps", NAME)
