@@ -68,9 +68,12 @@ def stack_io() -> BlockIO:
     return BlockIO(hidden_in, hidden_out, passthrough, replace_hidden)
 
 
-def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    from hyvideo.modules.modulate_layers import modulate  # upstream's own function, as the reference uses
-
+def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict,
+                           modulate_module: str = "hyvideo.modules.modulate_layers") -> torch.Tensor:
+    """The modulated image input of upstream's double block, with upstream's own ``modulate`` (as the reference
+    uses), found in ``modulate_module`` of the checkout."""
+    import importlib
+    modulate = importlib.import_module(modulate_module).modulate
     img = args[0] if args else kwargs["img"]
     vec = args[2] if len(args) > 2 else kwargs["vec"]
     shift, scale = block.img_mod(vec).chunk(6, dim=-1)[:2]

@@ -7,7 +7,10 @@ the block's call convention (hidden states and text states in, both out) and blo
 ``stepcache.hunyuan.diffusers_adapter``.
 
 * ``diffusers_adapter``: diffusers' ``HunyuanVideo15Transformer3DModel`` under ``HunyuanVideo15Pipeline`` and
-  ``HunyuanVideo15ImageToVideoPipeline`` (``stepcache.enable(pipe, ...)``, ``stepcache generate``).
+  ``HunyuanVideo15ImageToVideoPipeline`` (``stepcache.enable(pipe, ...)``, ``stepcache generate``);
+* ``official_adapter``: upstream's ``HunyuanVideo_1_5_DiffusionTransformer``;
+* ``official``: the one implementation behind the drop-in scripts ``magcache_generate.py``,
+  ``teacache_generate.py`` and ``easycache_generate.py`` for an upstream checkout.
 """
 from ..families import Family, Pipeline
 
@@ -17,7 +20,8 @@ GUIDANCE_HELP = ("classifier-free guidance, set on the pipeline's guider (6.0 as
 FAMILY = Family(
     name="hunyuanvideo1.5",
     adapters={"HunyuanVideo15Transformer3DModel":
-              "stepcache.hunyuan15.diffusers_adapter:HunyuanVideo15DiffusersAdapter"},
+              "stepcache.hunyuan15.diffusers_adapter:HunyuanVideo15DiffusersAdapter",
+              "HunyuanVideo_1_5_DiffusionTransformer": "stepcache.hunyuan15.official_adapter:HYVideo15Adapter"},
     pipelines={
         "HunyuanVideo15Pipeline": Pipeline(
             "HunyuanVideo15Transformer3DModel", 6.0, GUIDANCE_HELP, guider=True,

@@ -93,6 +93,11 @@ INSTALL_LINE = 'pip install -e ".[upstream-tests]"'
 HUNYUANVIDEO = dict(env_name="HUNYUANVIDEO_REPO", marker_file="hyvideo/modules/models.py",
                     requirements=("einops", "loguru"),
                     what="a Tencent/HunyuanVideo checkout (checked against fa14b001c18f37191c938a9ef6baad3b9b472759)")
+HUNYUANVIDEO15 = dict(env_name="HUNYUANVIDEO15_REPO",
+                      marker_file="hyvideo/models/transformers/hunyuanvideo_1_5_transformer.py",
+                      requirements=("einops", "loguru", "imageio", "omegaconf", "diffusers"),
+                      what="a Tencent-Hunyuan/HunyuanVideo-1.5 checkout (checked against "
+                           "60783e704160023913bee78f0b47036d393d4dfa)")
 WAN21 = dict(env_name="WAN21_REPO", marker_file="wan/modules/model.py",
              requirements=("easydict", "einops", "ftfy", "regex", "PIL", "imageio", "diffusers"),
              what="a Wan-Video/Wan2.1 checkout")
@@ -135,6 +140,10 @@ def upstream_checkout(env_name: str, marker_file: str, requirements=(), what: st
 
 def hunyuanvideo_checkout() -> Path:
     return upstream_checkout(**HUNYUANVIDEO)
+
+
+def hunyuanvideo15_checkout() -> Path:
+    return upstream_checkout(**HUNYUANVIDEO15)
 
 
 def wan21_checkout() -> Path:
