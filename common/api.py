@@ -69,9 +69,10 @@ class StepClock:
 
     With the counter, a new generation is recognised without the caller's help when a branch's timestep goes
     back up (denoising runs it down), so a generation aborted part-way is never continued by the next one.
-    Reading the timestep costs one host synchronisation per pass, in counter mode only. A loop whose timesteps
-    do not fall (or that runs one generation's steps at two different step counts) calls
-    :meth:`CachedModel.start_generation` before each generation instead.
+    Reading the timestep costs one host synchronisation per pass, in counter mode only, and only until the caller
+    marks a generation itself with :meth:`CachedModel.start_generation` (the official-repo drivers mark every
+    one): from then on the caller says where generations start, and no timestep is read. A loop whose timesteps do
+    not fall (or that runs one generation's steps at two different step counts) marks each generation that way.
     """
 
     def __init__(self, pipeline: Any = None, num_steps: int | None = None):
@@ -81,6 +82,7 @@ class StepClock:
         self.counters: dict[str, int] = {}
         self.last_timestep: dict[str, float] = {}
         self.given_guidance: float | None = None
+        self.marked_by_caller = False  # the caller marks every generation: no timestep need be read
 
     def install(self, patch: InstalledPatch, model: nn.Module) -> None:
         original = getattr(model, "cache_context", None)
@@ -98,8 +100,11 @@ class StepClock:
 
         patch.set(model, "cache_context", cache_context)
 
-    def start_generation(self, num_steps: int | None = None, guidance: float | None = None) -> None:
-        """Called by entry points that wrap a whole generation (the official-repo scripts)."""
+    def start_generation(self, num_steps: int | None = None, guidance: float | None = None,
+                         by_caller: bool = False) -> None:
+        """A new generation: marked ``by_caller`` (entry points that wrap every generation, the official-repo
+        scripts), or by stepcache itself when one ended or failed."""
+        self.marked_by_caller = self.marked_by_caller or by_caller
         self.counters.clear()
         self.last_timestep.clear()
         if num_steps is not None:
@@ -136,10 +141,11 @@ class StepClock:
             if step is None:
                 step = getattr(scheduler, "begin_index", None) or 0
         if step is None:
-            step = self._counted_step(branch, num_steps, timestep())
+            step = self._counted_step(branch, num_steps, timestep)
         return branch, int(step), int(num_steps)
 
-    def _counted_step(self, branch: str, num_steps: int, timestep: torch.Tensor | None) -> int:
+    def _counted_step(self, branch: str, num_steps: int, timestep: Callable[[], torch.Tensor | None]) -> int:
+        timestep = None if self.marked_by_caller else timestep()
         if timestep is not None:
             value = float(timestep.detach().float().max())  # per-token timesteps: the noisiest token's
             previous = self.last_timestep.get(branch)
@@ -374,7 +380,7 @@ class CachedModel:
         guidance scale, when given, is checked against a tuned profile's."""
         if self.owner.runner is not None:
             self.owner.runner.reset()
-        self.clock.start_generation(num_steps, guidance)
+        self.clock.start_generation(num_steps, guidance, by_caller=True)
 
     def remove(self) -> None:
         """Take the cache off this model and every expert installed with it."""

@@ -385,6 +385,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", default=None, help="a .txt (one per line) or .json file of prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
+    parser.add_argument("--image", default=None, help="the first frame, for image-to-video pipelines (every "
+                                                      "calibration run starts from it)")
     add_size_arguments(parser, "denoising steps to calibrate at")
     parser.add_argument("--guidance", type=float, default=None, help="CFG / embedded guidance scale")
     parser.add_argument("--true-cfg", type=float, default=1.0,
@@ -416,6 +418,9 @@ def _diffusers_target(args):
     pipe.set_progress_bar_config(disable=True)
     call = spec.call_kwargs(args.guidance, args.true_cfg, pipe)
     guidance = call.get("guidance_scale", getattr(getattr(pipe, "guider", None), "guidance_scale", None))
+    if args.image:
+        from diffusers.utils import load_image
+        call["image"] = load_image(args.image)
 
     def generate(prompt, seed):
         pipe(prompt=prompt, negative_prompt="", num_frames=args.frames, num_inference_steps=args.steps,
@@ -423,7 +428,8 @@ def _diffusers_target(args):
              **spec.size_kwargs(args.height, args.width), **call)
 
     scheduler = pipe.scheduler
-    meta = {"resolution": [args.height, args.width], "frames": args.frames, **call, "guidance": guidance,
+    meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance,
+            **{k: v for k, v in call.items() if k != "image"}, **({"image": args.image} if args.image else {}),
             "scheduler": type(scheduler).__name__, "shift": scheduler.config.get("shift",
                                                                                    scheduler.config.get("flow_shift")),
             "dtype": args.dtype, "pipeline": pipeline_class}
@@ -440,8 +446,13 @@ def run(args) -> int:
             raise CalibrationError(f"--out {args.out} must end in .json")
         base = load_profile(args.base_profile) if args.base_profile else None
         named = families.calibration_target(args.model)  # e.g. "demo": a model a family ships
-        apply_pipeline_defaults(args, None if named is not None else pipeline_of(Path(args.model),
-                                                                                 CalibrationError)[2])
+        spec = None if named is not None else pipeline_of(Path(args.model), CalibrationError)[2]
+        if spec is not None and spec.needs_image != bool(args.image):
+            raise CalibrationError("this is an image-to-video pipeline: pass --image FIRST_FRAME" if spec.needs_image
+                                   else "--image is for image-to-video pipelines; this one takes none")
+        if args.image and not Path(args.image).is_file():
+            raise CalibrationError(f"--image {args.image} does not exist")
+        apply_pipeline_defaults(args, spec)
         if args.steps < 2:
             raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
         folder_profile = Path(args.model) / FOLDER_PROFILE

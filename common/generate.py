@@ -59,7 +59,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--negative-prompt", default="", help="negative prompt (CFG branch)")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video pipelines")
     add_size_arguments(parser, "denoising steps")
-    per_pipeline = "; ".join(f"{name}: {spec.guidance_help} (default {spec.guidance:g})"
+    per_pipeline = "; ".join(f"{name}: {spec.guidance_help} (default "
+                             f"{'its guider' + chr(39) + 's own' if spec.guider else format(spec.guidance, 'g')})"
                              for name, (_, spec) in families.pipelines().items())
     parser.add_argument("--guidance", type=float, default=None, help=f"guidance scale; per pipeline: {per_pipeline}")
     parser.add_argument("--true-cfg", type=float, default=1.0,

@@ -9,8 +9,9 @@ pinned memory with a non-blocking copy, so neither direction waits for the GPU (
 same stream after the copy out, which orders them). What the CUDA runtime provides sits behind
 :func:`pinned_empty` and :func:`can_pin`, so that the tests can run these paths on the CPU with stand-ins.
 
-Only the residuals move: the other tensors a method keeps (TeaCache's previous signal, EasyCache's latent-sized
-input and output) are small beside them and are read every pass.
+Only the residuals move: the other tensors a method keeps are read every pass and stay where they are computed
+(EasyCache's latent-sized input and output copies; TeaCache's previous signal, a few KiB on Wan but as large as a
+residual on HunyuanVideo and Open-Sora, where it is block 0's modulated input).
 
 Design notes: docs/design.md#cache-memory
 """

@@ -67,8 +67,8 @@ def cache_parser(method: str) -> argparse.ArgumentParser:
         kind = int if parameter == "K" else float
         group.add_argument(flag, type=kind, default=None, help=f"{owner}: {PARAMETERS[owner][parameter]}")
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
-                       help="a profile: shipped (hunyuanvideo1.5-t2v, the default for text-to-video; "
-                            "hunyuanvideo1.5-t2v-20steps) or a file from `stepcache calibrate`")
+                       help="a profile: shipped (text-to-video: hunyuanvideo1.5-t2v-20steps up to 20 steps, else "
+                            "hunyuanvideo1.5-t2v, the default) or a file from `stepcache calibrate`")
     group.add_argument("--cache_preset", default=None, metavar="NAME",
                        help="a named setting of the profile (E006K2R02, E006K3R02; 20-step table: E003K1R025, "
                             "E003K2R025), in place of the method's flags")

@@ -93,6 +93,11 @@ def test_the_table_covers_the_listed_models_with_their_published_widths():
     assert all(wan14["config"][k] == v for k, v in shipped.items())      # the same model the profile is for
     shapes = shapes_on_meta(wan14["class"], wan14["config"], wan14["latent"], wan14["text_tokens"], wan14["dtype"])
     assert shapes["hidden_shape"] == [1, 75600, 5120]                   # 21 x 45 x 80 tokens at 720p, 40 x 128 wide
+    assert shapes["signal_bytes"] == 0                                   # Wan's TeaCache signal: the timestep's
+    hunyuan = next(e for e in json.loads(DATA.read_text())["models"] if e["name"] == "HunyuanVideo")
+    shapes = shapes_on_meta(hunyuan["class"], hunyuan["config"], hunyuan["latent"], hunyuan["text_tokens"],
+                            hunyuan["dtype"])
+    assert shapes["signal_bytes"] == shapes["hidden_bytes"]              # block 0's modulated input: token-sized
 
 
 def test_the_temporaries_of_a_predicted_pass_and_of_a_mean_are_halved():
@@ -134,7 +139,8 @@ def test_without_the_fork_its_row_is_named_not_computed(monkeypatch):
     monkeypatch.setattr(cache_memory, "demo_tensor_counts", lambda: {cache_memory.mode_name(m, p): 1.0
                                                                       for m, p in cache_memory.MODES})
     monkeypatch.setattr(cache_memory, "shapes_on_meta", lambda *a: {"hidden_shape": [1, 2, 3], "hidden_bytes": 12,
-                                                                    "latent_shape": [1], "latent_bytes": 4})
+                                                                    "latent_shape": [1], "latent_bytes": 4,
+                                                                    "signal_bytes": 0})
     result = cache_memory.table(None)
     assert all("Open-Sora" not in row["name"] for row in result["rows"])
     assert result["skipped"] == ["Open-Sora 1.2 (STDiT3-XL/2): its model is the VideoSys fork's; pass "

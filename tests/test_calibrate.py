@@ -178,3 +178,25 @@ def test_magcache_speed_levels_reuse_what_they_say_on_the_calibrated_table(tmp_p
         assert f"reuses {reused:.0%} of the passes at 20 steps" == notes[level]
     slow, fast = (resolve_method("magcache", profile, p).params for p in ("slow", "fast"))
     assert slow["K"] < fast["K"] and slow["thresh"] < fast["thresh"]
+
+
+def test_calibrate_takes_the_first_frame_of_an_image_to_video_pipeline(tmp_path, monkeypatch, capsys):
+    """`stepcache calibrate --image`: every calibration run of an image-to-video folder starts from the frame; without
+    it the folder is refused in one line, and a text-to-video folder refuses one."""
+    from PIL import Image
+    from stepcache.cli import main
+    from wan_tiny import save_i2v_folder, save_t2v_folder
+    folder = save_i2v_folder(tmp_path / "i2v")
+    frame = tmp_path / "frame.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(frame)
+    common = ["calibrate", "--prompt", "a red ball moves left", "--steps", "6", "--height", "32", "--width", "32",
+              "--frames", "5", "--device", "cpu", "--dtype", "fp32"]
+    assert main([*common, "--model", str(folder), "--out", str(tmp_path / "p.json")]) == 2
+    assert "pass --image FIRST_FRAME" in capsys.readouterr().err
+    assert main([*common, "--model", str(save_t2v_folder(tmp_path / "t2v")), "--image", str(frame), "--out",
+                 str(tmp_path / "p.json")]) == 2
+    assert "--image is for image-to-video pipelines" in capsys.readouterr().err
+    assert main([*common, "--model", str(folder), "--image", str(frame), "--out", str(tmp_path / "p.json")]) == 0
+    profile = json.loads((tmp_path / "p.json").read_text())
+    assert profile["measured_on"]["image"] == str(frame)
+    assert all(method in profile for method in ("teacache", "magcache", "easycache"))

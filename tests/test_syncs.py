@@ -16,13 +16,14 @@ pytest.importorskip("diffusers")
 
 HOST = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
 import stepcache.hunyuan  # noqa: E402
+import stepcache.hunyuan15  # noqa: E402
 import stepcache.opensora  # noqa: E402
 import stepcache.wan21  # noqa: E402
 import stepcache.wan22  # noqa: E402
 
 # stepcache's own code: the core and the family adapters; the demo model's pipeline driver is the caller's side
 OWN = [Path(m.__file__).parent for m in (stepcache, stepcache.wan21, stepcache.wan22, stepcache.hunyuan,
-                                         stepcache.opensora)]
+                                         stepcache.hunyuan15, stepcache.opensora)]
 DEMO = Path(stepcache.wan21.demo.__file__).parent
 
 
@@ -77,3 +78,32 @@ def test_open_sora_reads_no_timestep_per_pass(method, per_pass):
     stepcache.disable(model)
     assert total == 30 and computed < total
     assert len(reads.where) <= per_pass * total + 1, reads.where[:5]
+
+
+@pytest.mark.parametrize("marked, per_pass", [(False, 1), (True, 0)])
+def test_a_driver_that_marks_its_generations_reads_no_timestep(marked, per_pass):
+    """A bare transformer in a loop that tells stepcache nothing but the branch (no step index, no scheduler): the
+    clock counts passes and reads each pass's timestep to notice a new generation; an entry point that marks every
+    generation itself (the official-repo drivers, through start_generation) spares that read: MagCache then reads
+    nothing at all."""
+    from wan_tiny import build_t2v
+    torch.set_num_threads(1)
+    transformer = build_t2v().transformer
+    steps = 10
+    cached = stepcache.enable(transformer, "magcache", profile="wan2.1-t2v-1.3b", num_steps=steps, thresh=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if marked:
+            cached.start_generation(steps)
+        reads = HostReads()
+        with reads:
+            for t in torch.linspace(999, 1, steps):
+                with transformer.cache_context("cond"):
+                    x = x - 0.05 * transformer(x, timestep=t.expand(1), encoder_hidden_states=text,
+                                               return_dict=False)[0]
+    computed, total = stepcache.stats(transformer).counts()
+    stepcache.disable(transformer)
+    assert total == steps and computed < total
+    assert len(reads.where) == per_pass * total, reads.where[:3]

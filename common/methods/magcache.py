@@ -261,9 +261,10 @@ class MagCache(Method):
         if table_steps < FEW_STEPS_FACTOR * num_steps:
             return []
         return [f"this run has {num_steps} steps and the MagCache table of {config.profile.name} was measured at "
-                f"{table_steps}: each of its steps merges {table_steps / num_steps:.1f} measured ones, and a few-step "
-                f"(step-distilled) model does not change per step as the model the table was measured on does; "
-                f"calibrate at {num_steps} steps (`stepcache calibrate --steps {num_steps}`) and check the reuse "
+                f"{table_steps}: each of its steps merges {table_steps / num_steps:.1f} measured ones, so the table "
+                f"says little about this run's steps (and a step-distilled model does not change per step as the "
+                f"model the table was measured on does); use a table measured nearer this count, or calibrate at "
+                f"{num_steps} steps (`stepcache calibrate --steps {num_steps}`) and check the reuse "
                 f"against fewer steps before trusting it"]
 
     def check_section(self, c, section):
