@@ -26,7 +26,8 @@ DIFFUSERS = ["diffusers==0.42.1", "transformers>=4.50", "accelerate>=1.0", "sent
 VIDEO = ["imageio>=2.30", "imageio-ffmpeg>=0.5"]
 EVAL = VIDEO + ["scipy>=1.10", "matplotlib>=3.7", "torchmetrics>=1.3"]  # torchmetrics: only for its 6 KB LPIPS heads files
 TEST = ["pytest>=7", "pytest-timeout"]
-# The opt-in tests against upstream checkouts (HUNYUANVIDEO_REPO, WAN21_REPO, OPENSORA_REPO; tests/helpers.py):
+# The opt-in tests against upstream checkouts (HUNYUANVIDEO_REPO, HUNYUANVIDEO15_REPO, WAN21_REPO, WAN22_REPO,
+# OPENSORA_REPO; tests/helpers.py):
 # TEST, diffusers and imageio, and the pure-Python modules those repositories import on the CPU code paths the tests
 # run. HunyuanVideo: einops, loguru. Wan2.1: easydict, einops, ftfy, regex, Pillow. The Open-Sora fork: einops,
 # omegaconf, rotary-embedding-torch, rich (its logger); its OpenSoraPipeline also beautifulsoup4 and ftfy (caption

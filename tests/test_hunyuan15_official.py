@@ -110,3 +110,36 @@ def test_bad_input_is_one_line_before_anything_loads(tmp_path, method, argv, wor
     lines = [line for line in err.strip().splitlines() if "Warning" not in line and "warn" not in line]
     assert words in lines[-1] and result["passes"] == 0
     assert not (tmp_path / "v.mp4").exists()
+
+
+def copied_script(tmp_path: Path, method: str) -> Path:
+    """The script as a user has it: copied into the root of a checkout (here links to the checkout's generate.py
+    and hyvideo/ beside the copy)."""
+    where = tmp_path / "checkout"
+    where.mkdir()
+    for name in ("generate.py", "hyvideo"):
+        (where / name).symlink_to(ROOT / name)
+    script = where / f"{method}_generate.py"
+    script.write_text((Path(__file__).resolve().parents[1] / "hunyuan15" / script.name).read_text())
+    return script
+
+
+def run_copied(script: Path, *argv: str) -> subprocess.CompletedProcess:
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPCACHE_TEST_HV15_ROOT": str(ROOT),
+           "PYTHONPATH": os.pathsep.join([str(tests / "hunyuan15_sitecustomize"), str(tests)])}
+    return subprocess.run([sys.executable, script.name, *argv], cwd=script.parent, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_a_copied_script_runs_as_a_command(tmp_path):
+    script = copied_script(tmp_path, "magcache")
+    video = tmp_path / "out" / "cat.mp4"
+    done = run_copied(script, *tiny_argv(video, 20))
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads(video.with_suffix(".stats.json").read_text())
+    assert video.is_file() and stats["profile"] == "hunyuanvideo1.5-t2v-20steps" and "." in stats["pattern"]
+    assert "magcache: computed" in done.stdout
+    bad = run_copied(script, *tiny_argv(tmp_path / "x.mp4"), "--magcache_K", "0")
+    assert bad.returncode == 2 and "K=0" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.mp4").exists()
