@@ -253,7 +253,8 @@ def install_stack(patch: InstalledPatch, runner_of: Callable[[], Any], blocks: S
             if not decide_above():
                 return RUN
             instead = before(block, args, kwargs)
-            skipping["taken"] = instead is RUN and runner_of() is not None and runner_of().current is not None
+            runner = runner_of()
+            skipping["taken"] = instead is RUN and runner is not None and runner.current is not None
             return instead
         runner = runner_of()
         if skipping["active"] and runner is not None and runner.current is not None:

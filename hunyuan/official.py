@@ -26,7 +26,7 @@ from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resol
 from ..policies import ParameterError
 from ..outputs import atomic_path, check_output_dir, check_output_file, write_json
 from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
-from ..storage import CacheStorage, add_storage_arguments, storage_of_args
+from ..storage import STORAGE_FLAGS, CacheStorage, add_storage_arguments, storage_of_args
 from .resolution import choose_by_resolution, warn_unpublished
 
 FAMILY = "hunyuanvideo"
@@ -65,7 +65,7 @@ def _help(text: str) -> str:
     return text.replace("%", "%%")  # argparse %-formats help texts
 
 
-STORAGE_OPTIONS = ("--cache-dtype", "--cache-device")
+STORAGE_OPTIONS = tuple("--" + dest.replace("_", "-") for dest in STORAGE_FLAGS)
 
 
 def _dest(flag: str) -> str:

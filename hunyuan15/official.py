@@ -33,8 +33,8 @@ from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..outputs import check_output_file, write_json
 from ..policies import ParameterError
-from ..profiles import Profile, ProfileError, check_profile_family, load_profile, match_profiles
-from ..storage import CacheStorage, add_storage_arguments, storage_of_args
+from ..profiles import Profile, ProfileError, check_profile_family, load_profile
+from ..storage import STORAGE_FLAGS, CacheStorage, add_storage_arguments, storage_of_args
 
 METHODS = ("magcache", "teacache", "easycache")
 FAMILY = "hunyuanvideo1.5"
@@ -110,17 +110,15 @@ class CachePlan:
     config: MethodConfig | None = None
     params: dict[str, Any] = field(default_factory=dict)  # what the flags set (the rest: the profile and preset)
     preset: str | None = None
-    steps: int | None = None
     storage: CacheStorage = field(default_factory=CacheStorage)
     stats_path: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_cache(ours, view) -> CachePlan:
     method = None if ours.cache_method == "none" else ours.cache_method
     given = {flag: getattr(ours, _dest(flag)) for flag in METHOD_FLAGS if getattr(ours, _dest(flag)) is not None}
-    extra = [*given] + [f"--{k}" for k in ("cache_profile", "cache_preset", "cache_predict", "cache_dtype",
-                                            "cache_device", "cache_stats") if getattr(ours, k) is not None]
+    extra = [*given] + [f"--{k}" for k in ("cache_profile", "cache_preset", "cache_predict", *STORAGE_FLAGS,
+                                            "cache_stats") if getattr(ours, k) is not None]
     if method is None:
         if extra:
             raise CacheFlagError(f"{extra[0]}: not used with --cache_method none")
@@ -161,28 +159,25 @@ def plan_cache(ours, view) -> CachePlan:
         raise CacheFlagError(str(exc)) from exc
     if ours.cache_stats:
         check_output_file(ours.cache_stats, "--cache_stats", (".json",))
-    return CachePlan(method, profile, config, params, ours.cache_preset, steps, storage, ours.cache_stats)
+    return CachePlan(method, profile, config, params, ours.cache_preset, storage, ours.cache_stats)
 
 
-# ComfyUI-MagCache's rule for its two tables: the 20-step one for runs of at most 20 steps, else the 40-step one
-TWENTY_STEPS = "hunyuanvideo1.5-t2v-20steps"
+# The shipped tables are text-to-video ones (every released checkpoint has the same layers), and ComfyUI-MagCache's
+# rule picks between its two: the 20-step one for runs of at most 20 steps, else the 40-step one.
+TEXT_TO_VIDEO, TWENTY_STEPS = "hunyuanvideo1.5-t2v", "hunyuanvideo1.5-t2v-20steps"
 
 
 def _shipped_profile(version: str, method: str, steps: int) -> Profile:
-    task = "i2v" if "_i2v" in version else "t2v"
-    found = match_profiles(FAMILY, {"num_layers": 54, "num_attention_heads": 16, "attention_head_dim": 128,
-                                    "task_type": task})
-    if found and task == "t2v" and steps <= 20:
-        found = [load_profile(TWENTY_STEPS)]
-    if not found:
+    if "_i2v" in version:
         raise ProfileError(f"no shipped profile for the {version} model: the published tables are text-to-video "
                            f"ones; calibrate one (`stepcache calibrate` on its diffusers pipeline) and pass "
                            f"--cache_profile FILE")
-    if not found[0].has(method):
-        raise ProfileError(f"profile {found[0].name!r} has no {method} table (HunyuanVideo 1.5 has published MagCache "
+    profile = load_profile(TWENTY_STEPS if steps <= 20 else TEXT_TO_VIDEO)
+    if not profile.has(method):
+        raise ProfileError(f"profile {profile.name!r} has no {method} table (HunyuanVideo 1.5 has published MagCache "
                            f"tables only); calibrate one (`stepcache calibrate` on its diffusers pipeline) and pass "
                            f"--cache_profile FILE")
-    return found[0]
+    return profile
 
 
 class GenerationNotifier:
