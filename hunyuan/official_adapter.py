@@ -12,6 +12,7 @@ Design notes: docs/hunyuanvideo.md#official-repository-hyvideodiffusiontransform
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -83,6 +84,9 @@ def block0_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict,
 class HYVideoAdapter:
     family = "hunyuanvideo"
     sequence_sharded = frozenset({SIGNAL})  # block 0's input is the image-token shard under xDiT
+    modulate_module = "hyvideo.modules.modulate_layers"  # where the checkout keeps upstream's ``modulate``
+    model_name = "HunyuanVideo transformer (double blocks)"
+    vae_spatial_scale = VAE_SPATIAL_SCALE
 
     @staticmethod
     def blocks(model) -> list:
@@ -90,8 +94,9 @@ class HYVideoAdapter:
         return [*model.double_blocks, *model.single_blocks]
 
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        signal_of = first_block_signal(model.double_blocks, block0_modulated_input, wants_signal, signal_name,
-                                       "block0_modulated", "HunyuanVideo transformer (double blocks)")
+        read = functools.partial(block0_modulated_input, modulate_module=self.modulate_module)
+        signal_of = first_block_signal(model.double_blocks, read, wants_signal, signal_name, "block0_modulated",
+                                       self.model_name)
         install_stack(patch, runner_of, self.blocks(model), stack_io(), signal_of=signal_of)
 
     def branch_of(self, model, args: tuple, kwargs: dict) -> str:
@@ -108,7 +113,7 @@ class HYVideoAdapter:
 
     def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
         x = self.latent_of(model, args, kwargs)
-        return x.shape[-2] * VAE_SPATIAL_SCALE, x.shape[-1] * VAE_SPATIAL_SCALE
+        return x.shape[-2] * self.vae_spatial_scale, x.shape[-1] * self.vae_spatial_scale
 
     def output_latent(self, output: Any) -> torch.Tensor:
         return output["x"] if isinstance(output, dict) else output

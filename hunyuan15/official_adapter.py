@@ -13,28 +13,19 @@ Design notes: docs/hunyuanvideo15.md#the-official-repository
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
-from ..hunyuan.official_adapter import HYVideoAdapter, block0_modulated_input, stack_io
-from ..patching import first_block_signal, install_stack
+from ..hunyuan.official_adapter import HYVideoAdapter
 from ..profiles import match_profiles
-
-VAE_SPATIAL_SCALE = 16
-MODULATE = "hyvideo.models.transformers.modules.modulate_layers"
 
 
 class HYVideo15Adapter(HYVideoAdapter):
     family = "hunyuanvideo1.5"
-
-    def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        signal_of = first_block_signal(model.double_blocks,
-                                       functools.partial(block0_modulated_input, modulate_module=MODULATE),
-                                       wants_signal, signal_name, "block0_modulated",
-                                       "HunyuanVideo 1.5 transformer (double blocks)")
-        install_stack(patch, runner_of, self.blocks(model), stack_io(), signal_of=signal_of)
+    modulate_module = "hyvideo.models.transformers.modules.modulate_layers"
+    model_name = "HunyuanVideo 1.5 transformer (double blocks)"
+    vae_spatial_scale = 16
 
     def latent_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor:
         x = args[0] if args else kwargs["hidden_states"]
@@ -42,10 +33,6 @@ class HYVideo15Adapter(HYVideoAdapter):
 
     def timestep_of(self, model, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return args[1] if len(args) > 1 else kwargs.get("timestep")
-
-    def pixel_size(self, model, args: tuple, kwargs: dict) -> tuple[int, int]:
-        x = self.latent_of(model, args, kwargs)
-        return x.shape[-2] * VAE_SPATIAL_SCALE, x.shape[-1] * VAE_SPATIAL_SCALE
 
     def output_latent(self, output: Any) -> torch.Tensor:
         return output[0]
