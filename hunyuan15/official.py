@@ -14,8 +14,11 @@ then upstream's ``generate.main()`` runs as published, with three seams:
   timesteps exist). So the two exclude each other: ``--enable_cache`` with a stepcache method is refused.
 - ``generate.generate_video`` is wrapped to read upstream's parsed arguments and time the run.
 
-One GPU for now: under ``torchrun`` (sequence parallelism) the scripts refuse to start, since the agreement of
-decisions across ranks has not been tested for this model.
+Under ``torchrun`` (upstream's sequence parallelism: ``generate.py`` makes the degree the world size and each rank
+holds a shard of the image tokens) the cache is given upstream's sequence-parallel group: TeaCache's signal, block
+0's modulated input of the shard, is reduced to the full-sequence mean over it, MagCache's ratios come from the
+table, EasyCache measures the transformer's input and gathered output, which every rank holds whole; and every pass
+ends with one agreement, so ranks skip or compute alike. Cached residuals stay per rank (a shard each).
 
 Design notes: docs/hunyuanvideo15.md#the-official-repository
 """
@@ -132,10 +135,6 @@ def plan_cache(ours, view) -> CachePlan:
         raise CacheFlagError(f"--enable_cache turns on upstream's own cache, and this run caches with {method}: "
                              f"they use the same slot of the pipeline; drop one (--cache_method none runs "
                              f"upstream's alone)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CacheFlagError("these scripts run on one GPU for now: under torchrun the agreement of cache decisions "
-                             "across ranks is not built for HunyuanVideo 1.5 yet; run generate.py itself, or one "
-                             "process")
     if view.resolution is None:
         raise CacheFlagError("--resolution is required (480p or 720p), as generate.py requires it")
     version = transformer_version(view)
@@ -178,6 +177,18 @@ def _shipped_profile(version: str, method: str, steps: int) -> Profile:
                            f"tables only); calibrate one (`stepcache calibrate` on its diffusers pipeline) and pass "
                            f"--cache_profile FILE")
     return profile
+
+
+def sequence_group():
+    """Upstream's sequence-parallel group (``get_parallel_state()``, set up when generate.py is imported), or None
+    on one process."""
+    from hyvideo.commons.parallel_states import get_parallel_state
+
+    from ..distributed import SequenceGroup
+    dims = get_parallel_state()
+    if not dims.sp_enabled:
+        return None
+    return SequenceGroup(dims.sp_group, f"HunyuanVideo-1.5 sequence parallel ({dims.sp} ranks)")
 
 
 class GenerationNotifier:
@@ -230,6 +241,7 @@ def _run(method: str, argv: list[str]) -> int:
     from ..api import StepClock, install
     from .official_adapter import HYVideo15Adapter
     state: dict[str, Any] = {}
+    rank = int(os.environ.get("RANK", "0"))  # upstream saves the video on rank 0; so do we the stats
     descriptor = HunyuanVideo_1_5_Pipeline.__dict__["create_pipeline"]
     create = HunyuanVideo_1_5_Pipeline.create_pipeline   # bound as upstream calls it
 
@@ -245,10 +257,12 @@ def _run(method: str, argv: list[str]) -> int:
                 raise CacheFlagError("upstream set its own cache on the pipeline (--enable_cache); it and "
                                      f"{plan.method} exclude each other")
             cached = install([pipe.transformer], HYVideo15Adapter(), plan.method, plan.profile, StepClock(),
-                             preset=plan.preset, params=plan.params, parallel=None, storage=plan.storage)
+                             preset=plan.preset, params=plan.params, parallel=sequence_group(),
+                             storage=plan.storage)
             pipe.cache_helper = GenerationNotifier(pipe, cached)
             state.update(pipe=pipe, cached=cached)
-            print(f"stepcache: {plan.config.describe()}", flush=True)
+            if rank == 0:
+                print(f"stepcache: {plan.config.describe()}", flush=True)
             return result
         pipe.apply_infer_optimization = apply_infer_optimization
         return pipe
@@ -274,7 +288,7 @@ def _run(method: str, argv: list[str]) -> int:
         generate.generate_video = generate_video
         if "cached" in state:
             state["cached"].remove()
-    if "cached" in state and int(os.environ.get("RANK", "0")) == 0:
+    if "cached" in state and rank == 0:
         write_stats(state, plan)
     return 0
 
