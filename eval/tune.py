@@ -39,6 +39,16 @@ class TuneError(InputError):
     pass
 
 
+def threshold_tries(medium: float, speedup: float):
+    """The thresholds an input-dependent method (TeaCache, EasyCache) is run at, in turn, until one reaches
+    ``speedup``: the calibration's ``medium`` preset reuses about half the passes on the calibration runs, so its
+    threshold is first scaled by the share of passes wanted, then raised by ``THRESHOLD_STEP`` each time."""
+    thresh = float(f"{medium * max(0.25, (1 - 1 / speedup) / 0.5):.4g}")
+    for _ in range(THRESHOLD_TRIES):
+        yield thresh
+        thresh = float(f"{thresh * THRESHOLD_STEP:.4g}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\nDesign notes")[0].replace("``", "")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -236,17 +246,11 @@ class Tuner:
         """TeaCache and EasyCache: start from the threshold the calibration replay gives for the target share
         of passes, raise it until the tuning runs reach the target; the best-scoring run that reaches it."""
         section = method.profile(self.ctx).method(method.method)
-        medium = section["presets"]["medium"]["thresh"]
-        # `medium` reuses about half the passes on the calibration runs: scale its threshold by the share wanted
-        thresh = float(f"{medium * max(0.25, (1 - 1 / target) / 0.5):.4g}")
-        found = None
-        for _ in range(THRESHOLD_TRIES):
+        for thresh in threshold_tries(section["presets"]["medium"]["thresh"], target):
             row = self.score(method, {"thresh": thresh})
             if row["ideal_speedup"] >= target:
-                found = row
-                break
-            thresh = float(f"{thresh * THRESHOLD_STEP:.4g}")
-        return found
+                return row
+        return None
 
     # --- the whole thing ------------------------------------------------------------------------------------
     def tune(self) -> dict:

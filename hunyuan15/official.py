@@ -205,6 +205,17 @@ class GenerationNotifier:
                                      else None)
 
 
+def attach(pipe, method: str, profile: Profile, preset: str | None, params: dict, storage: CacheStorage):
+    """Install ``method`` on the pipeline's transformer instance and tell it where generations start (through the
+    ``cache_helper`` slot); returns the cached model (``remove()`` takes it off; then clear the slot)."""
+    from ..api import StepClock, install
+    from .official_adapter import HYVideo15Adapter
+    cached = install([pipe.transformer], HYVideo15Adapter(), method, profile, StepClock(), preset=preset,
+                     params=params, parallel=sequence_group(), storage=storage)
+    pipe.cache_helper = GenerationNotifier(pipe, cached)
+    return cached
+
+
 def find_checkout() -> None:
     """Put the checkout this script was copied into (its folder, else the working directory) on the import path."""
     for where in (str(Path(sys.argv[0]).resolve().parent), os.getcwd()):
@@ -238,8 +249,6 @@ def _run(method: str, argv: list[str]) -> int:
     plan = CachePlan(None) if asks_help else plan_cache(ours, view)
     generate = import_upstream("generate")
     from hyvideo.pipelines.hunyuan_video_pipeline import HunyuanVideo_1_5_Pipeline
-    from ..api import StepClock, install
-    from .official_adapter import HYVideo15Adapter
     state: dict[str, Any] = {}
     rank = int(os.environ.get("RANK", "0"))  # upstream saves the video on rank 0; so do we the stats
     descriptor = HunyuanVideo_1_5_Pipeline.__dict__["create_pipeline"]
@@ -256,10 +265,7 @@ def _run(method: str, argv: list[str]) -> int:
             if pipe.cache_helper is not None:
                 raise CacheFlagError("upstream set its own cache on the pipeline (--enable_cache); it and "
                                      f"{plan.method} exclude each other")
-            cached = install([pipe.transformer], HYVideo15Adapter(), plan.method, plan.profile, StepClock(),
-                             preset=plan.preset, params=plan.params, parallel=sequence_group(),
-                             storage=plan.storage)
-            pipe.cache_helper = GenerationNotifier(pipe, cached)
+            cached = attach(pipe, plan.method, plan.profile, plan.preset, plan.params, plan.storage)
             state.update(pipe=pipe, cached=cached)
             if rank == 0:
                 print(f"stepcache: {plan.config.describe()}", flush=True)

@@ -63,6 +63,36 @@ def install(root: str) -> None:
     attn.flex_attention = eager_flex_attention
     import warnings
     warnings.filterwarnings("ignore", message="Falling back from `flash`")
+    angelslim_caches()
+
+
+def angelslim_caches() -> bool:
+    """(5) upstream's own caches (--enable_cache) come from angelslim, whose package __init__ imports triton (a GPU
+    toolchain). When angelslim is installed (`pip install --no-deps angelslim`), load only its pure-torch cache
+    helpers (compressor/diffusion/cache/) under the names upstream imports: ``import angelslim`` (its availability
+    check) and ``from angelslim.compressor.diffusion import DeepCacheHelper, TeaCacheHelper, TaylorCacheHelper``.
+    Returns whether they are there."""
+    import importlib.util
+    from pathlib import Path
+    if "angelslim.compressor.diffusion" in sys.modules:
+        return True
+    found = importlib.util.find_spec("angelslim")
+    if found is None or not found.submodule_search_locations:
+        return False
+    where = Path(list(found.submodule_search_locations)[0]) / "compressor" / "diffusion"
+    for name, path in (("angelslim", where.parents[1]), ("angelslim.compressor", where.parent),
+                       ("angelslim.compressor.diffusion", where)):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)]
+        sys.modules[name] = module
+    spec = importlib.util.spec_from_file_location("angelslim.compressor.diffusion.cache", where / "cache" / "__init__.py",
+                                                  submodule_search_locations=[str(where / "cache")])
+    cache = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cache
+    spec.loader.exec_module(cache)
+    for name in ("DeepCacheHelper", "TeaCacheHelper", "TaylorCacheHelper"):
+        setattr(sys.modules["angelslim.compressor.diffusion"], name, getattr(cache, name))
+    return True
 
 
 TINY = dict(patch_size=[1, 1, 1], in_channels=4, concat_condition=True, out_channels=4, hidden_size=64, heads_num=2,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import hunyuanvideo15_checkout
+from stepcache.eval.metrics import PSNR_CAP_DB
 from stepcache.profiles import load_profile
 from test_hunyuan15_diffusers import comfyui_magcache
 
@@ -143,3 +144,71 @@ def test_a_copied_script_runs_as_a_command(tmp_path):
     bad = run_copied(script, *tiny_argv(tmp_path / "x.mp4"), "--magcache_K", "0")
     assert bad.returncode == 2 and "K=0" in bad.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x.mp4").exists()
+
+
+# ------------------------------------------------------------------------------ the bench (bench_generate.py)
+BUILT_IN_SCHEDULE = ["--cache_start_step", "3", "--cache_end_step", "10", "--cache_step_interval", "3",
+                     "--total_steps", "12", "--no_cache_block_id", "1"]  # steps 0-2, 3, 6, 9, 10-11: 8 of 12
+
+
+def bench_argv(*extra: str) -> list[str]:
+    argv = tiny_argv(Path("unused.mp4"))
+    cut = argv.index("--output_path")
+    return [*argv[:cut], *argv[cut + 2:], *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_presets(other_methods, tmp_path_factory):
+    """The calibration stand-in with `medium` presets where the tiny random model reuses about half its passes
+    (the bench starts its threshold search there, as `stepcache tune` does)."""
+    data = json.loads(Path(other_methods).read_text())
+    data["name"] = "tiny-hv15-presets"
+    data["teacache"]["presets"]["medium"] = {"thresh": 40.0}
+    data["easycache"]["presets"]["medium"] = {"thresh": 2.0}
+    path = tmp_path_factory.mktemp("presets") / "tiny-hv15-presets.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_the_bench_runs_upstreams_caches_beside_stepcaches_at_equal_computed_steps(tmp_path, tiny_presets):
+    import hunyuan15_official_tiny as T
+    if not T.angelslim_caches():
+        pytest.skip("upstream's caches need angelslim: pip install --no-deps angelslim==0.2.2")
+    script = copied_script(tmp_path, "bench")
+    out = tmp_path / "bench"
+    done = run_copied(script, *bench_argv("--bench_out", str(out), "--cache_profile", tiny_presets,
+                                          *BUILT_IN_SCHEDULE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["run"]: r for r in results["runs"]}
+    assert list(rows) == ["uncached", "upstream-deepcache", "upstream-teacache", "upstream-taylorcache",
+                          "fewer-steps", "magcache", "teacache", "easycache", "uncached-again"]
+    assert all((out / f"{name}.mp4").is_file() for name in rows) and not list((out / ".partial").iterdir())
+    assert rows["uncached"]["pattern"] == "C" * 12 and rows["uncached-again"]["psnr"] == PSNR_CAP_DB
+    # upstream's schedule, observed on the blocks: full steps 0-2, 3, 6, 9, 10, 11; DeepCache runs block 1 between
+    assert rows["upstream-teacache"]["pattern"] == rows["upstream-taylorcache"]["pattern"] == "CCCC..C..CCC"
+    assert rows["upstream-deepcache"]["pattern"] == "CCCCccCccCCC"
+    assert results["budget"] == 8 and rows["fewer-steps"]["pattern"] == "C" * 8
+    for method in ("magcache", "teacache", "easycache"):
+        row = rows[method]
+        assert row["full_passes"] <= 8 and row["pattern"].count("C") == row["full_passes"], method
+        assert 0 < row["psnr"] < PSNR_CAP_DB
+    assert rows["magcache"]["full_passes"] == 8  # found on the table: exactly the budget
+    assert rows["teacache"]["tries"][-1]["full_passes"] <= 8 and rows["teacache"]["fits"]
+    assert "wall-clock spread of the two uncached runs" in done.stdout
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "--bench_out DIR is required"),
+    (["--bench_out", "B", "--output_path", "x.mp4"], "--output_path: the bench writes each run's video"),
+    (["--bench_out", "B", "--bench_runs", "uncached,fast"], "unknown run fast"),
+    (["--bench_out", "B", "--bench_runs", "uncached,teacache", "--bench_passes", "6"], "has no teacache table"),
+    (["--bench_out", "B", "--bench_runs", "uncached,magcache"], "keep one of them in --bench_runs"),
+    (["--bench_out", "B", "--bench_passes", "12"], "--bench_passes 12: between 2 and 11"),
+])
+def test_the_bench_refuses_bad_flags_in_one_line_before_loading(tmp_path, argv, words):
+    script = copied_script(tmp_path, "bench")
+    done = run_copied(script, *bench_argv(*argv))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert words in done.stderr.strip().splitlines()[-1]
+    assert not (script.parent / "B").exists()
