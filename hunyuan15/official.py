@@ -251,7 +251,6 @@ def _run(method: str, argv: list[str]) -> int:
     from hyvideo.pipelines.hunyuan_video_pipeline import HunyuanVideo_1_5_Pipeline
     state: dict[str, Any] = {}
     rank = int(os.environ.get("RANK", "0"))  # upstream saves the video on rank 0; so do we the stats
-    descriptor = HunyuanVideo_1_5_Pipeline.__dict__["create_pipeline"]
     create = HunyuanVideo_1_5_Pipeline.create_pipeline   # bound as upstream calls it
 
     def create_pipeline(*args, **kwargs):
@@ -282,21 +281,31 @@ def _run(method: str, argv: list[str]) -> int:
         state["seconds"] = time.perf_counter() - start
         return result
 
-    HunyuanVideo_1_5_Pipeline.create_pipeline = staticmethod(create_pipeline)
-    generate.generate_video = timed_generate_video
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], *rest]
     try:
-        generate.main()
+        run_generate(generate, rest, [(HunyuanVideo_1_5_Pipeline, "create_pipeline", staticmethod(create_pipeline)),
+                                      (generate, "generate_video", timed_generate_video)])
     finally:
-        sys.argv = saved_argv
-        HunyuanVideo_1_5_Pipeline.create_pipeline = descriptor
-        generate.generate_video = generate_video
         if "cached" in state:
             state["cached"].remove()
     if "cached" in state and rank == 0:
         write_stats(state, plan)
     return 0
+
+
+def run_generate(generate, argv: list[str], seams: list[tuple[Any, str, Any]]) -> None:
+    """Upstream's ``generate.main()`` on ``argv`` with each seam ``(owner, name, value)`` set, and everything put back
+    afterwards however it ends (the attributes as they were, ``sys.argv``)."""
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in seams]
+    saved_argv = sys.argv
+    for owner, name, value in seams:
+        setattr(owner, name, value)
+    sys.argv = [saved_argv[0], *argv]
+    try:
+        generate.main()
+    finally:
+        sys.argv = saved_argv
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def write_stats(state: dict, plan: CachePlan) -> None:

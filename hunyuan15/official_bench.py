@@ -42,7 +42,7 @@ from ..profiles import Profile, ProfileError, check_profile_family, load_profile
 from ..storage import CacheStorage
 from ..timing import DiTTimer
 from .official import (FAMILY, CacheFlagError, _shipped_profile, attach, find_checkout, import_upstream,
-                       transformer_version, upstream_view)
+                       run_generate, transformer_version, upstream_view)
 
 UPSTREAM_CACHES = ("deepcache", "teacache", "taylorcache")
 STEPCACHE_METHODS = ("magcache", "teacache", "easycache")
@@ -389,24 +389,12 @@ def _run(argv: list[str]) -> int:
     plan = plan_bench(ours, upstream_view(rest))
     generate = import_upstream("generate")
     from hyvideo.pipelines.hunyuan_video_pipeline import HunyuanVideo_1_5_Pipeline
-    descriptor = HunyuanVideo_1_5_Pipeline.__dict__["create_pipeline"]
-    generate_video, save_video = generate.generate_video, generate.save_video
-    bench = Bench(plan, generate_video)
-
-    def bench_generate_video(args):
-        bench.all_runs(args)
-
-    HunyuanVideo_1_5_Pipeline.create_pipeline = staticmethod(bench.create_pipeline(
-        HunyuanVideo_1_5_Pipeline.create_pipeline))
-    generate.generate_video, generate.save_video = bench_generate_video, bench.save_video(save_video)
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], *rest]
-    try:
-        generate.main()
-    finally:
-        sys.argv = saved_argv
-        HunyuanVideo_1_5_Pipeline.create_pipeline = descriptor
-        generate.generate_video, generate.save_video = generate_video, save_video
+    bench = Bench(plan, generate.generate_video)
+    run_generate(generate, rest, [
+        (HunyuanVideo_1_5_Pipeline, "create_pipeline", staticmethod(bench.create_pipeline(
+            HunyuanVideo_1_5_Pipeline.create_pipeline))),
+        (generate, "generate_video", bench.all_runs),  # upstream's main() parses; the bench runs each run with it
+        (generate, "save_video", bench.save_video(generate.save_video))])
     print("\n".join(["", *table(bench.rows), f"results: {plan.out / 'results.json'}"]))
     return 0
 
