@@ -190,19 +190,22 @@ def video_size(args) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _model_config(model_name: str) -> dict[str, Any]:
-    from hyvideo.modules.models import HUNYUAN_VIDEO_CONFIG
-    c = HUNYUAN_VIDEO_CONFIG.get(model_name, {})
+def _model_config(model_name: str, package: str = "hyvideo") -> dict[str, Any]:
+    """``package``: where upstream's model code is (``hyvideo``, or a copy of it: Sparse-VideoGen's
+    ``svg.models.hyvideo``)."""
+    import importlib
+    c = importlib.import_module(f"{package}.modules.models").HUNYUAN_VIDEO_CONFIG.get(model_name, {})
     return {"num_layers": c.get("mm_double_blocks_depth"), "num_single_layers": c.get("mm_single_blocks_depth"),
             "num_attention_heads": c.get("heads_num")}
 
 
-def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
-    """Check our flags against each other, the method and the profile; ``error`` exits (argparse style)."""
+def plan_cache(args, error: Callable[[str], Any], package: str = "hyvideo") -> CachePlan:
+    """Check our flags against each other, the method and the profile; ``error`` exits (argparse style).
+    ``package``: where upstream's model code is (see :func:`_model_config`)."""
     method = None if args.cache_method == "none" else args.cache_method
     given = {flag: getattr(args, _dest(flag)) for flag in METHOD_FLAGS if getattr(args, _dest(flag)) is not None}
     if args.magcache_calibration:
-        return _plan_calibration(args, given, error)
+        return _plan_calibration(args, given, error, package)
     if method is None:
         extra = [*given] + [f for f in ("--cache-profile", "--cache-preset", "--cache-predict", *STORAGE_OPTIONS)
                             if getattr(args, _dest(f))]
@@ -234,7 +237,7 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
         except (ProfileError, ParameterError) as exc:
             error(f"argument --cache-profile: {exc}")
     else:
-        profile, warning = _default_profile(args, height, width, error)
+        profile, warning = _default_profile(args, height, width, error, package)
         if method != "magcache":
             warning = None  # TeaCache's and EasyCache's settings do not depend on the resolution
 
@@ -264,15 +267,15 @@ def plan_cache(args, error: Callable[[str], Any]) -> CachePlan:
     return CachePlan(method, profile, args.cache_preset, overrides, config, warning, notes, storage=storage)
 
 
-def _default_profile(args, height: int, width: int, error) -> tuple[Profile, str | None]:
-    candidates = match_profiles(FAMILY, _model_config(args.model), MODEL_CLASS)
+def _default_profile(args, height: int, width: int, error, package: str = "hyvideo") -> tuple[Profile, str | None]:
+    candidates = match_profiles(FAMILY, _model_config(args.model, package), MODEL_CLASS)
     if not candidates:
         error(f"argument --cache-profile: no shipped profile matches --model {args.model}; pass a calibrated "
               f"profile file")
     return choose_by_resolution(candidates, height, width)
 
 
-def _plan_calibration(args, given: dict, error) -> CachePlan:
+def _plan_calibration(args, given: dict, error, package: str = "hyvideo") -> CachePlan:
     extra = [*given] + [f for f in ("--cache-preset", "--cache-predict", *STORAGE_OPTIONS) if getattr(args, _dest(f))]
     if extra:
         error(f"argument {extra[0]}: not used with --magcache-calibration (a calibration run is uncached)")
@@ -288,7 +291,7 @@ def _plan_calibration(args, given: dict, error) -> CachePlan:
         except ProfileError as exc:
             error(f"argument --cache-profile: {exc}")
     else:
-        base = _default_profile(args, *video_size(args), error)[0]
+        base = _default_profile(args, *video_size(args), error, package)[0]
     return CachePlan(None, profile=base, calibrate=args.magcache_calibration)
 
 

@@ -93,8 +93,17 @@ class HYVideoAdapter:
         """The block stack, in call order: the double-stream blocks, then the single-stream ones."""
         return [*model.double_blocks, *model.single_blocks]
 
+    def modulate_module_of(self, model) -> str:
+        """Where ``modulate`` is for this model: beside the model's own module for a copy of upstream's model code
+        (Sparse-VideoGen's ``svg.models.hyvideo.modules.models``, which runs without Tencent's ``hyvideo``
+        installed), else ``modulate_module``."""
+        module = type(model).__module__
+        if module.endswith(".modules.models") and module != "hyvideo.modules.models":
+            return module[: -len("models")] + "modulate_layers"
+        return self.modulate_module
+
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
-        read = functools.partial(block0_modulated_input, modulate_module=self.modulate_module)
+        read = functools.partial(block0_modulated_input, modulate_module=self.modulate_module_of(model))
         signal_of = first_block_signal(model.double_blocks, read, wants_signal, signal_name, "block0_modulated",
                                        self.model_name)
         install_stack(patch, runner_of, self.blocks(model), stack_io(), signal_of=signal_of)

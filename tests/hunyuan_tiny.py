@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from helpers import StubVAE, sdpa
+from stepcache.hunyuan.svg_reference import get_cu_seqlens  # upstream's arithmetic on the mask's device
 
 # ---------------------------------------------------------------------------------------------- diffusers
 HY_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
@@ -88,18 +89,6 @@ def flash_varlen_sdpa(q, k, v, cu_q, cu_k, max_q=None, max_k=None, dropout_p=0.0
     return out
 
 
-def get_cu_seqlens_cpu(text_mask, img_len):
-    """Upstream's get_cu_seqlens arithmetic, on the mask's device instead of a hard-coded "cuda"."""
-    batch_size = text_mask.shape[0]
-    text_len = text_mask.sum(dim=1)
-    max_len = text_mask.shape[1] + img_len
-    cu_seqlens = torch.zeros([2 * batch_size + 1], dtype=torch.int32, device=text_mask.device)
-    for i in range(batch_size):
-        cu_seqlens[2 * i + 1] = i * max_len + text_len[i] + img_len
-        cu_seqlens[2 * i + 2] = (i + 1) * max_len
-    return cu_seqlens
-
-
 @contextlib.contextmanager
 def upstream_on_cpu(root: Path):
     """Import upstream with its two CUDA-only attention pieces replaced by CPU equivalents (upstream-cpu.md §1),
@@ -110,7 +99,7 @@ def upstream_on_cpu(root: Path):
         saved = hy_attn.flash_attn_varlen_func, hy_attn.get_cu_seqlens.__code__
         hy_attn.flash_attn_varlen_func = flash_varlen_sdpa
         # In place, because models.py imported the function object itself.
-        hy_attn.get_cu_seqlens.__code__ = get_cu_seqlens_cpu.__code__
+        hy_attn.get_cu_seqlens.__code__ = get_cu_seqlens.__code__
         try:
             yield
         finally:

@@ -132,6 +132,7 @@ DROP_INS = {
     **{f"{m}_generate.py": ("wan21", m) for m in ("magcache", "teacache", "easycache")},
     **{f"{m}_sample_video.py": ("hunyuan", m) for m in ("magcache", "teacache", "easycache")},
     **{f"{m}_opensora.py": ("opensora", m) for m in ("magcache", "teacache", "easycache")},
+    **{f"hyvideo_svg_{m}.py": ("hunyuan-svg", m) for m in ("magcache", "teacache", "easycache")},
 }
 NOT_OURS = {"venv", "pytest", "pip"}  # `python -m venv`, `python -m pytest`: the set-up and test commands
 
@@ -247,6 +248,22 @@ def _check_hunyuan_drop_in(method: str, argv: list[str], upstream) -> None:
     upstream.parse_args(method, argv)  # upstream's parser, its sanity_check_args, then our plan
 
 
+def _check_hunyuan15_drop_in(script: str, argv: list[str]) -> None:
+    """Our flags of a HunyuanVideo 1.5 script (a drop-in or the bench), parsed by its own parser; what is left goes
+    to upstream's generate.py and must not look like one of ours."""
+    from stepcache.hunyuan15.official import METHODS, cache_parser
+    from stepcache.hunyuan15.official_bench import SCRIPT, bench_parser
+    if script == SCRIPT:
+        parser = bench_parser()
+    else:
+        method = script.removesuffix("_generate.py")
+        assert method in METHODS, f"not a HunyuanVideo 1.5 drop-in script: {script}"
+        parser = cache_parser(method)
+    _, rest = parser.parse_known_args(argv)
+    assert not [w for w in rest if CACHE_FLAG.match(w) or w.startswith("--bench")], \
+        f"flags {script} does not know: {rest}"
+
+
 @pytest.fixture(scope="module")
 def wan_upstream():
     """Upstream Wan2.1's generate.py when WAN21_REPO points at a checkout (else None: our flags only)."""
@@ -303,6 +320,10 @@ def test_every_documented_python_command_parses(wan_upstream, wan22_upstream, hu
                 _, extras = _parse_only(importlib.import_module(module).main, argv)
                 assert not extras, f"{where}: unknown arguments {extras}"
                 continue
+            if page.endswith("hunyuanvideo15.md"):  # HunyuanVideo 1.5's scripts share Wan's file names
+                _check_hunyuan15_drop_in(Path(program).name, argv)
+                families.add("hunyuan15")
+                continue
             assert Path(program).name in DROP_INS, f"{where}: not a stepcache drop-in script"
             family, method = DROP_INS[Path(program).name]
             if family == "wan21" and "--task" in argv and argv[argv.index("--task") + 1] in WAN22_TASKS:
@@ -314,6 +335,9 @@ def test_every_documented_python_command_parses(wan_upstream, wan22_upstream, hu
                 _check_wan_drop_in(method, argv, wan_upstream, tmp_path)
             elif family == "hunyuan":
                 _check_hunyuan_drop_in(method, argv, hunyuan_upstream)
+            elif family == "hunyuan-svg":
+                from svg_tiny import check_documented_command
+                check_documented_command(method, argv)
             else:
                 from stepcache.opensora.generate_set import main
                 _, extras = _parse_only(main, argv, method=method)
@@ -322,8 +346,8 @@ def test_every_documented_python_command_parses(wan_upstream, wan22_upstream, hu
             pytest.fail(f"{where} does not parse")
         except Exception as exc:  # noqa: BLE001 (PlanError, AssertionError: say which command)
             pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
-    assert families == {"wan21", "wan22", "hunyuan"}, "the Wan2.1, Wan2.2 and HunyuanVideo drop-in commands were " \
-                                                      "not all found"
+    assert {"wan21", "wan22", "hunyuan", "hunyuan15", "hunyuan-svg"} <= families, \
+        "the Wan2.1, Wan2.2, HunyuanVideo (1.0, 1.5) and HunyuanVideo-with-SVG drop-in commands were not all found"
     assert any(p == "-m stepcache.opensora.generate_set" for _, p, _ in commands)
 
 
@@ -336,6 +360,9 @@ def test_the_command_checks_catch_a_wrong_flag(tmp_path):
         _check_wan_drop_in("magcache", ["--task", "t2v-1.3B", "--magcache_treshold", "0.1"], None, tmp_path)
     with pytest.raises(AssertionError, match="cache flags"):
         _check_hunyuan_drop_in("teacache", ["--video-size", "720", "1280", "--teacache-threshold", "0.1"], None)
+    for script, flag in (("magcache_generate.py", "--magcache_treshold"), ("bench_generate.py", "--bench_output")):
+        with pytest.raises(AssertionError, match="does not know"):
+            _check_hunyuan15_drop_in(script, ["--resolution", "480p", flag, "0.1"])
     from stepcache.opensora.generate_set import main
     with pytest.raises(SystemExit):
         _parse_only(main, ["--tresh", "0.1"], method="magcache")
