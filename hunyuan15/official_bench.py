@@ -13,8 +13,9 @@ The runs, in order (``--bench_runs`` picks some):
 - ``fewer-steps``: that many steps, uncached: the floor a cache has to beat;
 - ``magcache``, ``teacache``, ``easycache``: stepcache at the budget. MagCache's schedule does not depend on the
   input, so its threshold is found on the table without running (the lowest estimated error among the K and
-  retention settings that fit); TeaCache and EasyCache are run at rising thresholds until one fits, as `stepcache
-  tune` does (each try is a generation; every try is listed);
+  retention settings that fit); TeaCache and EasyCache are run from the profile's ``medium`` threshold, raised
+  or lowered until the budget is bracketed, then the bracket halved: the try closest to the budget from below is
+  kept (at most 5 generations each; every try is listed);
 - ``uncached-again``: the reference once more, for the spread of the wall clock (a gap between two runs smaller
   than it ranks nothing).
 
@@ -381,7 +382,7 @@ def table(rows: list[dict]) -> list[str]:
 def _run(argv: list[str]) -> int:
     ours, rest = bench_parser().parse_known_args(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.split("\n\nDesign notes")[0])
+        print(__doc__.split("\n\nDesign notes")[0].replace("``", "`"))
         bench_parser().print_help()
         return 0
     find_checkout()
