@@ -35,13 +35,14 @@ def install(root: str) -> None:
     if root not in sys.path:
         sys.path.insert(0, root)
     # (1) torchvision: hunyuan_video_pipeline.py:32 imports torchvision.transforms (used only for I2V's
-    #     reference image, :841-847). diffusers must be imported before the placeholder exists.
+    #     reference image, :841-847): the five pieces it uses, on PIL. diffusers must be imported before the
+    #     placeholder exists.
     import diffusers.pipelines.pipeline_utils  # noqa: F401
     if "torchvision" not in sys.modules:
         try:
             import torchvision  # noqa: F401
         except ImportError:
-            tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+            tv, tvt = types.ModuleType("torchvision"), torchvision_transforms()
             tv.transforms = tvt
             sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt})
     # (2) parallel_states.py:35 builds its DeviceMesh on "cuda" (also via get_parallel_state() on first use,
@@ -192,8 +193,64 @@ def build_pipeline(transformer=None, version="480p_t2v", seed=0, bucket_base=128
 
 
 class StubVisionEncoder(nn.Module):
-    """Stands in for the SigLIP VisionEncoder; T2V never calls it (pipeline :711-712), but with --offloading the
-    pipeline moves it (auto_offload_model(None) would fail: commons/__init__.py:229-241 iterates it)."""
+    """Stands in for the SigLIP VisionEncoder: I2V's ``encode_images(uint8 H x W x 3)`` (pipeline :694, :723) ->
+    ``.last_hidden_state`` [1, VISION_TOKENS, VISION_DIM], deterministic per image. T2V never calls it (:711-712),
+    but with --offloading the pipeline moves it (auto_offload_model(None) would fail: commons/__init__.py:229-241
+    iterates it)."""
+
+    def encode_images(self, image):
+        g = torch.Generator().manual_seed(int(image.sum()) % 100000)
+        return types.SimpleNamespace(last_hidden_state=torch.randn(1, VISION_TOKENS, VISION_DIM, generator=g))
+
+
+def torchvision_transforms():
+    """The torchvision.transforms pieces I2V's reference image goes through (pipeline :841-847), on PIL and torch."""
+    import numpy as np
+    from PIL import Image
+    module = types.ModuleType("torchvision.transforms")
+
+    class InterpolationMode:
+        LANCZOS = Image.LANCZOS
+
+    class Compose:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __call__(self, x):
+            for step in self.steps:
+                x = step(x)
+            return x
+
+    class Resize:
+        def __init__(self, size, interpolation=Image.BILINEAR):
+            self.size, self.interpolation = size, interpolation
+
+        def __call__(self, image):
+            return image.resize((self.size[1], self.size[0]), self.interpolation)
+
+    class CenterCrop:
+        def __init__(self, size):
+            self.size = size
+
+        def __call__(self, image):
+            (h, w), (width, height) = self.size, image.size
+            left, top = (width - w) // 2, (height - h) // 2
+            return image.crop((left, top, left + w, top + h))
+
+    class ToTensor:
+        def __call__(self, image):
+            return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    class Normalize:
+        def __init__(self, mean, std):
+            self.mean, self.std = mean[0], std[0]
+
+        def __call__(self, x):
+            return (x - self.mean) / self.std
+
+    for piece in (InterpolationMode, Compose, Resize, CenterCrop, ToTensor, Normalize):
+        setattr(module, piece.__name__, piece)
+    return module
 
 
 def fake_create_pipeline(record=None):
@@ -214,7 +271,7 @@ def fake_create_pipeline(record=None):
 
 
 class StubVAE15(nn.Module):
-    """The VAE interface the pipeline uses for T2V (pipeline :158, :862-872, :1289-1299): config.block_out_channels /
+    """The VAE interface the pipeline uses (pipeline :158, :862-872, :1289-1299): config.block_out_channels /
     ffactor_spatial / ffactor_temporal / scaling_factor / shift_factor, enable_tile_parallelism(),
     memory_efficient_context(), decode(latents, return_dict=False, generator=None) -> (video,). The "video" is the
     latent's first 3 channels, nearest-upsampled 16x in space and (F-1)*4+1 frames: cheap and deterministic."""
@@ -231,6 +288,13 @@ class StubVAE15(nn.Module):
     @contextlib.contextmanager
     def memory_efficient_context(self):
         yield
+
+    def encode(self, x):
+        """I2V's reference-image latent (pipeline :851-853: ``vae.encode(px).latent_dist.mode()``): 16x average
+        pooling, 4 channels."""
+        latent = torch.nn.functional.avg_pool3d(x, (1, 16, 16))
+        latent = torch.cat([latent, latent[:, :1]], 1)[:, :4]
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: latent.clone()))
 
     def decode(self, z, return_dict=False, generator=None):
         v = z[:, :3].repeat_interleave(16, -1).repeat_interleave(16, -2)

@@ -97,6 +97,34 @@ def test_the_published_schedule_on_upstreams_batched_cfg(tmp_path, steps, preset
     assert "." in result["ran"]
 
 
+def reference_image(tmp_path: Path) -> str:
+    import numpy as np
+    from PIL import Image
+    path = tmp_path / "frame.png"
+    Image.fromarray((np.random.RandomState(0).rand(120, 200, 3) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("resolution, image", [("480p", True), ("720p", False), ("720p", True)],
+                         ids=["480p-i2v", "720p-t2v", "720p-i2v"])
+def test_image_to_video_and_720p_run_each_method(tmp_path, other_methods, resolution, image):
+    """The variants upstream's one command covers by its flags (--image_path, --resolution): each loads its own
+    transformer version and caches on it; threshold 0 is upstream's uncached run bit for bit."""
+    def argv(*extra):
+        base = tiny_argv(tmp_path / f"v{len(list(tmp_path.glob('*.json')))}.mp4", 8)
+        base[base.index("--resolution") + 1] = resolution
+        return [*base, *(["--image_path", reference_image(tmp_path)] if image else []), *extra]
+    status, err, _, baseline = run(tmp_path, "magcache", *argv("--cache_method", "none"))
+    assert status == 0, err[-2000:]
+    for method in METHODS:
+        status, err, zero, outputs = run(tmp_path, method, *argv("--cache_profile", other_methods, THRESH[method], "0"))
+        assert status == 0, err[-2000:]
+        assert zero["ran"] == "C" * 8 and all(torch.equal(a, b) for a, b in zip(outputs, baseline)), method
+        cached = {"magcache": "0.5", "teacache": "50", "easycache": "5"}[method]
+        status, err, result, _ = run(tmp_path, method, *argv("--cache_profile", other_methods, THRESH[method], cached))
+        assert status == 0 and "." in result["ran"], (method, err[-2000:])
+
+
 @pytest.mark.parametrize("method, argv, words", [
     ("magcache", ["--enable_cache", "true"], "--enable_cache turns on upstream's own cache"),
     ("magcache", ["--magcache_K", "0"], "K=0"),
