@@ -5,8 +5,10 @@ The target is the VideoSys fork at the root of Zehong-Ma/MagCache and ali-vilab/
 published Open-Sora numbers were made with. The stack is ``spatial_blocks[0], temporal_blocks[0], ...``; CFG is
 batched, so every pass is one branch (``"cond+uncond"``). The step index is the call's position in a generation
 that a new ``all_timesteps`` list starts, never a timestep compared for equality (the bf16 schedule makes that
-unreliable). EasyCache works on the velocity half of the ``[velocity; sigma]`` output. Sequence or CFG
-parallelism is refused: VideoSys spawns its workers before any patch can reach them.
+unreliable). EasyCache works on the velocity half of the ``[velocity; sigma]`` output. Under VideoSys's sequence
+parallelism each rank holds a slice of the frames inside the block stack: the cache must be given that group
+(``parallel=model.parallel_manager.sp_group``) so that every rank takes the same decision, and TeaCache's signal
+is measured on the real frames of each slice (the fork pads the last one). CFG parallelism is refused.
 
 Design notes: docs/opensora.md#inside-the-adapter-for-contributors
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from ..compiling import outside_graph
+from ..distributed import SIGNAL
 from ..patching import first_arg_io, first_block_signal, install_stack
 from ..profiles import match_profiles
 
@@ -28,12 +31,21 @@ VAE_SPATIAL_SCALE = 8  # OpenSoraVAE_V1_2 downsamples height and width by 8
 TEACACHE_SIGNAL = "block0_modulated"
 REQUIRED = ("spatial_blocks", "temporal_blocks", "x_embedder", "t_block", "final_layer", "unpatchify")
 MULTI_GPU_MESSAGE = (
-    "Open-Sora multi-GPU (VideoSys num_gpus > 1: sequence or CFG parallelism) is not supported yet: VideoSys "
-    "spawns its worker processes before a patch can reach them, so only rank 0 would cache while the other "
-    "ranks wait in the blocks' all-to-alls (a hang). Run with num_gpus=1 (for throughput, one process per GPU "
-    "over disjoint prompts: `python -m stepcache.opensora.generate_set --shard K/N`). The multi-GPU issue's "
-    "support (agreed decisions under xDiT and diffusers context parallelism) covers HunyuanVideo and Wan2.1, "
-    "not VideoSys; see the README's Multi-GPU section.")
+    "Open-Sora multi-GPU (VideoSys num_gpus > 1) caches only through stepcache's engine: "
+    "stepcache.opensora.session.build_engine(num_gpus=N), which is what the drop-in scripts' --num-gpus N use, "
+    "installs the cache in every worker process VideoSys spawns, each with its sequence-parallel group. A "
+    "VideoSysEngine built otherwise has spawned its workers before a patch can reach them, so only rank 0 would "
+    "cache while the other ranks wait in the blocks' all-to-alls (a hang); see docs/opensora.md#multi-gpu.")
+SEQUENCE_PARALLEL_MESSAGE = (
+    "this STDiT3 runs sequence parallel over {sp} ranks, and the cache was given {group}: every rank must take the "
+    "same decision, so enable it on every rank with that group, stepcache.enable(transformer, METHOD, "
+    "parallel=transformer.parallel_manager.sp_group) (the multi-GPU issue; VideoSys's engine: "
+    "stepcache.opensora.session.build_engine(num_gpus=N) does it)")
+CFG_PARALLEL_MESSAGE = (
+    "this STDiT3 runs CFG parallel (cp_size={cp}: the cond and uncond halves of a step on different ranks), which "
+    "stepcache does not support for Open-Sora (the multi-GPU issue): one decision covers the whole [cond; uncond] "
+    "batch. VideoSys's engine never enables it (OpenSoraPipeline._set_parallel is called with enable_cp=False); "
+    "leave it off")
 
 
 class MultiGPUNotSupported(RuntimeError):
@@ -53,11 +65,30 @@ def parallel_sizes(model: nn.Module) -> dict[str, int]:
     return {name: int(getattr(manager, name, 1) or 1) for name in ("sp_size", "cp_size")} if manager else {}
 
 
-def check_single_process(model: nn.Module) -> None:
+def check_parallel_setup(model: nn.Module, group) -> None:
+    """Refuse what cannot cache correctly: CFG parallelism, or sequence parallelism without its group (``group``, the
+    cache's :class:`stepcache.distributed.SequenceGroup` or None) spanning the ``sp_size`` ranks."""
     sizes = parallel_sizes(model)
-    if any(size > 1 for size in sizes.values()):
-        detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
-        raise MultiGPUNotSupported(f"{MULTI_GPU_MESSAGE} (this model has {detail})")
+    if sizes.get("cp_size", 1) > 1:
+        raise MultiGPUNotSupported(CFG_PARALLEL_MESSAGE.format(cp=sizes["cp_size"]))
+    sp = sizes.get("sp_size", 1)
+    if sp > 1 and (group is None or group.size != sp):
+        raise MultiGPUNotSupported(SEQUENCE_PARALLEL_MESSAGE.format(
+            sp=sp, group="no group" if group is None else f"{group} of {group.size} rank(s)"))
+
+
+def real_frames(model_or_block: nn.Module, frames: int) -> int:
+    """How many of this rank's ``frames`` (its slice of the latent frames inside the block stack) are real: under
+    sequence parallelism the fork pads the frame count to a multiple of ``sp_size`` with zero frames at the end
+    (``set_pad("temporal", ...)`` then ``split_sequence(..., pad=...)``), which sit on the last rank(s)."""
+    manager = getattr(model_or_block, "parallel_manager", None)
+    sp = int(getattr(manager, "sp_size", 1) or 1) if manager is not None else 1
+    if sp <= 1:
+        return frames
+    get_pad = getattr(sys.modules.get(type(model_or_block).__module__), "get_pad", None)
+    pad = int(get_pad("temporal")) if callable(get_pad) else 0
+    total = frames * sp - pad
+    return max(0, min(frames, total - int(manager.sp_rank) * frames))
 
 
 def _call_parts(args: tuple, kwargs: dict):
@@ -74,12 +105,20 @@ def _modulate_fn(block: nn.Module):
 
 
 def block0_modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """TeaCache's signal from ``spatial_blocks[0]``'s call ``(x, y, t_mlp, ...)`` (TC-OS:65-72)."""
+    """TeaCache's signal from ``spatial_blocks[0]``'s call ``(x, y, t_mlp, mask, x_mask, t0, T, S, ...)``
+    (TC-OS:65-72). Under sequence parallelism, the tokens of this rank's real frames only: the padding frames
+    would change the full-sequence mean the ranks agree on (one process has none)."""
     x = args[0] if args else kwargs["x"]
     t_mlp = args[2] if len(args) > 2 else kwargs["t"]
     batch = x.shape[0]
     shift, scale = (block.scale_shift_table[None] + t_mlp.reshape(batch, 6, -1)).chunk(6, dim=1)[:2]
-    return _modulate_fn(block)(block.norm1(x), shift, scale)
+    signal = _modulate_fn(block)(block.norm1(x), shift, scale)
+    frames = args[6] if len(args) > 6 else kwargs.get("T")
+    if frames is not None:
+        real = real_frames(block, int(frames))
+        if real < int(frames):
+            signal = signal[:, : real * (x.shape[1] // int(frames))]
+    return signal
 
 
 class GenerationTracker:
@@ -113,6 +152,10 @@ class GenerationTracker:
 class STDiT3Adapter:
     family = FAMILY
     block_io = first_arg_io("x")
+    # Under sequence parallelism block 0's input is this rank's slice of the frames (TeaCache's signal); the model's
+    # input and output (EasyCache's x and v) are whole on every rank: the split comes after the embedding and the
+    # gather before the final layer.
+    sequence_sharded = frozenset({SIGNAL})
 
     def __init__(self):
         self.generations = GenerationTracker()
@@ -135,7 +178,9 @@ class STDiT3Adapter:
     def install(self, patch, model, runner_of, wants_signal: bool, signal_name) -> None:
         try:
             self.check(model)
-            check_single_process(model)
+            runner = runner_of()  # built before the adapter is asked; None while a profile is still to be picked
+            if runner is not None or not parallel_sizes(model).get("sp_size", 1) > 1:
+                check_parallel_setup(model, runner.group_of() if runner is not None else None)
         except (TypeError, MultiGPUNotSupported):
             # The forward wrapper is already installed by the time an adapter is asked (stepcache.api.CachedModel);
             # take it off again so that a refused model is left exactly as it was.
@@ -150,12 +195,13 @@ class STDiT3Adapter:
 
     # -------------------------------------------------------------------------------------------- step index
     def _before_call(self, model, args, kwargs):
-        check_single_process(model)  # enable_parallel() may have run after the cache was installed
+        cached = getattr(model, "_stepcache", None)
+        # enable_parallel() may have run after the cache was installed
+        check_parallel_setup(model, cached.group_of() if cached is not None else None)
         _, timestep, all_timesteps = _call_parts(args, kwargs)
         if all_timesteps is None or timestep is None:
             return None  # not the fork's sampler: the clock's pass counter over enable(num_steps=) applies
         _, steps, new = self.generations.observe(all_timesteps)
-        cached = getattr(model, "_stepcache", None)
         if new and cached is not None:
             cached.start_generation(steps)
         return None

@@ -4,8 +4,11 @@ can pair with the baseline's folder by file name (``{prompt}-{seed}.mp4``, as th
 
 This is also the one implementation behind the drop-in scripts ``teacache_opensora.py``,
 ``magcache_opensora.py`` and ``easycache_opensora.py`` (the method fixed, everything else the same). A folder
-holds one setting and resumes (videos move into place whole, then ``manifest.json`` records them); VideoSys's
-own multi-GPU mode is refused, so throughput comes from one process per GPU with ``--shard k/N``.
+holds one setting and resumes (videos move into place whole, then ``manifest.json`` records them); ``--num-gpus N``
+runs VideoSys's sequence parallelism with the cache on every rank, and ``--shard k/N`` splits a set between
+independent processes. Given no
+argument at all, it runs the published comparison instead (:mod:`.comparison`), as the published
+``python experiments/opensora.py`` does.
 
 Design notes: docs/opensora.md#the-published-comparison-end-to-end
 """
@@ -29,7 +32,7 @@ from ..profiles import load_profile
 from ..storage import STORAGE_FLAGS, add_storage_arguments, storage_of_args
 from .adapter import MultiGPUNotSupported
 from .rules import MAGCACHE_RULES, PROFILE, REFERENCE, magcache_profile
-from .session import DEFAULT_MODELS, attach, build_engine, pipeline_of, refuse_multi_gpu
+from .session import DEFAULT_MODELS, attach_engine, build_engine
 
 METHODS = ("none", "teacache", "magcache", "easycache")
 SIDECAR = "opensora_set.json"
@@ -42,7 +45,14 @@ MAX_NAME_BYTES = 200
 EPILOG = """\
 Videos are named {prompt}-{seed}.mp4 as in the published runs; a folder holds one setting (another method or
 other parameters are refused); rerun the same command to resume; manifest.json (stepcache compare's timing
-manifest) and opensora_set.json (prompt, seed and pass pattern per file) record what was made."""
+manifest) and opensora_set.json (prompt, seed and pass pattern per file) record what was made.
+
+With no arguments at all, runs the published comparison of MagCache's eval/magcache/experiments/opensora.py
+instead: the uncached baseline, TeaCache 0.1 and 0.2 and MagCache 0.12/K3 over the VBench prompts (the
+repository's eval/magcache/vbench/VBench_full_info.json, found from this script's folder), seed 0, into
+./samples/opensora_base, ./samples/opensora_teacache_slow, ./samples/opensora_teacache_fast and
+./samples/opensora_ours_012_max3step (plus ./samples/opensora_easycache for easycache_opensora.py), resumable,
+then prints the `stepcache compare` command."""
 LABELS = {"none": "Open-Sora 1.2 baseline", "teacache": "TeaCache", "magcache": "MagCache", "easycache": "EasyCache"}
 
 
@@ -58,10 +68,13 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                                   f"prompt and seed into --out, resumable, with a timing manifest."),
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     what = parser.add_argument_group("what to generate")
-    source = what.add_mutually_exclusive_group(required=True)
+    # Not required=True here: with no argument at all the command runs the published comparison, so the
+    # requirements are checked after parsing (require_arguments), with argparse's own messages.
+    source = what.add_mutually_exclusive_group()
     source.add_argument("--prompts", metavar="FILE|vbench",
-                        help="a .txt (one prompt a line) or .json prompt file, or 'vbench' for the list inside the "
-                             "installed vbench package (the published evaluation set)")
+                        help="a .txt (one prompt a line) or .json prompt file, or 'vbench' for the VBench list (the "
+                             "published evaluation set) inside the installed vbench package, else the one a MagCache "
+                             "checkout ships (eval/magcache/vbench/)")
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     what.add_argument("--dimension", help="only the VBench prompts of this dimension (JSON prompt files)")
     what.add_argument("--keep-duplicates", action="store_true",
@@ -69,7 +82,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     what.add_argument("--seeds", nargs="+", default=["0"], metavar="SEED",
                       help="seeds, as numbers or ranges (0-4); default 0 (MagCache's published run; TeaCache's "
                            "used 0-4)")
-    what.add_argument("--out", required=True, metavar="DIR", help="folder of videos for this one setting")
+    what.add_argument("--out", metavar="DIR", help="folder of videos for this one setting (required)")
     what.add_argument("--shard", default="0/1", metavar="K/N",
                       help="make only every N-th video starting at the K-th (one process per GPU; default 0/1)")
     what.add_argument("--dry-run", action="store_true", help="print the plan (names, what is left) and exit")
@@ -77,7 +90,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     cache = parser.add_argument_group("cache method")
     if method is None:
-        cache.add_argument("--method", required=True, choices=METHODS, help="'none' makes the uncached baseline")
+        cache.add_argument("--method", choices=METHODS, help="'none' makes the uncached baseline (required)")
     cache.add_argument("--profile", default=None, metavar="NAME_OR_FILE",
                        help=f"profile name or file (default: {PROFILE}; for MagCache the --magcache-rule's)")
     cache.add_argument("--preset", default=None,
@@ -108,7 +121,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--num-sampling-steps", "--num_sampling_steps", dest="steps", type=int, default=30)
     gen.add_argument("--cfg-scale", "--cfg_scale", dest="cfg_scale", type=float, default=7.0)
     gen.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int, default=1,
-                     help="must be 1: VideoSys multi-GPU is refused (see the README's Multi-GPU section)")
+                     help="GPUs of VideoSys's sequence parallelism (default 1); the cache runs on every rank with one "
+                          "decision per pass")
 
     model = parser.add_argument_group("models (the published ids by default)")
     model.add_argument("--transformer", default=DEFAULT_MODELS["transformer"])
@@ -116,6 +130,16 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default=DEFAULT_MODELS["text_encoder"])
     model.add_argument("--enable-flash-attn", action="store_true", help="flash-attention (off in the published runs)")
     return parser
+
+
+def require_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse's ``required=`` would check, with its messages (exit 2): everything but a bare run needs these."""
+    missing = [flag for flag, value in (("--out", args.out), ("--method", getattr(args, "method", "fixed")))
+               if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.prompts is None and args.prompt is None:
+        parser.error("one of the arguments --prompts --prompt is required")
 
 
 def parse_seeds(items: list[str]) -> list[int]:
@@ -197,7 +221,37 @@ class Plan:
         return [job for job in self.jobs if job.name not in self.done]
 
 
-def _load_prompts(args) -> list[str]:
+def repository_prompt_files(script: str | os.PathLike | None = None) -> list[Path]:
+    """Where a MagCache or TeaCache checkout keeps the VBench prompt list, for a script run from it, in order: beside
+    ``script``'s folder (a drop-in copied into ``eval/magcache/experiments/`` finds ``eval/magcache/vbench/``), then
+    from the working directory as the seed's ``cd eval/magcache`` leaves it (``./vbench/``), then the published
+    script's own ``../vbench/`` (right only from ``eval/magcache/experiments/``). The folder of a symlinked script is
+    the link's, where the user put it."""
+    from ..eval.prompts import VBENCH_INFO_FILE
+
+    folders = [Path(os.path.abspath(script)).parent.parent] if script else []
+    folders += [Path("."), Path("..")]
+    return [folder / "vbench" / VBENCH_INFO_FILE for folder in folders]
+
+
+def find_repository_prompts(script: str | os.PathLike | None = None) -> Path | None:
+    return next((path for path in repository_prompt_files(script) if path.is_file()), None)
+
+
+def vbench_prompts(script: str | os.PathLike | None = None) -> Path:
+    """The VBench list: the installed vbench package's (as before), else the checkout's copy of the same file."""
+    from ..eval.prompts import VBENCH_INFO_FILE, vbench_prompt_file
+
+    found = vbench_prompt_file() or find_repository_prompts(script)
+    if found is None:
+        looked = ", ".join(str(p) for p in repository_prompt_files(script))
+        raise PlanError(f"--prompts vbench: the vbench package (which ships {VBENCH_INFO_FILE}) is not installed and "
+                        f"no checkout's copy was found (looked at {looked}); `pip install --no-deps vbench`, or pass "
+                        f"the file: --prompts PATH/{VBENCH_INFO_FILE}")
+    return found
+
+
+def _load_prompts(args, script: str | os.PathLike | None = None) -> list[str]:
     if args.prompt:
         prompts = [p.strip() for p in args.prompt if p.strip()]
         if not prompts:
@@ -205,8 +259,8 @@ def _load_prompts(args) -> list[str]:
         return prompts if args.keep_duplicates else list(dict.fromkeys(prompts))
     from ..eval.prompts import load_prompts
 
-    path = None if args.prompts == "vbench" else args.prompts
-    if path is not None and not os.path.isfile(path):
+    path = vbench_prompts(script) if args.prompts == "vbench" else args.prompts
+    if not os.path.isfile(path):
         raise PlanError(f"--prompts {path!r} does not exist (give a .txt/.json prompt file, or 'vbench')")
     try:
         return load_prompts(path, args.dimension, unique=not args.keep_duplicates)
@@ -263,10 +317,12 @@ def _label(method: str, resolved: dict[str, Any], preset: str | None) -> str:
     return f"{LABELS[method]} {' '.join(bits)}"
 
 
-def make_plan(args, method: str | None = None) -> Plan:
-    """Everything checked (flags, prompts, the output folder) before any model loads. Raises PlanError."""
+def make_plan(args, method: str | None = None, script: str | os.PathLike | None = None) -> Plan:
+    """Everything checked (flags, prompts, the output folder) before any model loads. Raises PlanError.
+    ``script``: the drop-in script run, whose checkout ``--prompts vbench`` may read the list from."""
     method = method or args.method
-    refuse_multi_gpu(args.num_gpus)
+    if args.num_gpus < 1:
+        raise PlanError(f"--num-gpus {args.num_gpus} must be at least 1")
     if args.steps < 2:
         raise PlanError(f"--num-sampling-steps {args.steps} is too few; caching needs at least 2 steps")
     if args.cfg_scale <= 0:
@@ -276,7 +332,7 @@ def make_plan(args, method: str | None = None) -> Plan:
     profile, preset, cache_params, resolved = resolve_cache(method, args)
     seeds = parse_seeds(args.seeds)
     shard, shards = parse_shard(args.shard)
-    prompts = _load_prompts(args)
+    prompts = _load_prompts(args, script)
     stems = assign_stems(prompts)
     all_jobs = [(i, prompt, seed, f"{stem}-{seed}{VIDEO_SUFFIX}")
                 for i, (prompt, stem) in enumerate(zip(prompts, stems)) for seed in seeds]
@@ -409,9 +465,8 @@ def engine_from_args(args):
 def run(plan: Plan, engine, log=print) -> int:
     """Make every remaining video of ``plan`` with ``engine`` (a VideoSysEngine or an OpenSoraPipeline)."""
     todo = plan.remaining()
-    pipeline = pipeline_of(engine)
-    attachment = attach(pipeline, None if plan.method == "none" else plan.method, plan.profile, plan.preset,
-                        plan.cache_params)
+    attachment = attach_engine(engine, None if plan.method == "none" else plan.method, plan.profile, plan.preset,
+                               plan.cache_params)
     partial_dir = plan.out / PARTIAL_DIR
     partial_dir.mkdir(parents=True, exist_ok=True)
     clean_partials(partial_dir)
@@ -447,19 +502,24 @@ def run(plan: Plan, engine, log=print) -> int:
 
 
 def main(argv: list[str] | None = None, method: str | None = None,
-         engine_factory: Callable[[argparse.Namespace], Any] | None = None) -> int:
+         engine_factory: Callable[[argparse.Namespace], Any] | None = None,
+         script: str | os.PathLike | None = None) -> int:
     """The command line. ``method`` fixes the method (the drop-in scripts); ``engine_factory(args)`` replaces
-    :func:`stepcache.opensora.session.build_engine` (tests)."""
-    args = build_parser(method).parse_args(argv)
+    :func:`stepcache.opensora.session.build_engine` (tests); ``script`` is the drop-in script being run, whose
+    checkout holds the VBench list. No argument at all runs the published comparison (:mod:`.comparison`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(method)
+    args = parser.parse_args(argv)
     prog = f"{method}_opensora.py" if method else "python -m stepcache.opensora.generate_set"
-    return run_cli(lambda: _run(args, method, engine_factory), prog)
+    if not argv:
+        from .comparison import run_comparison
+        return run_cli(lambda: run_comparison(method, script, engine_factory), prog)
+    require_arguments(parser, args)
+    return run_cli(lambda: _run(args, method, engine_factory, script), prog)
 
 
-def _run(args: argparse.Namespace, method: str | None, engine_factory) -> int:
-    try:
-        plan = make_plan(args, method)
-    except MultiGPUNotSupported as exc:
-        raise PlanError(str(exc)) from None
+def _run(args: argparse.Namespace, method: str | None, engine_factory, script=None) -> int:
+    plan = make_plan(args, method, script)
     todo = plan.remaining()
     print(f"{plan.label}: {len(plan.jobs)} video(s) in this share, {len(plan.jobs) - len(todo)} already in "
           f"{plan.out}, {len(todo)} to make")
@@ -476,8 +536,9 @@ def _run(args: argparse.Namespace, method: str | None, engine_factory) -> int:
 
 
 def run_script(method: str) -> None:
-    """Entry point of the drop-in scripts (the one name every family's drop-ins call)."""
-    sys.exit(main(method=method))
+    """Entry point of the drop-in scripts (the one name every family's drop-ins call). The script is the file
+    Python runs (``sys.argv[0]``): a copy in a checkout's ``eval/magcache/experiments/`` finds its prompt list."""
+    sys.exit(main(method=method, script=sys.argv[0] or None))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Stand-ins, besides opensora_fork.py's (none changes the transformer, the sampler
   interfaces the pipeline calls (a checkpoint-free run); the tokenizer pads to the pipeline's hard-coded 300
   tokens, so the tiny model's ``model_max_length`` is 300;
 * ``STDiT3.enable_parallel`` (which builds colossalai's process-group mesh) is replaced on the instance by the
-  single-process manager of opensora_fork.py, which is what it would compute for one process.
+  single-process manager of opensora_fork.py, which is what it would compute for one process, or on several by
+  :func:`sequence_parallel_manager`, the groups it would compute for the engine's setup.
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ class FakeT5(_Device):
         return {"last_hidden_state": self.embed(input_ids)}
 
 
-def build_pipeline(repo: str, steps: int = 30):
-    transformer_module, scheduler_module = opensora_fork.load(repo)
+def pipeline_module(repo: str):
+    """The fork's ``pipeline_open_sora`` module (OpenSoraConfig, OpenSoraPipeline), imported with placeholders."""
+    opensora_fork.load(repo)
     import diffusers.pipelines.pipeline_utils  # noqa: F401  (before the torchvision placeholder exists)
     import transformers  # noqa: F401
 
@@ -76,8 +78,27 @@ def build_pipeline(repo: str, steps: int = 30):
     placeholder["torchvision.io"].write_video = None
     placeholder["torchvision.utils"].save_image = None
     with opensora_fork._import_stand_ins(placeholder):
-        from videosys.pipelines.open_sora.pipeline_open_sora import OpenSoraConfig, OpenSoraPipeline
+        from videosys.pipelines.open_sora import pipeline_open_sora
+    return pipeline_open_sora
 
+
+def sequence_parallel_manager(dp_size: int, sp_size: int, enable_cp: bool):
+    """What the fork's ``ParallelManager(dp, cp, sp)`` (a colossalai ``ProcessGroupMesh``) holds when every rank of
+    the world shares one sequence, as ``OpenSoraPipeline._set_parallel()`` sets it up (dp 1, no CFG parallelism):
+    the sequence-parallel group is all the ranks."""
+    import types
+    if dp_size != 1 or enable_cp:
+        raise NotImplementedError("the stand-in manager covers the engine's setup only: dp_size 1, no CFG parallel")
+    group = dist.new_group(list(range(sp_size)))  # on every rank, as the mesh creates its groups
+    return types.SimpleNamespace(dp_size=1, dp_group=None, dp_rank=0, cp_size=1, cp_group=None, cp_rank=None,
+                                 sp_size=sp_size, sp_group=group, sp_rank=dist.get_rank(group))
+
+
+def build_pipeline(repo: str, steps: int = 30, config=None, vae=None):
+    """The fork's OpenSoraPipeline around a tiny STDiT3 (seed 0), fake T5 and ``vae`` (default StubVAE); ``config`` an
+    OpenSoraConfig (its steps and cfg scale; default: the published ones at ``steps``)."""
+    transformer_module, scheduler_module = opensora_fork.load(repo)
+    fork_pipeline = pipeline_module(repo)
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -89,19 +110,22 @@ def build_pipeline(repo: str, steps: int = 30):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    manager = opensora_fork.single_process_manager()
 
     def enable_parallel(dp_size, sp_size, enable_cp):
+        manager = opensora_fork.single_process_manager() if sp_size == 1 else \
+            sequence_parallel_manager(dp_size, sp_size, enable_cp)
         for module in model.modules():
             if hasattr(module, "parallel_manager"):
                 module.parallel_manager = manager
 
     model.enable_parallel = enable_parallel
-    config = OpenSoraConfig(num_sampling_steps=steps)
-    scheduler = scheduler_module.RFLOW(use_timestep_transform=True, num_sampling_steps=steps, cfg_scale=7.0)
-    return OpenSoraPipeline(config, text_encoder=FakeT5(), tokenizer=FakeTokenizer(), vae=StubVAE(4),
-                            transformer=model, scheduler=scheduler, device=torch.device("cpu"),
-                            dtype=torch.float32)
+    config = config or fork_pipeline.OpenSoraConfig(num_sampling_steps=steps)
+    scheduler = scheduler_module.RFLOW(use_timestep_transform=True, num_sampling_steps=config.num_sampling_steps,
+                                       cfg_scale=config.cfg_scale)
+    return fork_pipeline.OpenSoraPipeline(config, text_encoder=FakeT5(), tokenizer=FakeTokenizer(),
+                                          vae=vae or StubVAE(4),
+                                          transformer=model, scheduler=scheduler, device=torch.device("cpu"),
+                                          dtype=torch.float32)
 
 
 def main(argv: list[str]) -> int:

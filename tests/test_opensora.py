@@ -232,6 +232,62 @@ def test_parallel_enabled_after_the_cache_is_refused_at_the_call(tiny, z0):
         stepcache.disable(model)
 
 
+def _sequence_parallel(model, sp_size=2, sp_rank=0, cp_size=1):
+    import types
+    manager = types.SimpleNamespace(sp_size=sp_size, sp_rank=sp_rank, cp_size=cp_size, dp_size=1)
+    for module in model.modules():
+        if hasattr(module, "parallel_manager"):
+            module.parallel_manager = manager
+    return manager
+
+
+class _Group:
+    """What check_parallel_setup reads of a stepcache.distributed.SequenceGroup (its size)."""
+
+    def __init__(self, size):
+        self.size = size
+
+
+def test_sequence_parallel_needs_the_group_and_cfg_parallel_is_refused():
+    from stepcache.opensora.adapter import check_parallel_setup
+    model = STDiT3().eval()
+    _sequence_parallel(model, sp_size=2)
+    check_parallel_setup(model, _Group(2))  # the sequence-parallel group: accepted
+    for group in (None, _Group(1), _Group(4)):
+        with pytest.raises(MultiGPUNotSupported, match="sequence parallel over 2 ranks"):
+            check_parallel_setup(model, group)
+    _sequence_parallel(model, sp_size=1, cp_size=2)
+    with pytest.raises(MultiGPUNotSupported, match="CFG parallel"):
+        check_parallel_setup(model, _Group(2))
+
+
+def test_teacache_signal_leaves_out_the_forks_padding_frames(monkeypatch):
+    """Under sequence parallelism the fork pads the frame count to a multiple of sp_size with zero frames at the end
+    (set_pad/split_sequence): the last rank's signal covers its real frames only."""
+    import sys
+    import types
+
+    from stepcache.opensora.adapter import real_frames
+    model = STDiT3().eval()
+    block = model.spatial_blocks[0]
+    fork_module = types.ModuleType("fake_fork_transformer")
+    fork_module.get_pad = lambda name: {"temporal": 1}[name]  # 3 frames over 2 ranks: one padding frame
+    monkeypatch.setitem(sys.modules, "fake_fork_transformer", fork_module)
+    monkeypatch.setattr(type(block), "__module__", "fake_fork_transformer")
+    frames, tokens, hidden = 2, 5, block.norm1.normalized_shape[0]
+    x = torch.randn(2, frames * tokens, hidden)
+    t_mlp = torch.randn(2, 6 * hidden)
+    args = (x, None, t_mlp, None, None, None, frames, tokens)
+    _sequence_parallel(model, sp_size=2, sp_rank=0)
+    assert real_frames(block, frames) == 2 and block0_modulated_input(block, args, {}).shape[1] == 2 * tokens
+    _sequence_parallel(model, sp_size=2, sp_rank=1)
+    assert real_frames(block, frames) == 1
+    last = block0_modulated_input(block, args, {})
+    assert last.shape[1] == tokens
+    _sequence_parallel(model, sp_size=1)
+    assert torch.equal(block0_modulated_input(block, args, {})[:, :tokens], last)
+
+
 def test_profile_detection_and_a_wrong_profile():
     from stepcache.profiles import ProfileError
     adapter = STDiT3Adapter()

@@ -145,13 +145,24 @@ def test_a_folder_of_unknown_videos_is_refused(tmp_path, prompts, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_multi_gpu_is_refused_before_anything_loads(tmp_path, prompts, capsys):
+def test_a_bad_gpu_count_is_refused_before_anything_loads(tmp_path, prompts, capsys):
     out = tmp_path / "set"
     factory = Factory()
-    assert main(["--prompts", str(prompts), "--out", str(out), "--num-gpus", "2", *MAGCACHE],
+    assert main(["--prompts", str(prompts), "--out", str(out), "--num-gpus", "0", *MAGCACHE],
                 engine_factory=factory) == 2
-    assert "multi-GPU issue" in capsys.readouterr().err
+    assert "--num-gpus 0 must be at least 1" in capsys.readouterr().err
     assert factory.pipelines == [] and not out.exists()
+
+
+def test_an_engine_with_workers_built_without_stepcache_is_refused(tmp_path, prompts, capsys):
+    """A VideoSysEngine whose workers were spawned before stepcache could reach them (built by the user, not by
+    build_engine): only rank 0 would cache, so it is refused before any video is made."""
+    import types
+    engine = types.SimpleNamespace(workers=[object()], driver_worker=TinyPipeline())
+    out = tmp_path / "set"
+    assert main(["--prompts", str(prompts), "--out", str(out), *MAGCACHE], engine_factory=lambda args: engine) == 2
+    assert "built without stepcache" in capsys.readouterr().err
+    assert engine.driver_worker.calls == [] and not list(out.glob("*.mp4"))
 
 
 def test_bad_flags_fail_before_loading(tmp_path, prompts, capsys):
@@ -218,3 +229,135 @@ def test_half_written_videos_of_dead_processes_are_cleaned(tmp_path, prompts):
     (out / ".partial" / "999999999-waves at dusk-0.mp4").write_bytes(b"half")
     assert main(["--prompts", str(prompts), "--out", str(out), "--method", "none"], engine_factory=Factory()) == 0
     assert not (out / ".partial").exists() and len(_videos(out)) == 3
+
+
+# ------------------------------------------------------------------------ no arguments: the published comparison
+PUBLISHED_FOLDERS = ["opensora_base", "opensora_ours_012_max3step", "opensora_teacache_fast", "opensora_teacache_slow"]
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A MagCache checkout's eval/magcache as the drop-in sees it (its script copied into experiments/, a short
+    VBench list in vbench/), the working directory set to it as the seed's `cd eval/magcache`, and no vbench package."""
+    import stepcache.eval.prompts
+
+    magcache = tmp_path / "MagCache" / "eval" / "magcache"
+    (magcache / "experiments").mkdir(parents=True)
+    (magcache / "vbench").mkdir()
+    entries = [{"prompt_en": p, "dimension": ["scene"]} for p in PROMPTS[:2] + PROMPTS[:1]]
+    (magcache / "vbench" / "VBench_full_info.json").write_text(json.dumps(entries))
+    script = magcache / "experiments" / "magcache_opensora.py"
+    script.write_text("# the drop-in\n")
+    monkeypatch.chdir(magcache)
+    monkeypatch.setattr(stepcache.eval.prompts, "vbench_prompt_file", lambda: None)
+    return magcache, script
+
+
+def _compare_line(out: str) -> list[str]:
+    import shlex
+    return shlex.split(out.strip().splitlines()[-1])
+
+
+def test_no_arguments_run_the_published_comparison(checkout, capsys):
+    magcache, script = checkout
+    factory = Factory()
+    assert main([], method="magcache", engine_factory=factory, script=str(script)) == 0
+    assert len(factory.pipelines) == 1  # one engine serves every setting
+    samples = magcache / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == PUBLISHED_FOLDERS
+    settings = {name: (load_manifest(samples / name).method, load_manifest(samples / name).params.get("thresh"),
+                       load_manifest(samples / name).params.get("K")) for name in PUBLISHED_FOLDERS}
+    assert settings == {"opensora_base": ("none", None, None), "opensora_teacache_slow": ("teacache", 0.1, None),
+                        "opensora_teacache_fast": ("teacache", 0.2, None),
+                        "opensora_ours_012_max3step": ("magcache", 0.12, 3)}
+    for name in PUBLISHED_FOLDERS:  # the repeated prompt made once, seed 0
+        assert sorted(load_manifest(samples / name).videos) == sorted(f"{name_stem(p)}-0.mp4" for p in PROMPTS[:2])
+    assert _compare_line(capsys.readouterr().out) == [
+        "stepcache", "compare", "--gt_video_dir", "samples/opensora_base", "--generated_video_dir",
+        "samples/opensora_teacache_slow", "samples/opensora_teacache_fast", "samples/opensora_ours_012_max3step",
+        "--out", "samples/opensora_compare"]
+
+    again = Factory()
+    assert main([], method="magcache", engine_factory=again, script=str(script)) == 0
+    assert again.pipelines == []  # resumed: nothing left, no engine
+    assert _compare_line(capsys.readouterr().out)[:2] == ["stepcache", "compare"]
+
+
+def test_no_arguments_resume_after_an_interruption(checkout):
+    magcache, script = checkout
+    first = Factory(interrupt_at=3)  # the baseline's two videos, then one TeaCache 0.1 video
+    assert main([], method="teacache", engine_factory=first, script=str(script)) == 130
+    assert len(first.calls) == 3 and not (magcache / "samples" / "opensora_teacache_fast").exists()
+    second = Factory()
+    assert main([], method="teacache", engine_factory=second, script=str(script)) == 0
+    assert len(second.calls) == 5  # 8 videos in all
+
+
+def test_no_arguments_easycache_adds_its_derived_setting(checkout):
+    magcache, script = checkout
+    assert main([], method="easycache", engine_factory=Factory(), script=str(script)) == 0
+    manifest = load_manifest(magcache / "samples" / "opensora_easycache")
+    assert manifest.method == "easycache" and manifest.params["thresh"] == 0.05
+    assert len(list((magcache / "samples").iterdir())) == 5
+
+
+def test_no_arguments_find_the_list_from_the_script_not_the_working_directory(checkout, tmp_path, monkeypatch):
+    magcache, script = checkout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([], method="magcache", engine_factory=Factory(), script=str(script)) == 0
+    assert (elsewhere / "samples" / "opensora_base").is_dir()  # written where the published one writes: ./samples
+
+
+def test_no_arguments_without_a_list_is_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    import stepcache.eval.prompts
+    monkeypatch.setattr(stepcache.eval.prompts, "vbench_prompt_file", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    factory = Factory()
+    assert main([], method="magcache", engine_factory=factory, script=str(tmp_path / "magcache_opensora.py")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "VBench_full_info.json" in err and "eval/magcache/experiments" in err
+    assert factory.pipelines == [] and list(tmp_path.iterdir()) == []
+
+
+def test_no_arguments_refuse_a_folder_of_another_setting_before_loading(checkout, capsys):
+    magcache, script = checkout
+    stray = magcache / "samples" / "opensora_teacache_fast"
+    stray.mkdir(parents=True)
+    (stray / "theirs.mp4").write_bytes(b"")
+    factory = Factory()
+    assert main([], method="magcache", engine_factory=factory, script=str(script)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "opensora_teacache_fast" in err and "no manifest.json" in err
+    assert factory.pipelines == [] and sorted(p.name for p in (magcache / "samples").iterdir()) == [stray.name]
+
+
+def test_prompts_vbench_reads_the_checkouts_list_without_the_package(checkout, tmp_path, monkeypatch):
+    magcache, script = checkout
+    monkeypatch.chdir(tmp_path)  # found from the script's folder
+    out = tmp_path / "set"
+    factory = Factory()
+    assert main(["--prompts", "vbench", "--out", str(out)], method="magcache", engine_factory=factory,
+                script=str(script)) == 0
+    assert sorted(load_manifest(out).videos) == sorted(f"{name_stem(p)}-0.mp4" for p in PROMPTS[:2])
+
+
+def test_prompts_vbench_without_any_list_is_one_line(tmp_path, monkeypatch, capsys):
+    import stepcache.eval.prompts
+    monkeypatch.setattr(stepcache.eval.prompts, "vbench_prompt_file", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--prompts", "vbench", "--out", "set", "--method", "none"], engine_factory=Factory()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps vbench" in err
+
+
+@pytest.mark.parametrize("argv, method, message", [
+    (["--seeds", "0"], "magcache", "the following arguments are required: --out"),
+    (["--out", "x"], "magcache", "one of the arguments --prompts --prompt is required"),
+    (["--prompt", "a"], None, "the following arguments are required: --out, --method"),
+])
+def test_any_argument_keeps_the_required_flags(argv, method, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv, method=method, engine_factory=Factory())
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
