@@ -8,6 +8,12 @@ import argparse
 import math
 
 
+def help_text(text: str) -> str:
+    """``text`` as an argparse help string: argparse %-formats help texts (``%(default)s``), so a literal ``%``
+    (EasyCache's "0.05 is 5%") is doubled, or ``--help`` would stop with a ValueError."""
+    return text.replace("%", "%%")
+
+
 def _at_least(low, kind, what: str):
     def parse(text: str):
         try:

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cliargs import help_text
 from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..policies import ParameterError
@@ -59,10 +60,6 @@ class UpstreamImportError(InputError):
 def refuse(message: str):
     """The ``error`` callback of :func:`plan_cache`: one line, exit status 2 (through :func:`run_cli`)."""
     raise CacheFlagError(message)
-
-
-def _help(text: str) -> str:
-    return text.replace("%", "%%")  # argparse %-formats help texts
 
 
 STORAGE_OPTIONS = tuple("--" + dest.replace("_", "-") for dest in STORAGE_FLAGS)
@@ -129,7 +126,7 @@ def add_cache_args(parser: argparse.ArgumentParser, method: str) -> argparse.Arg
                        help=f"MagCache: {PARAMETERS['magcache']['retention_ratio']} (default "
                             f"{mag['defaults']['retention_ratio']}).")
     group.add_argument("--easycache-thresh", type=float, default=None, metavar="FLOAT",
-                       help=f"EasyCache: {_help(PARAMETERS['easycache']['thresh'])} (default {easy['thresh']}; first "
+                       help=f"EasyCache: {help_text(PARAMETERS['easycache']['thresh'])} (default {easy['thresh']}; first "
                             f"{easy['warmup_steps']} steps always computed).")
     group.add_argument("--cache-predict", choices=PREDICTIONS, default=None,
                        help=f"Any method: {PREDICT_HELP}.")

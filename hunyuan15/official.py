@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cliargs import help_text
 from ..errors import InputError, run_cli
 from ..methods import PARAMETERS, PREDICT_HELP, PREDICTIONS, MethodConfig, resolve_method
 from ..outputs import check_output_file, write_json
@@ -68,7 +69,7 @@ def cache_parser(method: str) -> argparse.ArgumentParser:
                        help=f"caching method (default: {method}); 'none' runs upstream's generate.py uncached")
     for flag, (owner, parameter) in METHOD_FLAGS.items():
         kind = int if parameter == "K" else float
-        group.add_argument(flag, type=kind, default=None, help=f"{owner}: {PARAMETERS[owner][parameter]}")
+        group.add_argument(flag, type=kind, default=None, help=f"{owner}: {help_text(PARAMETERS[owner][parameter])}")
     group.add_argument("--cache_profile", default=None, metavar="NAME_OR_FILE",
                        help="a profile: shipped (text-to-video: hunyuanvideo1.5-t2v-20steps up to 20 steps, else "
                             "hunyuanvideo1.5-t2v, the default) or a file from `stepcache calibrate`")
