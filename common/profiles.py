@@ -290,6 +290,10 @@ def profile_summary(profile: Profile) -> str:
                          f"{len(section.get('branches') or ['cond'])} branch(es); source: {section.get('source')}")
             if section.get("retention_zones"):
                 lines.append(f"    retention zones: {section['retention_zones']}")
+    missing = [method for method in names() if not profile.has(method)]
+    if missing:
+        lines.append(f"  {', '.join(missing)}: no table in this profile (none was published): `stepcache calibrate` "
+                     f"writes a profile with them")
     if profile.experts:
         e = profile.experts
         lines.append(f"  experts: the low-noise expert takes over at step {e['switch_step']} of {e['steps']} "

@@ -116,6 +116,7 @@ class CachePlan:
     preset: str | None = None
     storage: CacheStorage = field(default_factory=CacheStorage)
     stats_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # printed before the run, kept in the stats
 
 
 def plan_cache(ours, view) -> CachePlan:
@@ -139,6 +140,7 @@ def plan_cache(ours, view) -> CachePlan:
     if view.resolution is None:
         raise CacheFlagError("--resolution is required (480p or 720p), as generate.py requires it")
     version = transformer_version(view)
+    notes: list[str] = []
     from hyvideo.commons import PIPELINE_CONFIGS
     steps = view.num_inference_steps or PIPELINE_CONFIGS.get(version, {}).get("num_inference_steps", 50)
     if steps < 2:
@@ -149,6 +151,11 @@ def plan_cache(ours, view) -> CachePlan:
             check_profile_family(profile, FAMILY)
         else:
             profile = _shipped_profile(version, method, steps)
+            if version not in PLAIN_TEXT_TO_VIDEO:
+                notes.append(f"the shipped table {profile.name!r} was calibrated on the 720p text-to-video "
+                             f"checkpoint with CFG (guidance 6); this run loads {version}, whose magnitudes may "
+                             f"differ: calibrate one for it (`stepcache calibrate` on its diffusers pipeline) and "
+                             f"pass --cache_profile FILE")
         params = {parameter: given[flag] for flag, (owner, parameter) in METHOD_FLAGS.items() if flag in given}
         if ours.cache_predict is not None:
             params["predict"] = ours.cache_predict
@@ -159,9 +166,11 @@ def plan_cache(ours, view) -> CachePlan:
         raise CacheFlagError(str(exc)) from exc
     if ours.cache_stats:
         check_output_file(ours.cache_stats, "--cache_stats", (".json",))
-    return CachePlan(method, profile, config, params, ours.cache_preset, storage, ours.cache_stats)
+    return CachePlan(method, profile, config, params, ours.cache_preset, storage, ours.cache_stats, notes)
 
 
+# The checkpoints the shipped tables fit: the undistilled text-to-video ones (ComfyUI-MagCache calibrated the 720p one).
+PLAIN_TEXT_TO_VIDEO = ("480p_t2v", "720p_t2v")
 # The shipped tables are text-to-video ones (every released checkpoint has the same layers), and ComfyUI-MagCache's
 # rule picks between its two: the 20-step one for runs of at most 20 steps, else the 40-step one.
 TEXT_TO_VIDEO, TWENTY_STEPS = "hunyuanvideo1.5-t2v", "hunyuanvideo1.5-t2v-20steps"
@@ -248,6 +257,9 @@ def _run(method: str, argv: list[str]) -> int:
     import_upstream("hyvideo.pipelines.hunyuan_video_pipeline")
     view = upstream_view(rest)
     plan = CachePlan(None) if asks_help else plan_cache(ours, view)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in plan.notes:
+            print(f"stepcache note: {note}", file=sys.stderr, flush=True)
     generate = import_upstream("generate")
     from hyvideo.pipelines.hunyuan_video_pipeline import HunyuanVideo_1_5_Pipeline
     state: dict[str, Any] = {}
@@ -316,6 +328,7 @@ def write_stats(state: dict, plan: CachePlan) -> None:
     target = plan.stats_path or (str(Path(video).with_suffix(".stats.json")) if video else "stepcache.stats.json")
     record = cached.stats.to_dict()
     record.update({"settings": plan.config.describe(), "profile": plan.profile.name, "video": video,
+                   "notes": [*record.get("notes", []), *plan.notes],
                    "seconds": state.get("seconds"),
                    "upstream": {k: getattr(args, k, None) for k in ("resolution", "image_path", "num_inference_steps",
                                                                     "video_length", "aspect_ratio", "seed", "prompt",

@@ -39,11 +39,11 @@ MULTI_GPU_MESSAGE = (
 SEQUENCE_PARALLEL_MESSAGE = (
     "this STDiT3 runs sequence parallel over {sp} ranks, and the cache was given {group}: every rank must take the "
     "same decision, so enable it on every rank with that group, stepcache.enable(transformer, METHOD, "
-    "parallel=transformer.parallel_manager.sp_group) (the multi-GPU issue; VideoSys's engine: "
+    "parallel=transformer.parallel_manager.sp_group) (VideoSys's engine: "
     "stepcache.opensora.session.build_engine(num_gpus=N) does it)")
 CFG_PARALLEL_MESSAGE = (
     "this STDiT3 runs CFG parallel (cp_size={cp}: the cond and uncond halves of a step on different ranks), which "
-    "stepcache does not support for Open-Sora (the multi-GPU issue): one decision covers the whole [cond; uncond] "
+    "stepcache does not support for Open-Sora (docs/opensora.md#multi-gpu): one decision covers the whole [cond; uncond] "
     "batch. VideoSys's engine never enables it (OpenSoraPipeline._set_parallel is called with enable_cp=False); "
     "leave it off")
 

@@ -243,3 +243,4 @@ def test_the_profiles_command_lists_hunyuanvideo15(capsys):
     out = capsys.readouterr().out
     assert "hunyuanvideo1.5-t2v:" in out and "hunyuanvideo1.5-t2v-20steps:" in out
     assert "ComfyUI-MagCache@47bdd2aca97e568087c4e92d2d2f0426bdce7a37" in out
+    assert "teacache, easycache: no table in this profile" in out.split("hunyuanvideo1.5-t2v:")[1].split("opensora")[0]

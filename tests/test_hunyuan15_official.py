@@ -125,6 +125,19 @@ def test_image_to_video_and_720p_run_each_method(tmp_path, other_methods, resolu
         assert status == 0 and "." in result["ran"], (method, err[-2000:])
 
 
+def test_a_distilled_checkpoint_with_the_shipped_table_is_told_to_calibrate(tmp_path):
+    """The shipped tables were calibrated on the undistilled 720p text-to-video checkpoint: a CFG-distilled run
+    (another transformer version) still runs with them, and says so before loading and in its stats."""
+    video = tmp_path / "v.mp4"
+    status, err, result, _ = run(tmp_path, "magcache", *tiny_argv(video, 20), "--cfg_distilled", "true")
+    assert status == 0, err[-2000:]
+    assert "stepcache note: the shipped table 'hunyuanvideo1.5-t2v-20steps'" in err and "480p_t2v_distilled" in err
+    stats = json.loads(video.with_suffix(".stats.json").read_text())
+    assert any("480p_t2v_distilled" in note for note in stats["notes"])
+    status, err, _, _ = run(tmp_path, "magcache", *tiny_argv(tmp_path / "plain.mp4", 20))
+    assert status == 0 and "stepcache note" not in err
+
+
 @pytest.mark.parametrize("method, argv, words", [
     ("magcache", ["--enable_cache", "true"], "--enable_cache turns on upstream's own cache"),
     ("magcache", ["--magcache_K", "0"], "K=0"),

@@ -215,7 +215,7 @@ def test_easycache_reuses_in_the_velocity_space_with_the_output_shape(tiny, z0, 
 def test_multi_gpu_is_refused_with_a_clear_message():
     model = STDiT3().eval()
     model.parallel_manager.sp_size = 2
-    with pytest.raises(MultiGPUNotSupported, match="multi-GPU issue"):
+    with pytest.raises(MultiGPUNotSupported, match="enable it on every rank with that group"):
         stepcache.enable(model, "magcache", profile="opensora-1.2")
     assert "forward" not in model.__dict__
 

@@ -1,4 +1,4 @@
-"""Open-Sora 1.2 on two processes through the VideoSys fork's own engine (the multi-GPU issue): the drop-in script
+"""Open-Sora 1.2 on two processes through the VideoSys fork's own engine: the drop-in script
 with ``--num-gpus 2`` builds ``VideoSysEngine``, which spawns rank 1 itself and runs sequence parallelism between the
 two (gloo on CPU); the cache must reach the spawned worker and both ranks must take one decision per pass.
 
