@@ -244,3 +244,20 @@ def test_the_profiles_command_lists_hunyuanvideo15(capsys):
     assert "hunyuanvideo1.5-t2v:" in out and "hunyuanvideo1.5-t2v-20steps:" in out
     assert "ComfyUI-MagCache@47bdd2aca97e568087c4e92d2d2f0426bdce7a37" in out
     assert "teacache, easycache: no table in this profile" in out.split("hunyuanvideo1.5-t2v:")[1].split("opensora")[0]
+
+
+def test_context_parallelism_is_refused_before_any_block_runs():
+    """diffusers has no context-parallel plan for HunyuanVideo 1.5, so no measurement could be told a shard: a
+    transformer made parallel is refused at its first pass, before a block runs, and disabling gives it back."""
+    import types
+    pipe = T.build_t2v()
+    stepcache.enable(pipe, "magcache", profile="hunyuanvideo1.5-t2v")
+    pipe.transformer._parallel_config = types.SimpleNamespace(context_parallel_config=object())
+    work = BlockWork(pipe.transformer, T.STACKS)
+    with pytest.raises(ValueError, match="no context-parallel plan in diffusers"):
+        T.run_t2v(pipe, steps=2)
+    assert work.calls == 0
+    stepcache.disable(pipe)
+    del pipe.transformer._parallel_config
+    T.run_t2v(pipe, steps=2)
+    assert work.calls > 0
