@@ -423,9 +423,12 @@ def _diffusers_target(args):
         call["image"] = load_image(args.image)
 
     def generate(prompt, seed):
-        pipe(prompt=prompt, negative_prompt="", num_frames=args.frames, num_inference_steps=args.steps,
-             output_type="latent", generator=torch.Generator(device="cpu").manual_seed(seed),
-             **spec.size_kwargs(args.height, args.width), **call)
+        out = pipe(prompt=prompt, negative_prompt="", num_frames=args.frames, num_inference_steps=args.steps,
+                   output_type="latent", generator=torch.Generator(device="cpu").manual_seed(seed),
+                   **spec.size_kwargs(args.height, args.width), **call)
+        if spec.size_from_image:  # the pipeline sized the video from the first frame: record the size it ran at
+            latents, scale = out.frames, pipe.vae_scale_factor_spatial
+            meta["resolution"] = [int(latents.shape[-2]) * scale, int(latents.shape[-1]) * scale]
 
     scheduler = pipe.scheduler
     meta = {"resolution": [args.height, args.width], "frames": args.frames, "guidance": guidance,
@@ -452,6 +455,10 @@ def run(args) -> int:
                                    else "--image is for image-to-video pipelines; this one takes none")
         if args.image and not Path(args.image).is_file():
             raise CalibrationError(f"--image {args.image} does not exist")
+        given = [f"--{k}" for k in ("height", "width") if getattr(args, k, None) is not None]
+        if spec is not None and spec.size_from_image and given:
+            raise CalibrationError(f"{' and '.join(given)}: this pipeline sizes the video from --image (its aspect "
+                                   f"ratio at the model's own resolution); leave them out")
         apply_pipeline_defaults(args, spec)
         if args.steps < 2:
             raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
