@@ -455,11 +455,7 @@ def run(args) -> int:
                                    else "--image is for image-to-video pipelines; this one takes none")
         if args.image and not Path(args.image).is_file():
             raise CalibrationError(f"--image {args.image} does not exist")
-        given = [f"--{k}" for k in ("height", "width") if getattr(args, k, None) is not None]
-        if spec is not None and spec.size_from_image and given:
-            raise CalibrationError(f"{' and '.join(given)}: this pipeline sizes the video from --image (its aspect "
-                                   f"ratio at the model's own resolution); leave them out")
-        apply_pipeline_defaults(args, spec)
+        apply_pipeline_defaults(args, spec, CalibrationError)
         if args.steps < 2:
             raise CalibrationError(f"--steps {args.steps} is too few; calibration needs at least 2 steps")
         folder_profile = Path(args.model) / FOLDER_PROFILE

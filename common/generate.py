@@ -93,9 +93,15 @@ def add_size_arguments(parser, steps_help: str | None) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
 
 
-def apply_pipeline_defaults(args, spec) -> None:
+def apply_pipeline_defaults(args, spec, error: type[InputError] = InputError) -> None:
     """Fill the sizes the command line left out: the pipeline's own (the demo's 32x32), else the commands'
-    (``spec`` None: a model without a pipeline spec)."""
+    (``spec`` None: a model without a pipeline spec). A pipeline that sizes the video from its first frame refuses
+    --height/--width (``error``, one line) rather than ignore them."""
+    if spec is not None and spec.size_from_image:
+        given = [f"--{k}" for k in ("height", "width") if getattr(args, k, None) is not None]
+        if given:
+            raise error(f"{' and '.join(given)}: this pipeline sizes the video from --image (its aspect ratio at the "
+                        f"model's own resolution); leave them out")
     for key, value in {**SIZE_DEFAULTS, **(spec.defaults if spec is not None else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -180,12 +186,7 @@ def plan(args) -> dict[str, Any]:
     """Everything that can be checked without loading weights."""
     folder = pipeline_folder(args.model, full=False)
     pipeline_class, family_spec, spec = pipeline_of(folder)
-    if spec.size_from_image:
-        given = [f"--{k}" for k in ("height", "width") if getattr(args, k, None) is not None]
-        if given:
-            raise GenerateError(f"{' and '.join(given)}: {pipeline_class} sizes the video from --image (its aspect "
-                                f"ratio at the model's own resolution); leave them out")
-    apply_pipeline_defaults(args, spec)
+    apply_pipeline_defaults(args, spec, GenerateError)
     family, transformer_class = family_spec.name, spec.transformer
     for name, value, low in (("--steps", args.steps, 2), ("--frames", args.frames, 1), ("--height", args.height, 16),
                              ("--width", args.width, 16)):

@@ -1033,7 +1033,7 @@ def check_pipeline(args) -> dict:
         if given:
             raise BenchError(f"{flag} is for the shipped demo models; with --pipeline the folder is the model")
     pipeline_class, family_spec, spec = pipeline_of(folder, BenchError)
-    apply_pipeline_defaults(args, spec)
+    apply_pipeline_defaults(args, spec, BenchError)
     mode = MODES[_mode(args)]
     prompts = subject_prompts(args, spec)
     count = args.num_prompts or mode["prompts"]

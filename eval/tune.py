@@ -111,7 +111,7 @@ def check(args) -> dict:
     folder = pipeline_folder(args.pipeline, TuneError, "--pipeline", full=False)
     pipeline_class, _, spec = pipeline_of(folder, TuneError)
     index = json.loads((folder / "model_index.json").read_text())
-    apply_pipeline_defaults(args, spec)
+    apply_pipeline_defaults(args, spec, TuneError)
     prompts = subject_prompts(args, spec)
     images = subject_images(args, pipeline_class, spec, prompts)
     check_prompt_budget(prompts, args.tune_prompts + args.heldout_prompts, f"--tune-prompts {args.tune_prompts} + "

@@ -195,12 +195,19 @@ def test_i2v_generate_from_a_first_frame(folders, i2v_profile, tmp_path):
     assert not np.array_equal(moved.video, base.video)    # the first frame conditions the video
 
 
-def test_calibrate_refuses_a_size_for_the_image_to_video_folder(folders, tmp_path, capsys):
-    out = tmp_path / "p.json"
-    assert main(["calibrate", "--model", str(folders["i2v"]), "--image", str(folders["frame"]), "--prompt", "x",
-                 "--height", "480", "--out", str(out)]) == 2
-    assert "--height: this pipeline sizes the video from --image" in capsys.readouterr().err
-    assert not out.exists()
+@pytest.mark.parametrize("command", ["calibrate", "generate", "bench", "tune"])
+def test_every_command_refuses_a_size_for_the_image_to_video_folder(folders, tmp_path, capsys, command):
+    """The image-to-video pipeline sizes the video from its first frame: --height is refused in one line before
+    anything loads, never ignored."""
+    out = tmp_path / ("p.json" if command in ("calibrate", "tune") else "v.mp4")
+    folder, frame = str(folders["i2v"]), str(folders["frame"])
+    argv = {"calibrate": ["--model", folder, "--image", frame, "--prompt", "x", "--out", str(out)],
+            "generate": ["--model", folder, "--image", frame, "--prompt", "x", "--out", str(out)],
+            "bench": ["--pipeline", folder, "--out", str(tmp_path / "bench")],
+            "tune": ["--pipeline", folder, "--speedups", "2", "--out", str(out)]}[command]
+    assert main([command, *argv, "--height", "480"]) == 2
+    assert "--height: this pipeline sizes the video from --image" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists() and not (tmp_path / "bench").exists()
 
 
 def test_calibrate_then_teacache_and_easycache_on_the_profile(folders, t2v_baseline, tmp_path):
