@@ -124,6 +124,19 @@ def test_the_published_schedule_is_reproduced_on_a_pipeline(profile, steps, pres
     assert "." in expected
 
 
+@pytest.mark.parametrize("retention", [0.225, 0.33, 0.1])
+def test_the_warm_up_is_comfyuis_in_steps_where_ratio_times_steps_is_fractional(retention):
+    """ComfyUI-MagCache computes the first int(steps * retention) steps, both calls of each; the pass-counted
+    warm-up of the other tables (int(retention * passes)) would also compute the cond call of the next step where
+    steps * retention is fractional (20 x 0.225 = 4.5: 9 passes, not 8)."""
+    from stepcache.methods import resolve_method
+    from stepcache.schedule import simulate
+    loaded = load_profile("hunyuanvideo1.5-t2v-20steps")
+    expected = comfyui_magcache(loaded.method("magcache")["ratios"], 20, 0.03, 2, retention)
+    config = resolve_method("magcache", loaded, None, thresh=0.03, K=2, retention_ratio=retention)
+    assert simulate(config, 20, ["pred_cond", "pred_uncond"]).pattern() == expected
+
+
 def test_the_shipped_profile_is_matched_on_a_text_to_video_model_and_not_on_image_to_video():
     from stepcache.hunyuan15.diffusers_adapter import HunyuanVideo15DiffusersAdapter
     adapter = HunyuanVideo15DiffusersAdapter()

@@ -209,7 +209,9 @@ def test_profiles_and_list_presets_work(capsys, profile):
     assert main(["profiles", profile]) == 0
     assert main(["schedule", "--profile", profile, "--list-presets"]) == 0
     out = capsys.readouterr().out
-    assert f"{profile}:" in out and "magcache " in out and "teacache" not in out
+    assert f"{profile}:" in out and "magcache " in out and "teacache: defaults" not in out
+    missing = next(line for line in out.splitlines() if "no table in this profile" in line)
+    assert "teacache" in missing and "teacache " not in out  # named as missing, and no TeaCache preset listed
     with pytest.raises(ProfileError, match="has no teacache table.*stepcache calibrate"):
         resolve_method("teacache", profile)
 

@@ -50,7 +50,9 @@ class MagCachePolicy:
     The reference counts passes, not steps: a table calibrated with CFG interleaves the branches (cond, uncond,
     cond, ...), and the retention warm-up is ``int(retention_ratio * passes)`` over that interleaved count. So a
     policy is told its branch's position in the table layout (``branch_index`` of ``num_branches``) and works in
-    pass units, which reproduces the published schedules exactly.
+    pass units, which reproduces the published schedules exactly. A table with ``retention_unit: "step"``
+    (ComfyUI-MagCache's rule, nodes.py:1212) computes the first ``int(retention_ratio * steps)`` steps instead,
+    every branch of them: the two differ where ``retention_ratio * steps`` is not a whole number.
 
     ``retention_zones`` replaces that warm-up with zones, each ``(start, low, high, closed)`` in steps: the passes
     from ``start`` up to ``low + retention_ratio * (high - low)`` (in passes; below its integer part, or up to and
@@ -62,7 +64,8 @@ class MagCachePolicy:
     def __init__(self, ratios: Sequence[float], thresh: float, K: int, retention_ratio: float,
                  num_branches: int = 1, branch_index: int = 0, inclusive: bool = False,
                  ratio_power: float = 1.0, absolute_error: bool = True,
-                 retention_zones: Sequence[tuple[int, int, int, bool]] | None = None):
+                 retention_zones: Sequence[tuple[int, int, int, bool]] | None = None,
+                 retention_in_steps: bool = False):
         self.thresh = check_threshold("magcache thresh", thresh)
         check_range("magcache K", K, low=1, integer=True)
         check_range("magcache retention_ratio", float(retention_ratio), low=0.0, high=1.0, high_open=True)
@@ -76,6 +79,7 @@ class MagCachePolicy:
         self.inclusive = bool(inclusive)
         self.ratio_power = float(ratio_power)
         self.absolute_error = bool(absolute_error)
+        self.retention_in_steps = bool(retention_in_steps)
         self.retention_zones = None if retention_zones is None else [
             (int(start), int(low), int(high), bool(closed)) for start, low, high, closed in retention_zones]
         self.reset()
@@ -99,8 +103,11 @@ class MagCachePolicy:
                 f"{num_steps} steps; resample the profile to {num_steps} steps first")
         pass_index = step * self.num_branches + self.branch_index
         if self.retention_zones is None:
-            warmup_passes = int(self.retention_ratio * num_steps * self.num_branches)
-            if pass_index < warmup_passes:
+            if self.retention_in_steps:  # the first int(ratio * steps) steps, every branch of them
+                warm = step < int(self.retention_ratio * num_steps)
+            else:
+                warm = pass_index < int(self.retention_ratio * num_steps * self.num_branches)
+            if warm:
                 return Decision(True, "warmup", 0.0)
         elif self.retained(pass_index):
             return Decision(True, "retention", 0.0)
@@ -242,7 +249,8 @@ class MagCache(Method):
             zones = zone_steps(config.profile, table["retention_zones"], num_steps, switch_step)
         return MagCachePolicy(ratios, p["thresh"], p["K"], p["retention_ratio"], count, index,
                               inclusive=table.get("inclusive", False), ratio_power=table.get("ratio_power", 1.0),
-                              absolute_error=table.get("absolute_error", True), retention_zones=zones)
+                              absolute_error=table.get("absolute_error", True), retention_zones=zones,
+                              retention_in_steps=table.get("retention_unit", "pass") == "step")
 
     def validate(self, config, num_steps=None):
         steps = num_steps or int(config.profile.method(NAME)["steps"])
@@ -279,7 +287,7 @@ class MagCache(Method):
             c.fail_text(f"magcache.ratios has {len(ratios)} values; allowed: steps x branches = {steps} x "
                         f"{len(branches)} = {steps * len(branches)} (one per step and branch)")
         for key, rule in (("inclusive", BOOLEAN), ("absolute_error", BOOLEAN),
-                          ("ratio_power", finite(0, 4, low_open=True))):
+                          ("ratio_power", finite(0, 4, low_open=True)), ("retention_unit", one_of("pass", "step"))):
             if key in section:
                 c.value(section[key], rule, f"magcache.{key}")
         if "retention_zones" in section:
