@@ -213,7 +213,7 @@ def test_generate_checks_a_hunyuanvideo15_folder_before_loading(tmp_path):
         generate.plan(parser.parse_args(["--model", str(i2v), "--prompt", "x", "--method", "none"]))
     frame = tmp_path / "frame.png"
     T.image().save(frame)
-    with pytest.raises(generate.GenerateError, match="--height: HunyuanVideo15ImageToVideoPipeline sizes the video"):
+    with pytest.raises(generate.GenerateError, match="--height: this pipeline sizes the video from --image"):
         generate.plan(parser.parse_args(["--model", str(i2v), "--prompt", "x", "--image", str(frame), "--height",
                                          "480"]))
     with pytest.raises(ProfileError, match="no shipped profile matches"):
