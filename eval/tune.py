@@ -39,11 +39,17 @@ class TuneError(InputError):
     pass
 
 
+def first_threshold(medium: float, speedup: float) -> float:
+    """Where an input-dependent method's (TeaCache's, EasyCache's) search for ``speedup`` starts: the calibration's
+    ``medium`` preset reuses about half the passes on the calibration runs, so its threshold scaled by the share of
+    passes wanted."""
+    return float(f"{medium * max(0.25, (1 - 1 / speedup) / 0.5):.4g}")
+
+
 def threshold_tries(medium: float, speedup: float):
-    """The thresholds an input-dependent method (TeaCache, EasyCache) is run at, in turn, until one reaches
-    ``speedup``: the calibration's ``medium`` preset reuses about half the passes on the calibration runs, so its
-    threshold is first scaled by the share of passes wanted, then raised by ``THRESHOLD_STEP`` each time."""
-    thresh = float(f"{medium * max(0.25, (1 - 1 / speedup) / 0.5):.4g}")
+    """The thresholds an input-dependent method is run at, in turn, until one reaches ``speedup``: from
+    :func:`first_threshold`, raised by ``THRESHOLD_STEP`` each time."""
+    thresh = first_threshold(medium, speedup)
     for _ in range(THRESHOLD_TRIES):
         yield thresh
         thresh = float(f"{thresh * THRESHOLD_STEP:.4g}")

@@ -105,6 +105,16 @@ def transformer_version(view) -> str:
                                                               view.enable_step_distill, view.sparse_attn)
 
 
+def version_and_steps(view) -> tuple[str, int]:
+    """The transformer version the run loads and its step count, as generate.py will take them (its config's
+    steps where --num_inference_steps is not given)."""
+    if view.resolution is None:
+        raise CacheFlagError("--resolution is required (480p or 720p), as generate.py requires it")
+    from hyvideo.commons import PIPELINE_CONFIGS
+    version = transformer_version(view)
+    return version, view.num_inference_steps or PIPELINE_CONFIGS.get(version, {}).get("num_inference_steps", 50)
+
+
 @dataclass
 class CachePlan:
     """What to install, decided from the flags alone, before any model exists."""
@@ -137,12 +147,8 @@ def plan_cache(ours, view) -> CachePlan:
         raise CacheFlagError(f"--enable_cache turns on upstream's own cache, and this run caches with {method}: "
                              f"they use the same slot of the pipeline; drop one (--cache_method none runs "
                              f"upstream's alone)")
-    if view.resolution is None:
-        raise CacheFlagError("--resolution is required (480p or 720p), as generate.py requires it")
-    version = transformer_version(view)
+    version, steps = version_and_steps(view)
     notes: list[str] = []
-    from hyvideo.commons import PIPELINE_CONFIGS
-    steps = view.num_inference_steps or PIPELINE_CONFIGS.get(version, {}).get("num_inference_steps", 50)
     if steps < 2:
         raise CacheFlagError(f"--num_inference_steps {steps}: caching needs at least 2 steps")
     try:

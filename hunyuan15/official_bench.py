@@ -43,7 +43,7 @@ from ..profiles import Profile, ProfileError, check_profile_family, load_profile
 from ..storage import CacheStorage
 from ..timing import DiTTimer
 from .official import (FAMILY, CacheFlagError, _shipped_profile, attach, find_checkout, import_upstream,
-                       run_generate, transformer_version, upstream_view)
+                       run_generate, upstream_view, version_and_steps)
 
 UPSTREAM_CACHES = ("deepcache", "teacache", "taylorcache")
 STEPCACHE_METHODS = ("magcache", "teacache", "easycache")
@@ -102,14 +102,10 @@ def plan_bench(ours, view) -> BenchPlan:
         raise CacheFlagError("--output_path: the bench writes each run's video into --bench_out; drop the flag")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CacheFlagError("the bench runs on one GPU (one process); run it without torchrun")
-    if view.resolution is None:
-        raise CacheFlagError("--resolution is required (480p or 720p), as generate.py requires it")
     if view.enable_step_distill:
         raise CacheFlagError("--enable_step_distill: upstream refuses its caches on the step-distilled model; see "
                              "`stepcache schedule` for what stepcache's methods do at 8-12 steps")
-    from hyvideo.commons import PIPELINE_CONFIGS
-    version = transformer_version(view)
-    steps = view.num_inference_steps or PIPELINE_CONFIGS.get(version, {}).get("num_inference_steps", 50)
+    version, steps = version_and_steps(view)
     if ours.bench_passes is not None and not 2 <= ours.bench_passes < steps:
         raise CacheFlagError(f"--bench_passes {ours.bench_passes}: between 2 and {steps - 1} (the run has {steps} "
                              f"steps)")
@@ -239,19 +235,20 @@ class Bench:
         seconds = time.perf_counter() - start
         os.replace(partial, self.plan.out / f"{name}.mp4")
         video = uint8_video(self.video)
+        scores = {}  # the reference is not scored against itself
         if name == "uncached":
             self.reference = video
+        elif self.reference is not None and video.shape == self.reference.shape:
+            scores = quality(self.reference, video)
         blocks = counter.blocks
         row = {"run": name, "steps": steps, "params": params, "passes": len(counter.per_call),
                "full_passes": sum(ran == blocks for ran in counter.per_call),
                "partial_passes": sum(0 < ran < blocks for ran in counter.per_call),
                "block_work": sum(counter.per_call) / (blocks * self.plan.steps),
                "pattern": "".join("C" if ran == blocks else ("c" if ran else ".") for ran in counter.per_call),
-               "dit_seconds": timer.seconds, "seconds": seconds}
-        if self.reference is not None and video.shape == self.reference.shape:
-            row.update(quality(self.reference, video))
+               "dit_seconds": timer.seconds, "seconds": seconds, **scores}
         print(f"[bench] {name}: {row['pattern']}  block work {row['block_work']:.1%}  DiT {timer.seconds:.2f} s"
-              + (f"  PSNR {row['psnr']:.2f} dB" if "psnr" in row and row["run"] != "uncached" else ""), flush=True)
+              + (f"  PSNR {row['psnr']:.2f} dB" if "psnr" in row else ""), flush=True)
         return row
 
     def record(self, row: dict) -> None:
@@ -306,11 +303,11 @@ class Bench:
             params = magcache_at(profile, self.plan.steps, self.budget)
             self.record(self.run(method, args, setup=on(params), teardown=off, params=params))
             return
-        from ..eval.tune import threshold_tries
+        from ..eval.tune import first_threshold
         from ..methods import resolve_method
         section = profile.method(method)
         medium = section.get("presets", {}).get("medium", {}).get("thresh") or resolve_method(method, profile).thresh
-        first = next(threshold_tries(medium, self.plan.steps / self.budget))
+        first = first_threshold(medium, self.plan.steps / self.budget)
         rows = []
 
         def attempt(thresh):
@@ -366,8 +363,8 @@ def table(rows: list[dict]) -> list[str]:
     reference = next((r for r in rows if r["run"] == "uncached"), None)
     for r in rows:
         speed = reference["dit_seconds"] / r["dit_seconds"] if reference and r["dit_seconds"] else float("nan")
-        psnr = f"{r['psnr']:.2f}" if "psnr" in r and r["run"] != "uncached" else "-"
-        ssim = f"{r['ssim']:.4f}" if "ssim" in r and r["run"] != "uncached" else "-"
+        psnr = f"{r['psnr']:.2f}" if "psnr" in r else "-"
+        ssim = f"{r['ssim']:.4f}" if "ssim" in r else "-"
         computed = f"{r['full_passes']}+{r['partial_passes']}p" if r["partial_passes"] else str(r["full_passes"])
         lines.append(f"{r['run']:<22} {computed:>9} {r['block_work']:>10.1%} {r['dit_seconds']:>8.2f} "
                      f"{speed:>7.2f}x {psnr:>8} {ssim:>6}  {r['pattern']}")
